@@ -1,0 +1,16 @@
+"""lightning-gradwatch: watch gradient flow while a model trains, and act when it goes wrong."""
+
+from lightning_gradwatch.callback import GradientFlowCallback
+from lightning_gradwatch.measurement import GradientMeasurement
+from lightning_gradwatch.monitor import GradientGainMonitor
+from lightning_gradwatch.norms import Category
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Category",
+    "GradientFlowCallback",
+    "GradientGainMonitor",
+    "GradientMeasurement",
+    "__version__",
+]

@@ -1,0 +1,249 @@
+"""``GradientFlowCallback``: the Lightning glue. It decides when to arm the probe, reads one step's
+figures, reduces them across ranks, and hands them to the loggers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Callable, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lightning_gradwatch.blocks import resolve_blocks, validate_blocks_spec
+from lightning_gradwatch.distributed import reduce_packed
+from lightning_gradwatch.measurement import GradientMeasurement, MeasurementSpec, pack, unpack
+from lightning_gradwatch.norms import validate_norm_type
+from lightning_gradwatch.probe import GradientProbe
+from lightning_gradwatch.sinks import log_histograms, log_metrics
+from lightning_gradwatch.validation import (
+    check_positive,
+    check_positive_int,
+    check_thresholds,
+    check_type,
+)
+
+
+class GradientFlowCallback(Callback):
+    r"""Measure and log gradient flow through a model's blocks while it trains.
+
+    Every ``log_every_n_steps`` optimizer steps (steps 0, n, 2n, ... counted by
+    ``trainer.global_step``, not micro-batches) the callback measures the gradient at each block's
+    output (from tensor hooks during that step's backward, combined over all micro-batches of the
+    step) and every parameter gradient (in ``on_before_optimizer_step``: after accumulation and AMP
+    unscaling, before clipping), computes everything batched on the device, copies it to the host
+    once, and writes it to every logger of the Trainer with ``log_metrics`` at that step.
+    Unmeasured steps cost nothing: the hooks return at once.
+
+    Logged keys (``<block>`` is the block's qualified name in the LightningModule, e.g. ``blocks.3``):
+
+    * ``grad_norm/<block>``: norm of dL/d(block output).
+    * ``grad_gain/<block>``: backward gain through the block, norm at its input / norm at its
+      output (every block but the first); ``grad_log_gain/<block>``: its log.
+    * ``grad_norm_total``: norm over all parameter gradients (what ``clip_grad_norm_`` sees).
+    * ``grad_param_norm/<param>``: per-parameter norms (``log_param_norms``).
+    * ``grad_flow/<stat>``: ``mean_gain``, ``min_gain``, ``max_gain``, ``mean_log_gain``,
+      ``num_amplifying``, ``num_damping``, ``num_healthy``, ``num_vanishing``, ``num_missing``,
+      ``end_to_end_gain`` (first block's norm / last block's norm).
+    * ``grad_stats/<stat>``: ``mean``, ``std``, ``min``, ``max``, ``zero_fraction``,
+      ``large_fraction``, ``nonfinite_count`` over all parameter-gradient elements.
+
+    Args:
+        blocks: ``"auto"`` (the longest ``ModuleList``/``Sequential`` of same-class modules), a
+            dotted attribute path to a container (``"model.transformer.h"``), a list of qualified
+            module names, or a callable ``pl_module -> [(name, module), ...]``.
+        log_every_n_steps: measure and log every n optimizer steps.
+        norm_type: ``"l2"``, ``"l1"``, ``"linf"`` or ``"mean"`` (mean absolute value).
+        log_param_norms: ``False`` (default), ``True`` for every parameter, or a glob pattern / list
+            of patterns over parameter names (``"*.weight"``).
+        log_grad_stats: log the ``grad_stats/`` figures.
+        log_histograms: add TensorBoard histograms of block-output and parameter gradients.
+        large_threshold: ``grad_stats/large_fraction`` counts elements with ``|g| >`` this.
+        eps: norms at or below ``eps`` count as zero (a gain into them is ``inf``: vanishing).
+        damping_threshold: gains below this are "damping".
+        amplifying_threshold: gains above this are "amplifying".
+        require_logger: raise at fit start when the Trainer has no logger.
+
+    Attributes:
+        last: the latest :class:`~lightning_gradwatch.measurement.GradientMeasurement` (``None``
+            before the first measured step).
+        block_names: the watched blocks' names once fit has started.
+
+    Example::
+
+        from lightning_gradwatch import GradientFlowCallback
+
+        trainer = L.Trainer(callbacks=[GradientFlowCallback(log_every_n_steps=50)])
+        trainer.fit(model)
+        print(trainer.callbacks[0].last.summary)
+    """
+
+    def __init__(
+        self,
+        blocks: Union[
+            str, list[str], Callable[[nn.Module], Sequence[tuple[str, nn.Module]]]
+        ] = "auto",
+        log_every_n_steps: int = 50,
+        norm_type: str = "l2",
+        log_param_norms: Union[bool, str, list[str]] = False,
+        log_grad_stats: bool = True,
+        log_histograms: bool = False,
+        large_threshold: float = 1.0,
+        eps: float = 1e-30,
+        damping_threshold: float = 0.5,
+        amplifying_threshold: float = 2.0,
+        require_logger: bool = True,
+    ) -> None:
+        super().__init__()
+        self.blocks = validate_blocks_spec(blocks)
+        self.log_every_n_steps = check_positive_int(log_every_n_steps, "log_every_n_steps")
+        low, high = check_thresholds(damping_threshold, amplifying_threshold)
+        self.spec = MeasurementSpec(
+            norm_type=validate_norm_type(norm_type),
+            eps=check_positive(eps, "eps"),
+            damping_threshold=low,
+            amplifying_threshold=high,
+            large_threshold=check_positive(large_threshold, "large_threshold"),
+            grad_stats=check_type(log_grad_stats, bool, "log_grad_stats"),
+            log_param_norms=_check_param_filter(log_param_norms),
+        )
+        self.log_histograms = check_type(log_histograms, bool, "log_histograms")
+        self.require_logger = check_type(require_logger, bool, "require_logger")
+        self.last: Optional[GradientMeasurement] = None
+        self.block_names: list[str] = []
+        self._probe: Optional[GradientProbe] = None
+        self._params: list[tuple[str, nn.Parameter]] = []
+        self._armed_step = -1
+        self._measured_step = -1
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.require_logger and not trainer.loggers:
+            raise ValueError(
+                "GradientFlowCallback needs a logger to write to, but the Trainer has none "
+                "(logger=False). Add one (e.g. TensorBoardLogger) or pass require_logger=False and "
+                "read `callback.last`."
+            )
+        blocks = resolve_blocks(pl_module, self.blocks)
+        self._remove_hooks()
+        self._probe = GradientProbe(blocks, self.spec.norm_type, keep_grads=self.log_histograms)
+        self.block_names = self._probe.names
+        self._params = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        self._armed_step = self._measured_step = -1
+        rank_zero_info(
+            f"GradientFlowCallback: watching {len(blocks)} blocks "
+            f"({', '.join(self.block_names)}) every {self.log_every_n_steps} optimizer steps."
+        )
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        if self._probe is not None:
+            self._probe.remove()
+            self._probe = None
+
+    # -- measuring -------------------------------------------------------------------------------
+
+    def is_measured_step(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (0-based) is measured."""
+        return step % self.log_every_n_steps == 0
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self._probe is None or step == self._armed_step or not self.is_measured_step(step):
+            return
+        # First micro-batch of a measured step: start from zero and keep the probe armed until the
+        # optimizer step, so every micro-batch of the step is combined.
+        self._probe.reset()
+        self._probe.arm()
+        self._armed_step = step
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        step = trainer.global_step
+        probe = self._probe
+        if probe is None or step != self._armed_step or step == self._measured_step:
+            return
+        self._measured_step = step
+        probe.disarm()
+        self.last = self._measure(trainer, probe, step)
+        if trainer.is_global_zero:
+            self._log(trainer, self.last, probe)
+
+    def _measure(self, trainer: pl.Trainer, probe: GradientProbe, step: int) -> GradientMeasurement:
+        with_grad = [(name, p) for name, p in self._params if p.grad is not None]
+        grads: list[Tensor] = [p.grad for _, p in with_grad]  # type: ignore[misc]
+        packed = pack(probe.buffer, grads, self.spec, scale=_loss_scale(trainer))
+        packed = reduce_packed(
+            packed,
+            num_blocks=len(probe),
+            num_params=len(grads),
+            norm_type=self.spec.norm_type,
+            sharded_params=any(hasattr(g, "to_local") for g in grads),
+            grad_stats=self.spec.grad_stats,
+        )
+        values = packed.tolist()  # the one device-to-host copy of this step
+        return unpack(
+            values,
+            step=step,
+            block_names=probe.names,
+            param_names=[name for name, _ in with_grad],
+            param_numels=[p.numel() for _, p in with_grad],
+            spec=self.spec,
+        )
+
+    def _log(
+        self, trainer: pl.Trainer, measurement: GradientMeasurement, probe: GradientProbe
+    ) -> None:
+        log_metrics(trainer.loggers, measurement.metrics, measurement.step)
+        if self.log_histograms:
+            log_histograms(
+                trainer.loggers,
+                measurement.step,
+                list(zip(probe.names, probe.grads)),
+                [(n, p.grad) for n, p in self._params if p.grad is not None],
+            )
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"measured_step": self._measured_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._measured_step = int(state_dict.get("measured_step", -1))
+
+
+def _loss_scale(trainer: pl.Trainer) -> Optional[Tensor]:
+    """The AMP GradScaler's current scale as a device tensor (no sync), if a scaler is active.
+
+    Tensor hooks see gradients multiplied by it; parameter gradients are already unscaled here.
+    """
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    scale = getattr(scaler, "_scale", None)
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
+        return None
+    return scale if isinstance(scale, torch.Tensor) else None
+
+
+def _check_param_filter(value: object) -> Union[bool, str, list[str]]:
+    if isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise TypeError(
+        "`log_param_norms` must be a bool, a glob pattern (str) or a list of patterns, got "
+        f"{type(value).__name__}: {value!r}."
+    )

@@ -1,0 +1,281 @@
+"""Pure gradient math: norm kinds, batched norms, gains, log-gains, categories, summary statistics.
+
+Nothing here knows about hooks or Lightning. Device-side functions return *partial* reductions that can
+be combined across micro-batches and ranks (sum of squares for L2, sum of absolute values for L1 and
+mean, maximum for L-inf); host-side functions work on plain Python floats after the single
+device-to-host copy of a measured step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from enum import Enum
+from typing import Literal, Optional
+
+import torch
+from torch import Tensor
+
+NormType = Literal["l2", "l1", "linf", "mean"]
+NORM_TYPES: tuple[str, ...] = ("l2", "l1", "linf", "mean")
+
+_ORD = {"l2": 2.0, "l1": 1.0, "linf": math.inf, "mean": 1.0}
+
+SUMMARY_KEYS: tuple[str, ...] = (
+    "mean_gain",
+    "min_gain",
+    "max_gain",
+    "mean_log_gain",
+    "num_amplifying",
+    "num_damping",
+    "num_healthy",
+    "num_vanishing",
+    "num_missing",
+)
+
+#: Statistics over all parameter-gradient elements, in the order of :func:`grad_stat_partials`.
+GRAD_STAT_KEYS: tuple[str, ...] = (
+    "mean",
+    "std",
+    "min",
+    "max",
+    "zero_fraction",
+    "large_fraction",
+    "nonfinite_count",
+)
+_N_STAT_PARTIALS = 8  # sum, sum of squares, min, max, zeros, large, non-finite, element count
+
+
+class Category(str, Enum):
+    """How a backward transition changes the gradient norm (thresholds are heuristics)."""
+
+    AMPLIFYING = "amplifying"
+    DAMPING = "damping"
+    HEALTHY = "healthy"
+    VANISHING = "vanishing"
+    MISSING = "missing"
+
+
+def validate_norm_type(norm_type: object, argument: str = "norm_type") -> NormType:
+    """Return ``norm_type`` if it is one of :data:`NORM_TYPES`, else raise a ``ValueError``."""
+    if not isinstance(norm_type, str) or norm_type not in NORM_TYPES:
+        raise ValueError(f"`{argument}` must be one of {list(NORM_TYPES)}, got {norm_type!r}.")
+    return norm_type  # type: ignore[return-value]
+
+
+def combines_by_max(norm_type: NormType) -> bool:
+    """Whether partials of ``norm_type`` combine by maximum (L-inf) rather than by sum."""
+    return norm_type == "linf"
+
+
+# --------------------------------------------------------------------------------------------------
+# Device side: partial reductions (no host sync)
+# --------------------------------------------------------------------------------------------------
+
+
+def partial_norm(grad: Tensor, norm_type: NormType) -> Tensor:
+    """The combinable partial of ``grad``'s norm as a 0-dim float32 tensor on ``grad``'s device.
+
+    L2 gives the sum of squares, L1 and mean the sum of absolute values, L-inf the maximum absolute value.
+    """
+    value = torch.linalg.vector_norm(grad.detach(), _ORD[norm_type], dtype=torch.float32)
+    return value * value if norm_type == "l2" else value
+
+
+def foreach_partial_norms(grads: Sequence[Tensor], norm_type: NormType) -> Tensor:
+    """Partials (see :func:`partial_norm`) of many tensors in one batched pass per (device, dtype).
+
+    Returns a float32 vector on the first tensor's device, in the order of ``grads``.
+    """
+    if not grads:
+        return torch.zeros(0, dtype=torch.float32)
+    target = grads[0].device
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for index, grad in enumerate(grads):
+        groups[(grad.device, grad.dtype)].append(index)
+    out = torch.empty(len(grads), dtype=torch.float32, device=target)
+    for (_, dtype), indices in groups.items():
+        tensors = [grads[i] for i in indices]
+        norms = _foreach_norm(tensors, _ORD[norm_type], dtype)
+        values = torch.stack(list(norms)).to(device=target, dtype=torch.float32)
+        if norm_type == "l2":
+            values = values * values
+        out[torch.tensor(indices, device=target)] = values
+    return out
+
+
+def _foreach_norm(tensors: list[Tensor], ord: float, dtype: torch.dtype) -> Sequence[Tensor]:
+    # Low-precision gradients overflow their own dtype when squared and summed: accumulate in fp32.
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch._foreach_norm(tensors, ord, dtype=torch.float32)
+    return torch._foreach_norm(tensors, ord)
+
+
+def combine_partials(partials: Tensor, norm_type: NormType, dim: int = 0) -> Tensor:
+    """Combine partials along ``dim`` (sum, or max for L-inf)."""
+    if combines_by_max(norm_type):
+        return partials.amax(dim=dim)
+    return partials.sum(dim=dim)
+
+
+def grad_stat_partials(grads: Sequence[Tensor], large_threshold: float) -> Tensor:
+    """Combinable partial statistics over all elements of ``grads`` as a float64 vector.
+
+    Layout: ``[sum, sum_of_squares, min, max, zero_count, large_count, nonfinite_count, numel]``.
+    One flattened copy per (device, dtype) group; the result lives on the first tensor's device.
+    """
+    if not grads:
+        return torch.tensor(
+            [0.0, 0.0, math.inf, -math.inf, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64
+        )
+    target = grads[0].device
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
+    for grad in grads:
+        groups[(grad.device, grad.dtype)].append(grad.detach().reshape(-1))
+    rows = []
+    for tensors in groups.values():
+        flat = torch.cat(tensors).float()
+        abs_flat = flat.abs()
+        min_max = torch.aminmax(flat)
+        rows.append(
+            torch.stack(
+                [
+                    flat.sum(dtype=torch.float64),
+                    torch.dot(flat, flat).double(),
+                    min_max.min.double(),
+                    min_max.max.double(),
+                    (flat == 0).sum().double(),
+                    (abs_flat > large_threshold).sum().double(),
+                    (~torch.isfinite(flat)).sum().double(),
+                    torch.tensor(float(flat.numel()), dtype=torch.float64, device=flat.device),
+                ]
+            ).to(target)
+        )
+    return combine_stat_partials(torch.stack(rows))
+
+
+def combine_stat_partials(rows: Tensor) -> Tensor:
+    """Combine a ``(k, 8)`` stack of :func:`grad_stat_partials` rows into one row."""
+    summed = rows.sum(dim=0)
+    return torch.cat(
+        [summed[0:2], rows[:, 2].amin().reshape(1), rows[:, 3].amax().reshape(1), summed[4:]]
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Host side: plain floats after the single transfer
+# --------------------------------------------------------------------------------------------------
+
+
+def finalize_norm(partial: float, numel: float, norm_type: NormType, scale: float = 1.0) -> float:
+    """Turn a combined partial into the norm; ``scale`` undoes a loss scale (norms are 1-homogeneous)."""
+    if norm_type == "l2":
+        value = math.sqrt(partial) if partial >= 0 else math.nan
+    elif norm_type == "mean":
+        value = partial / numel if numel > 0 else math.nan
+    else:
+        value = partial
+    return value / scale
+
+
+def finalize_grad_stats(partials: Sequence[float]) -> dict[str, float]:
+    """Turn a :func:`grad_stat_partials` row (as floats) into the ``GRAD_STAT_KEYS`` figures.
+
+    ``std`` is the unbiased (Bessel-corrected) standard deviation, like ``torch.std``.
+    """
+    total, total_sq, low, high, zeros, large, nonfinite, numel = partials
+    if numel <= 0:
+        return {key: math.nan for key in GRAD_STAT_KEYS} | {"nonfinite_count": 0.0}
+    mean = total / numel
+    var = (total_sq - numel * mean * mean) / (numel - 1) if numel > 1 else 0.0
+    return {
+        "mean": mean,
+        "std": math.sqrt(max(var, 0.0)) if math.isfinite(var) else math.nan,
+        "min": low,
+        "max": high,
+        "zero_fraction": zeros / numel,
+        "large_fraction": large / numel,
+        "nonfinite_count": nonfinite,
+    }
+
+
+def compute_gains(norms: Sequence[Optional[float]], eps: float = 1e-30) -> list[Optional[float]]:
+    """Backward gains ``gamma_i = norm[i-1] / norm[i]`` for ``i = 1..n-1``.
+
+    ``None`` where either norm is missing; ``inf`` where ``norm[i] <= eps`` (vanishing).
+    """
+    gains: list[Optional[float]] = []
+    for previous, current in zip(norms[:-1], norms[1:]):
+        if previous is None or current is None:
+            gains.append(None)
+        elif current <= eps:
+            gains.append(math.inf)
+        else:
+            gains.append(previous / current)
+    return gains
+
+
+def compute_log_gains(
+    norms: Sequence[Optional[float]], eps: float = 1e-30
+) -> list[Optional[float]]:
+    """``log(norm[i-1]) - log(norm[i])``, computed in log space (no overflow of the ratio)."""
+    log_gains: list[Optional[float]] = []
+    for previous, current in zip(norms[:-1], norms[1:]):
+        if previous is None or current is None:
+            log_gains.append(None)
+        elif current <= eps:
+            log_gains.append(math.inf)
+        elif previous <= eps:
+            log_gains.append(-math.inf)
+        else:
+            log_gains.append(math.log(previous) - math.log(current))
+    return log_gains
+
+
+def classify_gain(
+    gain: Optional[float], damping_threshold: float = 0.5, amplifying_threshold: float = 2.0
+) -> Category:
+    """Category of one transition. ``None`` or NaN is missing, ``inf`` is vanishing."""
+    if gain is None or math.isnan(gain):
+        return Category.MISSING
+    if math.isinf(gain):
+        return Category.VANISHING
+    if gain > amplifying_threshold:
+        return Category.AMPLIFYING
+    if gain < damping_threshold:
+        return Category.DAMPING
+    return Category.HEALTHY
+
+
+def summarize_gains(
+    gains: Sequence[Optional[float]],
+    log_gains: Sequence[Optional[float]],
+    damping_threshold: float = 0.5,
+    amplifying_threshold: float = 2.0,
+) -> dict[str, float]:
+    """The seed-001 summary: ``SUMMARY_KEYS``. Means, minima and maxima use finite gains only
+    (NaN when there is none); counts are floats so every value can be logged as a scalar."""
+    finite = [g for g in gains if g is not None and math.isfinite(g)]
+    finite_logs = [g for g in log_gains if g is not None and math.isfinite(g)]
+    counts = dict.fromkeys(Category, 0)
+    for gain in gains:
+        counts[classify_gain(gain, damping_threshold, amplifying_threshold)] += 1
+    return {
+        "mean_gain": sum(finite) / len(finite) if finite else math.nan,
+        "min_gain": min(finite) if finite else math.nan,
+        "max_gain": max(finite) if finite else math.nan,
+        "mean_log_gain": sum(finite_logs) / len(finite_logs) if finite_logs else math.nan,
+        "num_amplifying": counts[Category.AMPLIFYING],
+        "num_damping": counts[Category.DAMPING],
+        "num_healthy": counts[Category.HEALTHY],
+        "num_vanishing": counts[Category.VANISHING],
+        "num_missing": counts[Category.MISSING],
+    }
+
+
+def end_to_end_gain(norms: Sequence[Optional[float]], eps: float = 1e-30) -> float:
+    """First block's norm over the last block's (the seed-002 vanishing ratio); NaN if missing."""
+    if len(norms) < 2 or norms[0] is None or norms[-1] is None:
+        return math.nan
+    return compute_gains([norms[0], norms[-1]], eps)[0]  # type: ignore[return-value]

@@ -1,0 +1,145 @@
+"""Hook mechanics: a forward hook per block registers a tensor hook on the block's primary output
+tensor; the tensor hook writes the gradient's partial norm into a preallocated device buffer.
+
+Why not ``register_full_backward_hook``: it silently skips dict outputs, breaks on in-place ops on the
+output and fires wrongly under activation checkpointing. A forward hook guarded by
+``torch.is_grad_enabled() and out.requires_grad`` registers exactly one tensor hook per block and
+backward, in every checkpointing mode. Nothing here logs or syncs with the host.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_gradwatch.blocks import BlockList, primary_tensor
+from lightning_gradwatch.norms import NormType, combines_by_max, partial_norm
+
+#: Columns of the probe buffer.
+PARTIAL, NUMEL, CALLS = 0, 1, 2
+
+
+class GradientProbe:
+    """Measures the gradient arriving at each block's output while :attr:`armed`.
+
+    The buffer has one row per block: ``[partial norm, element count, tensor-hook calls]``. With
+    ``accumulate=True`` successive backward passes (micro-batches) are combined (sum, or max for
+    L-inf); otherwise each pass overwrites the previous one. ``strict_single_backward`` raises
+    ``RuntimeError`` when a block's gradient arrives twice between two :meth:`reset` calls.
+
+    Args:
+        blocks: ``(name, module)`` pairs, in forward order.
+        norm_type: one of ``"l2"``, ``"l1"``, ``"linf"``, ``"mean"``.
+        accumulate: combine successive backward passes instead of overwriting.
+        strict_single_backward: raise on a second backward without :meth:`reset`.
+        keep_grads: keep a detached reference to each block's latest output gradient (histograms).
+    """
+
+    def __init__(
+        self,
+        blocks: BlockList,
+        norm_type: NormType,
+        *,
+        accumulate: bool = True,
+        strict_single_backward: bool = False,
+        keep_grads: bool = False,
+    ) -> None:
+        self.names = [name for name, _ in blocks]
+        self.modules = [module for _, module in blocks]
+        self.norm_type = norm_type
+        self.accumulate = accumulate
+        self.strict_single_backward = strict_single_backward
+        self.keep_grads = keep_grads
+        self.armed = False
+        self.buffer = torch.zeros(
+            len(blocks), 3, dtype=torch.float32, device=_device_of(self.modules)
+        )
+        self.grads: list[Optional[Tensor]] = [None] * len(blocks)
+        self._fired = [False] * len(blocks)
+        self._tensor_hooks = [self._make_tensor_hook(i) for i in range(len(blocks))]
+        self._handles: list[RemovableHandle] = [
+            module.register_forward_hook(self._make_forward_hook(i))
+            for i, module in enumerate(self.modules)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def arm(self) -> None:
+        self.armed = True
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    def reset(self) -> None:
+        """Forget everything measured since the last reset."""
+        self.buffer.zero_()
+        self._fired = [False] * len(self.names)
+        self.grads = [None] * len(self.names)
+
+    def remove(self) -> None:
+        """Remove every hook this probe registered. Safe to call twice."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.armed = False
+
+    def _make_forward_hook(self, index: int) -> Callable[[nn.Module, Any, Any], None]:
+        tensor_hook = self._tensor_hooks[index]
+
+        def forward_hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if not self.armed or not torch.is_grad_enabled():
+                return None
+            tensor = primary_tensor(output)
+            if tensor is not None and tensor.requires_grad:
+                tensor.register_hook(tensor_hook)
+            return None  # a returned value would replace the block's output
+
+        return forward_hook
+
+    def _make_tensor_hook(self, index: int) -> Callable[[Tensor], None]:
+        by_max = combines_by_max(self.norm_type)
+
+        def tensor_hook(grad: Tensor) -> None:
+            if self.strict_single_backward:
+                if self._fired[index]:
+                    raise RuntimeError(
+                        f"Block {index} ({self.names[index]!r}) received a second gradient without "
+                        "reset(). Call reset() between backward passes, or use "
+                        "strict_single_backward=False (e.g. for gradient accumulation)."
+                    )
+                self._fired[index] = True
+            row = self.buffer[index]
+            partial = partial_norm(grad, self.norm_type).to(row.device)
+            if not self.accumulate:
+                row[PARTIAL].copy_(partial)
+                row[NUMEL].fill_(grad.numel())
+            elif by_max:
+                # torch.maximum propagates NaN, so a non-finite gradient is never hidden.
+                row[PARTIAL].copy_(torch.maximum(row[PARTIAL], partial))
+                row[NUMEL].add_(grad.numel())
+            else:
+                row[PARTIAL].add_(partial)
+                row[NUMEL].add_(grad.numel())
+            row[CALLS].add_(1)
+            if self.keep_grads:
+                self.grads[index] = grad.detach()
+            return None
+
+        return tensor_hook
+
+
+def _device_of(modules: list[nn.Module]) -> torch.device:
+    for module in modules:
+        for param in module.parameters():
+            return param.device
+        for buffer in module.buffers():
+            return buffer.device
+    return torch.device("cpu")

@@ -1,0 +1,48 @@
+"""Argument checks shared by every public constructor: each error names the argument, the allowed
+values and what was received."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def check_type(value: Any, expected: type[T], name: str) -> T:
+    """``value`` if it is an instance of ``expected`` (``bool`` is not accepted as ``int``)."""
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise TypeError(
+            f"`{name}` must be a {expected.__name__}, got {type(value).__name__}: {value!r}."
+        )
+    return value
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    """``value`` if it is an ``int >= 1``."""
+    check_type(value, int, name)
+    if value < 1:
+        raise ValueError(f"`{name}` must be a positive integer (>= 1), got {value!r}.")
+    return int(value)
+
+
+def check_positive(value: Any, name: str) -> float:
+    """``value`` as a float if it is a finite real number ``> 0``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"`{name}` must be a positive number, got {type(value).__name__}: {value!r}."
+        )
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
+    return float(value)
+
+
+def check_thresholds(damping_threshold: Any, amplifying_threshold: Any) -> tuple[float, float]:
+    """Gain-category thresholds: both positive and ``damping_threshold <= amplifying_threshold``."""
+    low = check_positive(damping_threshold, "damping_threshold")
+    high = check_positive(amplifying_threshold, "amplifying_threshold")
+    if low > high:
+        raise ValueError(
+            f"`damping_threshold` ({low}) must not exceed `amplifying_threshold` ({high})."
+        )
+    return low, high
