@@ -1,6 +1,7 @@
 """lightning-gradwatch: watch gradient flow while a model trains, and act when it goes wrong."""
 
 from lightning_gradwatch.callback import GradientFlowCallback
+from lightning_gradwatch.governance import Rule
 from lightning_gradwatch.measurement import GradientMeasurement
 from lightning_gradwatch.monitor import GradientGainMonitor
 from lightning_gradwatch.norms import Category
@@ -12,5 +13,6 @@ __all__ = [
     "GradientFlowCallback",
     "GradientGainMonitor",
     "GradientMeasurement",
+    "Rule",
     "__version__",
 ]

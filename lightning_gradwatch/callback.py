@@ -3,22 +3,28 @@ figures, reduces them across ranks, and hands them to the loggers."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Callable, Optional, Union
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_gradwatch.alerts import Alert
 from lightning_gradwatch.blocks import resolve_blocks, validate_blocks_spec
+from lightning_gradwatch.diagnosis import FirstStepReport
 from lightning_gradwatch.distributed import reduce_packed
+from lightning_gradwatch.enforcement import RuleEnforcer
+from lightning_gradwatch.figures import TensorBoardPictures
+from lightning_gradwatch.governance import Rule, validate_rules
 from lightning_gradwatch.measurement import GradientMeasurement, MeasurementSpec, pack, unpack
 from lightning_gradwatch.norms import validate_norm_type
 from lightning_gradwatch.probe import GradientProbe
 from lightning_gradwatch.sinks import log_histograms, log_metrics
+from lightning_gradwatch.strategies import check_strategy, data_parallel_size, loss_scale
 from lightning_gradwatch.validation import (
     check_positive,
     check_positive_int,
@@ -66,8 +72,24 @@ class GradientFlowCallback(Callback):
         damping_threshold: gains below this are "damping".
         amplifying_threshold: gains above this are "amplifying".
         require_logger: raise at fit start when the Trainer has no logger.
+        rules: :class:`~lightning_gradwatch.governance.Rule` objects that warn, clip, skip or halt
+            (``None``: ``[Rule("nonfinite", action="halt")]``; ``[]``: none). Rules on
+            ``grad_norm_total`` and ``nonfinite`` run every ``check_every_n_steps`` optimizer steps
+            (one batched norm pass and one host copy, about the cost of ``clip_grad_norm_``, plus
+            one boolean all-reduce per check in multi-process runs; measured steps reuse the
+            measurement), rules on block metrics on measured steps (no extra cost).
+        check_every_n_steps: cadence of the every-step rules.
+        alerts_path: the JSONL audit trail (default ``gradwatch_alerts.jsonl`` in the first
+            logger's ``log_dir``, else in ``trainer.default_root_dir``).
+        figure_every_n_steps: every this many *measured* steps, log a gradient-flow heatmap image
+            (blocks x the last 200 measured steps: log10 norm, and log-gain on a diverging map) to
+            TensorBoard (needs matplotlib: ``lightning-gradwatch[plots]``); ``None``: off. A
+            custom-scalars layout (all norms in one chart, all gains in another) is written at fit
+            start whenever a TensorBoardLogger is present.
 
     Attributes:
+        alerts: every :class:`~lightning_gradwatch.alerts.Alert` of this run (on every rank).
+        halted: whether a ``halt`` rule stopped training; ``halt_reason``: why (else ``None``).
         last: the latest :class:`~lightning_gradwatch.measurement.GradientMeasurement` (``None``
             before the first measured step).
         block_names: the watched blocks' names once fit has started.
@@ -96,6 +118,10 @@ class GradientFlowCallback(Callback):
         damping_threshold: float = 0.5,
         amplifying_threshold: float = 2.0,
         require_logger: bool = True,
+        figure_every_n_steps: Optional[int] = None,
+        rules: Optional[list[Rule]] = None,
+        check_every_n_steps: int = 1,
+        alerts_path: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.blocks = validate_blocks_spec(blocks)
@@ -112,6 +138,19 @@ class GradientFlowCallback(Callback):
         )
         self.log_histograms = check_type(log_histograms, bool, "log_histograms")
         self.require_logger = check_type(require_logger, bool, "require_logger")
+        self.rules = validate_rules(rules)
+        self._enforcer = RuleEnforcer(
+            self.rules,
+            check_positive_int(check_every_n_steps, "check_every_n_steps"),
+            None if alerts_path is None else check_type(alerts_path, str, "alerts_path"),
+            self.spec,
+        )
+        self.figure_every_n_steps = (
+            None
+            if figure_every_n_steps is None
+            else check_positive_int(figure_every_n_steps, "figure_every_n_steps")
+        )
+        self._pictures = TensorBoardPictures(self.figure_every_n_steps)
         self.last: Optional[GradientMeasurement] = None
         self.block_names: list[str] = []
         self._probe: Optional[GradientProbe] = None
@@ -132,12 +171,21 @@ class GradientFlowCallback(Callback):
         self._remove_hooks()
         self._probe = GradientProbe(blocks, self.spec.norm_type, keep_grads=self.log_histograms)
         self.block_names = self._probe.names
-        self._params = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        # FSDP1/DeepSpeed: p.grad is not the gradient; leave parameter figures out (with a warning).
+        self.spec.measure_params = check_strategy(trainer).params
+        self._params = [
+            (n, p)
+            for n, p in pl_module.named_parameters()
+            if p.requires_grad and self.spec.measure_params
+        ]
         self._armed_step = self._measured_step = -1
+        self._enforcer.setup(trainer, self.block_names)
         rank_zero_info(
             f"GradientFlowCallback: watching {len(blocks)} blocks "
             f"({', '.join(self.block_names)}) every {self.log_every_n_steps} optimizer steps."
         )
+        if trainer.is_global_zero:
+            self._pictures.start(trainer.loggers, self.block_names)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
@@ -175,18 +223,52 @@ class GradientFlowCallback(Callback):
     ) -> None:
         step = trainer.global_step
         probe = self._probe
-        if probe is None or step != self._armed_step or step == self._measured_step:
+        measurement = None
+        if probe is not None and step == self._armed_step and step != self._measured_step:
+            self._measured_step = step
+            probe.disarm()
+            measurement = self.last = self._measure(trainer, probe, step)
+        # Rules see the pre-clip figures; they may clip, drop the gradients or stop training.
+        extra = self._enforcer.on_before_optimizer_step(
+            trainer, pl_module, optimizer, self._params, measurement
+        )
+        if not trainer.is_global_zero:
             return
-        self._measured_step = step
-        probe.disarm()
-        self.last = self._measure(trainer, probe, step)
-        if trainer.is_global_zero:
-            self._log(trainer, self.last, probe)
+        # A step the AMP scaler skips (inf/NaN gradients) is not logged: the scaler handles it.
+        if measurement is not None and probe is not None and not measurement.skipped_by_scaler:
+            measurement.metrics.update(extra)  # one log_metrics call per logger and step
+            self._log(trainer, measurement, probe)
+        elif extra:
+            log_metrics(trainer.loggers, extra, step)
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
+    ) -> None:
+        self._enforcer.on_before_backward(trainer, pl_module, loss, self._params)
+
+    @property
+    def alerts(self) -> list[Alert]:
+        return self._enforcer.alerts
+
+    @property
+    def halted(self) -> bool:
+        return self._enforcer.halted
+
+    @property
+    def halt_reason(self) -> Optional[str]:
+        return self._enforcer.halt_reason
+
+    @property
+    def first_step_report(self) -> Optional[FirstStepReport]:
+        """Parameters without / with an all-zero gradient and vanishing blocks at the first
+        measured step."""
+        return self._enforcer.first_step_report
 
     def _measure(self, trainer: pl.Trainer, probe: GradientProbe, step: int) -> GradientMeasurement:
         with_grad = [(name, p) for name, p in self._params if p.grad is not None]
         grads: list[Tensor] = [p.grad for _, p in with_grad]  # type: ignore[misc]
-        packed = pack(probe.buffer, grads, self.spec, scale=_loss_scale(trainer))
+        scale = loss_scale(trainer)
+        packed = pack(probe.buffer, grads, self.spec, scale=scale)
         packed = reduce_packed(
             packed,
             num_blocks=len(probe),
@@ -196,19 +278,24 @@ class GradientFlowCallback(Callback):
             grad_stats=self.spec.grad_stats,
         )
         values = packed.tolist()  # the one device-to-host copy of this step
-        return unpack(
+        measurement = unpack(
             values,
             step=step,
             block_names=probe.names,
             param_names=[name for name, _ in with_grad],
             param_numels=[p.numel() for _, p in with_grad],
             spec=self.spec,
+            replicas=data_parallel_size(trainer),
         )
+        # The scaler skips the step exactly when an unscaled parameter gradient is inf/NaN.
+        measurement.skipped_by_scaler = scale is not None and not _all_finite(measurement)
+        return measurement
 
     def _log(
         self, trainer: pl.Trainer, measurement: GradientMeasurement, probe: GradientProbe
     ) -> None:
         log_metrics(trainer.loggers, measurement.metrics, measurement.step)
+        self._pictures.update(measurement)
         if self.log_histograms:
             log_histograms(
                 trainer.loggers,
@@ -219,23 +306,26 @@ class GradientFlowCallback(Callback):
 
     # -- state -----------------------------------------------------------------------------------
 
+    @property
+    def state_key(self) -> str:
+        # Unique per configuration, so several instances (e.g. one per norm type) can share a
+        # Trainer and a checkpoint.
+        blocks = self.blocks if isinstance(self.blocks, (str, list)) else "callable"
+        return self._generate_state_key(
+            blocks=blocks, norm_type=self.spec.norm_type, log_every_n_steps=self.log_every_n_steps
+        )
+
     def state_dict(self) -> dict[str, Any]:
-        return {"measured_step": self._measured_step}
+        return {"measured_step": self._measured_step, "governance": self._enforcer.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._measured_step = int(state_dict.get("measured_step", -1))
+        self._enforcer.load_state_dict(state_dict.get("governance", {}))
 
 
-def _loss_scale(trainer: pl.Trainer) -> Optional[Tensor]:
-    """The AMP GradScaler's current scale as a device tensor (no sync), if a scaler is active.
-
-    Tensor hooks see gradients multiplied by it; parameter gradients are already unscaled here.
-    """
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    scale = getattr(scaler, "_scale", None)
-    if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
-        return None
-    return scale if isinstance(scale, torch.Tensor) else None
+def _all_finite(measurement: GradientMeasurement) -> bool:
+    figures = [measurement.total_norm] if measurement.param_norms else measurement.block_norms
+    return all(value is None or math.isfinite(value) for value in figures)
 
 
 def _check_param_filter(value: object) -> Union[bool, str, list[str]]:

@@ -60,6 +60,8 @@ class GradientMeasurement:
         grad_stats: ``mean``, ``std``, ``min``, ``max``, ``zero_fraction``, ``large_fraction``,
             ``nonfinite_count`` over all parameter-gradient elements (empty when disabled).
         metrics: the flat dict handed to the loggers.
+        skipped_by_scaler: the AMP GradScaler found inf/NaN parameter gradients and skips this
+            optimizer step (the scaler doing its job): the callback does not log it.
     """
 
     step: int
@@ -74,6 +76,7 @@ class GradientMeasurement:
     param_norms: dict[str, float]
     grad_stats: dict[str, float]
     metrics: dict[str, float] = field(default_factory=dict)
+    skipped_by_scaler: bool = False
 
     @property
     def nonfinite_blocks(self) -> list[str]:
@@ -96,6 +99,8 @@ class MeasurementSpec:
     large_threshold: float = 1.0
     grad_stats: bool = True
     log_param_norms: ParamFilter = False
+    #: False where ``p.grad`` is not the gradient (FSDP1, DeepSpeed): parameter figures are left out.
+    measure_params: bool = True
 
     def logs_param(self, name: str) -> bool:
         if isinstance(self.log_param_norms, bool):
@@ -138,10 +143,16 @@ def unpack(
     param_names: Sequence[str],
     param_numels: Sequence[int],
     spec: MeasurementSpec,
+    replicas: int = 1,
 ) -> GradientMeasurement:
-    """Build the :class:`GradientMeasurement` from the host copy of :func:`pack`'s vector."""
+    """Build the :class:`GradientMeasurement` from the host copy of :func:`pack`'s vector.
+
+    Block norms are divided by the packed loss scale and by ``replicas``, the number of
+    data-parallel ranks whose gradients the strategy averages (see
+    :mod:`lightning_gradwatch.strategies`).
+    """
     n, m = len(block_names), len(param_names)
-    scale = values[-1] if values[-1] > 0 else 1.0
+    scale = (values[-1] if values[-1] > 0 else 1.0) * replicas
     rows = [values[3 * i : 3 * i + 3] for i in range(n)]
     block_norms: list[Optional[float]] = [
         finalize_norm(row[PARTIAL], row[NUMEL], spec.norm_type, scale) if row[CALLS] > 0 else None
@@ -155,7 +166,7 @@ def unpack(
     total_norm = _total_norm(partials, param_numels, spec.norm_type)
     grad_stats = (
         finalize_grad_stats(values[3 * n + m : 3 * n + m + N_STAT_PARTIALS])
-        if spec.grad_stats
+        if spec.grad_stats and spec.measure_params
         else {}
     )
     gains = compute_gains(block_norms, spec.eps)
@@ -199,7 +210,8 @@ def to_metrics(measurement: GradientMeasurement, spec: MeasurementSpec) -> dict[
         if gain is not None and log_gain is not None:
             metrics[f"grad_gain/{name}"] = gain
             metrics[f"grad_log_gain/{name}"] = log_gain
-    metrics["grad_norm_total"] = measurement.total_norm
+    if spec.measure_params:
+        metrics["grad_norm_total"] = measurement.total_norm
     for name, norm in measurement.param_norms.items():
         if spec.logs_param(name):
             metrics[f"grad_param_norm/{name}"] = norm

@@ -6,7 +6,7 @@ Drop-in for the seed-001 ``GradientGainMonitor``: same constructor, methods, sum
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Optional
 
@@ -173,19 +173,27 @@ def format_report(
     amplifying_threshold: float = 2.0,
     names: Optional[list[str]] = None,
     title: str = "Gradient Flow Report",
+    block_notes: Optional[Sequence[str]] = None,
+    transition_notes: Optional[Sequence[str]] = None,
 ) -> str:
-    """The seed-001 text report (shared by the monitor and ``gradwatch report``)."""
+    """The seed-001 text report (shared by the monitor and ``gradwatch report``).
+
+    ``block_notes``/``transition_notes`` (one string per block/transition) are appended to the
+    norm and gain lines; ``gradwatch report`` puts its over-the-run figures there.
+    """
     lo, hi = damping_threshold, amplifying_threshold
     lines = [f"{title} (norm_type={norm_type})", "=" * 60, "Gradient Norms (per block output):"]
     for i, norm in enumerate(norms):
         label = f"  Block {i:2d}" + (f" ({names[i]})" if names else "")
-        lines.append(f"{label}: {'None (no gradient)' if norm is None else f'{norm:.6e}'}")
+        note = f"  {block_notes[i]}" if block_notes else ""
+        lines.append(f"{label}: {'None (no gradient)' if norm is None else f'{norm:.6e}'}{note}")
     lines += ["", "Gradient Gains (ratio of consecutive norms):"]
     for i, (gain, log_gain) in enumerate(zip(gains, log_gains)):
         label = _REPORT_LABEL[classify_gain(gain, lo, hi).value]
         lines.append(
             f"  Transition {i:2d} to {i + 1:2d}: gamma={_fmt(gain)}, "
             f"log_gamma={_fmt(log_gain)} [{label}]"
+            + (f"  {transition_notes[i]}" if transition_notes else "")
         )
     stats = summarize_gains(gains, log_gains, lo, hi)
     lines += [

@@ -1,0 +1,175 @@
+"""Telling the user where to look: where a NaN/Inf started, which parameters get no gradient or a zero
+one, which blocks' gains vanish, and a missing ``zero_grad()`` in manual optimization.
+
+Works on plain floats and names (plus one helper over gradient tensors); no Lightning, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lightning_gradwatch.measurement import local_tensor
+from lightning_gradwatch.norms import Category
+
+
+@dataclass
+class NonFiniteReport:
+    """Where a non-finite gradient was seen.
+
+    Attributes:
+        block: the block whose backward produced the first NaN/Inf (``None`` if it cannot be told).
+        blocks: blocks whose output gradient was non-finite (measured steps), else blocks with a
+            non-finite parameter gradient; forward order.
+        params: parameters with a non-finite gradient.
+        loss_nonfinite: whether the loss itself was NaN/Inf (``None``: unknown).
+    """
+
+    block: Optional[str] = None
+    blocks: list[str] = field(default_factory=list)
+    params: list[str] = field(default_factory=list)
+    loss_nonfinite: Optional[bool] = None
+
+    def message(self) -> str:
+        if self.loss_nonfinite:
+            where = "the loss itself is non-finite (look at the forward pass, the data or the loss)"
+        elif self.block is not None:
+            where = f"first produced in the backward of block {self.block!r}"
+        else:
+            where = "origin not among the watched blocks"
+        params = ", ".join(self.params[:5]) + (" ..." if len(self.params) > 5 else "")
+        return f"non-finite gradient: {where}; parameters with NaN/Inf gradients: [{params}]"
+
+
+def block_of(param_name: str, block_names: Sequence[str]) -> Optional[str]:
+    """The block owning parameter ``param_name`` (longest matching qualified-name prefix)."""
+    owners = [b for b in block_names if param_name == b or param_name.startswith(b + ".")]
+    return max(owners, key=len) if owners else None
+
+
+def locate_nonfinite(
+    block_names: Sequence[str],
+    nonfinite_params: Sequence[str],
+    block_norms: Optional[Sequence[Optional[float]]] = None,
+    loss_nonfinite: Optional[bool] = None,
+) -> NonFiniteReport:
+    """Name the block whose backward produced the first non-finite gradient.
+
+    Backward runs from the last block to the first, and a NaN/Inf, once made, flows into everything
+    before it. With block-output norms (a measured step) the non-finite block closest to the output,
+    ``j``, is the first one backward reached with a bad gradient. That gradient was made by the
+    backward of block ``j + 1`` if ``j + 1``'s own parameters already got NaN/Inf (the poison arose
+    inside it), else it arrived at ``j``'s output from outside the watched blocks' internals, and ``j``
+    is named. Without block norms (unmeasured steps, no hooks) the block closest to the output that
+    owns a parameter with a non-finite gradient is named.
+    """
+    params = list(nonfinite_params)
+    bad_param_blocks = {block_of(name, block_names) for name in params} - {None}
+    report = NonFiniteReport(params=params, loss_nonfinite=loss_nonfinite)
+    if block_norms is not None:
+        bad = [
+            i for i, norm in enumerate(block_norms) if norm is not None and not math.isfinite(norm)
+        ]
+        report.blocks = [block_names[i] for i in bad]
+        if bad:
+            j = bad[-1]
+            after = j + 1
+            if after < len(block_names) and block_names[after] in bad_param_blocks:
+                report.block = block_names[after]
+            else:
+                report.block = block_names[j]
+            return report
+    report.blocks = [name for name in block_names if name in bad_param_blocks]
+    report.block = report.blocks[-1] if report.blocks else None
+    return report
+
+
+@dataclass
+class FirstStepReport:
+    """Gradient wiring seen on the first measured step.
+
+    Attributes:
+        no_grad: parameters that require grad but got ``grad is None`` (not connected to the loss).
+        zero_grad: parameters whose gradient is exactly zero everywhere (dead units).
+        vanishing: blocks whose gain is "vanishing" (their output gradient norm is ~0).
+    """
+
+    step: int = 0
+    no_grad: list[str] = field(default_factory=list)
+    zero_grad: list[str] = field(default_factory=list)
+    vanishing: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.no_grad or self.zero_grad or self.vanishing)
+
+    def message(self) -> str:
+        if self.ok:
+            return (
+                f"GradientFlowCallback: step {self.step}: every trainable parameter got a non-zero "
+                "gradient and no block's gain vanishes."
+            )
+        lines = [f"GradientFlowCallback: gradient wiring at step {self.step}:"]
+        if self.no_grad:
+            lines.append(
+                f"  {len(self.no_grad)} parameter(s) require grad but got `grad is None` (not "
+                f"connected to the loss): {_short(self.no_grad)}"
+            )
+        if self.zero_grad:
+            lines.append(
+                f"  {len(self.zero_grad)} parameter(s) got an exactly-zero gradient (dead units?): "
+                f"{_short(self.zero_grad)}"
+            )
+        if self.vanishing:
+            lines.append(f"  vanishing gain into block(s): {_short(self.vanishing)}")
+        return "\n".join(lines)
+
+
+def first_step_report(
+    step: int,
+    params_without_grad: Sequence[str],
+    param_norms: Mapping[str, float],
+    block_names: Sequence[str],
+    categories: Sequence[Category],
+) -> FirstStepReport:
+    """Build the :class:`FirstStepReport` from a measurement's figures (``categories[i]`` is the
+    transition into ``block_names[i + 1]``)."""
+    return FirstStepReport(
+        step=step,
+        no_grad=list(params_without_grad),
+        zero_grad=[name for name, norm in param_norms.items() if norm == 0.0],
+        vanishing=[
+            name
+            for name, category in zip(block_names[1:], categories)
+            if category == Category.VANISHING
+        ],
+    )
+
+
+def holds_stale_gradients(grads: Sequence[Tensor]) -> bool:
+    """Whether any of ``grads`` is non-zero (one batched pass, one host sync).
+
+    Called before the first backward of a new optimizer step: after ``zero_grad()`` gradients are
+    ``None`` (or zeros), so a non-zero one still holds the previous step's values.
+    """
+    if not grads:
+        return False
+    norms = torch._foreach_norm([local_tensor(g) for g in grads], math.inf)
+    return bool(torch.stack([n.float() for n in norms]).max() > 0)
+
+
+MANUAL_ZERO_GRAD_WARNING = (
+    "GradientFlowCallback: the first backward of optimizer step {step} started with gradients still "
+    "holding the previous step's values: `zero_grad()` looks missing in your manual optimization "
+    "loop (call `opt.zero_grad()` after `opt.step()`), so gradients accumulate across steps."
+)
+
+
+def _short(names: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... (+{len(names) - limit})" if len(names) > limit else "")

@@ -1,0 +1,293 @@
+"""Pictures of gradient flow: the blocks x steps heatmap (matplotlib, Agg, no pyplot state) and the
+TensorBoard custom-scalars layout that puts all blocks into one multi-line chart.
+
+matplotlib is optional (``pip install 'lightning-gradwatch[plots]'``) and imported only when a
+picture is drawn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Optional
+
+import numpy as np
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from lightning_gradwatch.flow_arrays import log_gains_array
+from lightning_gradwatch.measurement import GradientMeasurement
+from lightning_gradwatch.sinks import tensorboard_writers
+
+PLOTS_EXTRA = "lightning-gradwatch[plots]"
+#: Pixels of the heatmap image: fixed width, height growing with the number of blocks.
+HEATMAP_DPI = 80
+HEATMAP_WIDTH_IN = 10.0
+_ROW_IN = 0.18  # height of one block row
+_PANEL_MIN_IN, _PANEL_MAX_IN = 1.2, 9.0
+_MARGIN_IN = 1.6  # titles, axis labels, gap between the panels
+
+#: Chart titles of the custom-scalars layout (category ``gradwatch``).
+LAYOUT_CATEGORY = "gradwatch"
+NORMS_CHART = "block-output gradient norms"
+GAINS_CHART = "backward gains"
+LOG_GAINS_CHART = "backward log-gains"
+TOTAL_CHART = "total gradient norm"
+CATEGORIES_CHART = "transition categories"
+
+
+def import_matplotlib() -> tuple[Any, Any]:
+    """``(Figure, FigureCanvasAgg)``; an ``ImportError`` naming the extra when matplotlib is missing."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            f"gradient-flow pictures need matplotlib: pip install '{PLOTS_EXTRA}'"
+        ) from error
+    return Figure, FigureCanvasAgg
+
+
+def heatmap_size_px(num_blocks: int) -> tuple[int, int]:
+    """``(width, height)`` in pixels of :func:`render_flow_heatmap`'s image for ``num_blocks``."""
+    width, height = _heatmap_size_in(num_blocks)
+    return round(width * HEATMAP_DPI), round(height * HEATMAP_DPI)
+
+
+def _heatmap_size_in(num_blocks: int) -> tuple[float, float]:
+    norms = min(max(num_blocks * _ROW_IN, _PANEL_MIN_IN), _PANEL_MAX_IN)
+    gains = min(max((num_blocks - 1) * _ROW_IN, _PANEL_MIN_IN), _PANEL_MAX_IN)
+    return HEATMAP_WIDTH_IN, norms + gains + _MARGIN_IN
+
+
+def render_flow_heatmap(
+    steps: Sequence[int] | np.ndarray,
+    block_names: Sequence[str],
+    norms: np.ndarray,
+    title: str = "Gradient flow",
+    eps: float = 1e-30,
+) -> Any:
+    """A two-panel matplotlib ``Figure``: log10 of each block's output-gradient norm (blocks x
+    measured steps) and the log-gain of every transition on a diverging map centred on 0 (blue:
+    the gradient shrinks going backward, red: it grows).
+
+    Args:
+        steps: the measured steps (columns).
+        block_names: the blocks in forward order (rows).
+        norms: ``(len(steps), len(block_names))``; NaN for a missing value.
+        title: the figure title.
+        eps: norms at or below it count as zero.
+
+    Example::
+
+        figure = render_flow_heatmap([0, 10, 20], ["blocks.0", "blocks.1"], norms)
+        figure.savefig("flow.png")
+    """
+    Figure, FigureCanvasAgg = import_matplotlib()
+    from matplotlib.colors import TwoSlopeNorm
+
+    norms = np.asarray(norms, dtype=np.float64).reshape(len(steps), len(block_names))
+    step_axis = np.asarray(steps)
+    n = len(block_names)
+    width, height = _heatmap_size_in(n)
+    figure = Figure(figsize=(width, height), dpi=HEATMAP_DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    top, bottom = figure.subplots(2, 1, height_ratios=[max(n, 1), max(n - 1, 1)])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_norms = np.log10(np.where(norms > eps, norms, np.nan)).T
+    extent = _extent(step_axis)
+    image = top.imshow(log_norms, aspect="auto", interpolation="nearest", extent=(*extent, n, 0))
+    image.cmap.set_bad("lightgrey")
+    figure.colorbar(image, ax=top, label="log10 ||dL/dh||")
+    top.set_title(f"{title}: block-output gradient norm")
+    _label_rows(top, block_names)
+    gains = log_gains_array(norms, eps).T
+    finite = gains[np.isfinite(gains)]
+    limit = float(np.max(np.abs(finite))) if finite.size else 1.0
+    limit = max(limit, 1e-3)
+    shown = np.clip(np.where(np.isnan(gains), np.nan, gains), -limit, limit)
+    cmap = _cmap("RdBu_r")
+    gain_image = bottom.imshow(
+        shown if n > 1 else np.full((1, len(step_axis)), np.nan),
+        aspect="auto",
+        interpolation="nearest",
+        cmap=cmap,
+        norm=TwoSlopeNorm(vcenter=0.0, vmin=-limit, vmax=limit),
+        extent=(*extent, max(n - 1, 1), 0),
+    )
+    figure.colorbar(gain_image, ax=bottom, label="log gain (0 = preserved)")
+    bottom.set_title("log-gain per transition (red: grows going backward, blue: shrinks)")
+    _label_rows(bottom, [f"{a} <- {b}" for a, b in zip(block_names[:-1], block_names[1:])])
+    bottom.set_xlabel("step")
+    return figure
+
+
+def figure_to_array(figure: Any) -> np.ndarray:
+    """The rendered figure as an ``(H, W, 3)`` uint8 RGB array."""
+    canvas = figure.canvas
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def _cmap(name: str) -> Any:
+    from matplotlib import colormaps
+
+    cmap = colormaps[name].copy()
+    cmap.set_bad("lightgrey")
+    return cmap
+
+
+def _extent(steps: np.ndarray) -> tuple[float, float]:
+    if len(steps) == 0:
+        return 0.0, 1.0
+    if len(steps) == 1:
+        return float(steps[0]) - 0.5, float(steps[0]) + 0.5
+    half = (steps[-1] - steps[0]) / (len(steps) - 1) / 2
+    return float(steps[0] - half), float(steps[-1] + half)
+
+
+def _label_rows(axes: Any, labels: Sequence[str]) -> None:
+    # Label at most ~25 rows so that 100 blocks stay legible.
+    stride = max(1, len(labels) // 25)
+    positions = np.arange(0, len(labels), stride)
+    axes.set_yticks(positions + 0.5)
+    axes.set_yticklabels([labels[int(i)] for i in positions], fontsize=7)
+
+
+# --------------------------------------------------------------------------------------------------
+# TensorBoard custom scalars
+# --------------------------------------------------------------------------------------------------
+
+
+def custom_scalars_layout(block_names: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
+    """The layout for ``SummaryWriter.add_custom_scalars``: every block's norm in one multi-line
+    chart, every gain in another, log-gains, the total norm and the category counts.
+
+    Each tag is listed by its full name (TensorBoard reads them as regular expressions; a ``.`` in a
+    name matches itself among others, and every match is one of our tags)."""
+    names = list(block_names)
+    return {
+        LAYOUT_CATEGORY: {
+            NORMS_CHART: ["Multiline", [f"grad_norm/{name}" for name in names]],
+            GAINS_CHART: ["Multiline", [f"grad_gain/{name}" for name in names[1:]]],
+            LOG_GAINS_CHART: ["Multiline", [f"grad_log_gain/{name}" for name in names[1:]]],
+            TOTAL_CHART: ["Multiline", ["grad_norm_total"]],
+            CATEGORIES_CHART: [
+                "Multiline",
+                [
+                    f"grad_flow/num_{c}"
+                    for c in ("amplifying", "damping", "healthy", "vanishing", "missing")
+                ],
+            ],
+        }
+    }
+
+
+def layout_block_names(serialized: bytes) -> list[str]:
+    """Block names in forward order from a serialised custom-scalars ``Layout`` proto."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    layout = layout_pb2.Layout.FromString(serialized)
+    for category in layout.category:
+        for chart in category.chart:
+            if category.title == LAYOUT_CATEGORY and chart.title == NORMS_CHART:
+                return [tag.split("/", 1)[1] for tag in chart.multiline.tag]
+    return []
+
+
+class FlowHistory:
+    """A bounded on-host history of measured block norms (a ring buffer of numpy rows).
+
+    Args:
+        num_blocks: the number of watched blocks.
+        capacity: how many measured steps to keep (the oldest are dropped).
+
+    Example::
+
+        history = FlowHistory(num_blocks=4, capacity=200)
+        history.append(0, [1.0, 0.5, None, 0.1])
+        steps, norms = history.arrays()
+    """
+
+    def __init__(self, num_blocks: int, capacity: int = 200) -> None:
+        self.capacity = capacity
+        self._steps = np.zeros(capacity, dtype=np.int64)
+        self._norms = np.full((capacity, num_blocks), np.nan)
+        self._count = 0
+
+    def __len__(self) -> int:
+        return min(self._count, self.capacity)
+
+    def append(self, step: int, norms: Sequence[Optional[float]]) -> None:
+        row = self._count % self.capacity
+        self._steps[row] = step
+        self._norms[row] = [np.nan if norm is None else norm for norm in norms]
+        self._count += 1
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(steps, norms)`` oldest first."""
+        if self._count <= self.capacity:
+            return self._steps[: self._count].copy(), self._norms[: self._count].copy()
+        start = self._count % self.capacity
+        order = np.r_[start : self.capacity, 0:start]
+        return self._steps[order], self._norms[order]
+
+
+#: Tag of the heatmap image in TensorBoard.
+HEATMAP_TAG = "gradwatch/flow_heatmap"
+
+
+class TensorBoardPictures:
+    """The callback's TensorBoard extras: the custom-scalars layout (once, at fit start) and the
+    heatmap image every ``figure_every_n_steps`` measured steps. Runs on global rank zero only; with
+    no TensorBoard logger it does nothing after one info message.
+
+    Args:
+        figure_every_n_steps: log the heatmap every this many measured steps (``None``: never).
+        history: how many measured steps the heatmap shows (older ones are dropped).
+
+    Example::
+
+        pictures = TensorBoardPictures(figure_every_n_steps=10)
+        pictures.start(trainer.loggers, ["blocks.0", "blocks.1"])
+        pictures.update(measurement)  # after each measured step
+    """
+
+    def __init__(self, figure_every_n_steps: Optional[int] = None, history: int = 200) -> None:
+        self.figure_every_n_steps = figure_every_n_steps
+        self.history_size = history
+        self._writers: list[Any] = []
+        self._history: Optional[FlowHistory] = None
+        self._measured = 0
+
+    def start(self, loggers: Iterable[Logger], block_names: Sequence[str]) -> None:
+        """Find the TensorBoard writers and write the layout (call on global rank zero)."""
+        loggers = list(loggers)
+        self._writers = tensorboard_writers(loggers)
+        self._measured = 0
+        self._history = FlowHistory(len(block_names), self.history_size)
+        if not self._writers:
+            if loggers:
+                rank_zero_info(
+                    "GradientFlowCallback: no TensorBoardLogger among the loggers; the "
+                    "custom-scalars layout and heatmap images are skipped."
+                )
+            return
+        if self.figure_every_n_steps is not None:
+            import_matplotlib()  # fail at fit start, not at the first picture
+        layout = custom_scalars_layout(block_names)
+        for writer in self._writers:
+            writer.add_custom_scalars(layout)
+
+    def update(self, measurement: GradientMeasurement) -> None:
+        """Record one measured step; log the heatmap when it is due."""
+        if not self._writers or self.figure_every_n_steps is None or self._history is None:
+            return
+        self._history.append(measurement.step, measurement.block_norms)
+        self._measured += 1
+        if self._measured % self.figure_every_n_steps:
+            return
+        steps, norms = self._history.arrays()
+        figure = render_flow_heatmap(steps, measurement.block_names, norms)
+        image = figure_to_array(figure)
+        for writer in self._writers:
+            writer.add_image(HEATMAP_TAG, image, measurement.step, dataformats="HWC")

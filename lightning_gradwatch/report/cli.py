@@ -1,0 +1,139 @@
+"""The ``gradwatch`` console script.
+
+``gradwatch report LOGDIR [--format text|json] [--step N] [--out DIR] [--compare LOGDIR2 ...]``
+
+Bad input (missing directory, no event files, no gradwatch metrics, a step that was not measured)
+prints one line to stderr and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Optional
+
+from lightning_gradwatch.report.reader import ReportError, RunLog, read_logdir
+from lightning_gradwatch.report.summary import (
+    RunReport,
+    build_report,
+    format_comparison,
+    format_text,
+    to_dict,
+)
+
+EXIT_BAD_INPUT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradwatch", description="Offline reports over lightning-gradwatch logs."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    report = commands.add_parser(
+        "report",
+        help="report on a run's gradient flow",
+        description=(
+            "Read TensorBoard event files (or CSVLogger metrics.csv) and gradwatch_alerts.jsonl "
+            "under LOGDIR and report per block: last/median/max norm, median gain, category "
+            "counts, the seed-001 report of one step, the summary and the alert timeline. A "
+            "LOGDIR holding several runs reports each of them."
+        ),
+    )
+    report.add_argument("logdir", metavar="LOGDIR", help="a run's log folder (or a parent of runs)")
+    report.add_argument("--format", choices=("text", "json"), default="text")
+    report.add_argument("--step", type=int, default=None, help="report this measured step only")
+    report.add_argument("--out", metavar="DIR", default=None, help="write PNGs and report.html")
+    report.add_argument(
+        "--compare",
+        metavar="LOGDIR2",
+        nargs="+",
+        default=[],
+        help="more runs to put side by side",
+    )
+    report.add_argument("--damping-threshold", type=float, default=0.5)
+    report.add_argument("--amplifying-threshold", type=float, default=2.0)
+    report.add_argument("--eps", type=float, default=1e-30)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``gradwatch``; returns the exit code (0 ok, 2 bad input)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse already printed the usage and the error
+        return int(exit_.code) if isinstance(exit_.code, int) else EXIT_BAD_INPUT
+    try:
+        return _report(args)
+    except ReportError as error:
+        print(f"gradwatch: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ImportError as error:  # matplotlib missing for --out
+        print(f"gradwatch: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _report(args: argparse.Namespace) -> int:
+    if not 0 < args.damping_threshold <= args.amplifying_threshold:
+        raise ReportError(
+            "--damping-threshold must be > 0 and <= --amplifying-threshold, got "
+            f"{args.damping_threshold} and {args.amplifying_threshold}"
+        )
+    runs: list[RunLog] = []
+    for logdir in [args.logdir, *args.compare]:
+        runs.extend(read_logdir(logdir))
+    _unique_names(runs)
+    reports = [
+        build_report(
+            run,
+            step=args.step,
+            damping_threshold=args.damping_threshold,
+            amplifying_threshold=args.amplifying_threshold,
+            eps=args.eps,
+        )
+        for run in runs
+    ]
+    comparison = format_comparison(reports) if len(reports) > 1 else ""
+    if args.format == "json":
+        print(json.dumps({"runs": [to_dict(r) for r in reports]}, indent=2, allow_nan=False))
+    else:
+        texts = [format_text(r) for r in reports]
+        print(("\n\n" + "#" * 72 + "\n\n").join(texts))
+        if comparison:
+            print("\n" + comparison)
+    if args.out is not None:
+        _write_pictures(runs, reports, Path(args.out), comparison)
+    return 0
+
+
+def _write_pictures(
+    runs: Sequence[RunLog], reports: Sequence[RunReport], out: Path, comparison: str
+) -> None:
+    from lightning_gradwatch.report.plots import write_html, write_run_pictures
+
+    sections = []
+    for run, report in zip(runs, reports):
+        folder = out / _safe(run.name) if len(runs) > 1 else out
+        sections.append((report, write_run_pictures(run, report, folder)))
+    page = write_html(sections, out / "report.html", comparison)
+    # stderr, so that `--format json --out DIR` keeps stdout parseable.
+    print(f"gradwatch: wrote {page} and {sum(len(p) for _, p in sections)} PNGs", file=sys.stderr)
+
+
+def _unique_names(runs: Sequence[RunLog]) -> None:
+    seen: dict[str, int] = {}
+    for run in runs:
+        count = seen.get(run.name, 0)
+        seen[run.name] = count + 1
+        if count:
+            run.name = f"{run.name}#{count + 1}"
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

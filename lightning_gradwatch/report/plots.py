@@ -1,0 +1,149 @@
+"""PNG pictures of a run and a self-contained ``report.html`` that embeds them (base64).
+
+Per run: ``norms.png`` (each block's output-gradient norm over the steps, log scale),
+``gains.png`` (the blocks x steps heatmap of :func:`lightning_gradwatch.figures.render_flow_heatmap`)
+and ``total_norm.png`` (the total parameter-gradient norm with the alerts marked: clip, skip, halt,
+warn). Long runs are thinned to at most ``max_points`` evenly spaced steps before drawing.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lightning_gradwatch.figures import import_matplotlib, render_flow_heatmap
+from lightning_gradwatch.report.reader import NORM_PREFIX, TOTAL_NORM_TAG, RunLog
+from lightning_gradwatch.report.summary import RunReport, format_text
+
+PICTURES = ("norms.png", "gains.png", "total_norm.png")
+_ALERT_STYLE = {
+    "halt": {"color": "red", "marker": "X"},
+    "skip": {"color": "purple", "marker": "x"},
+    "clip": {"color": "orange", "marker": "v"},
+    "warn": {"color": "goldenrod", "marker": "o"},
+}
+
+
+def thin(steps: np.ndarray, max_points: int) -> np.ndarray:
+    """Indices of at most ``max_points`` evenly spaced entries (first and last kept)."""
+    if len(steps) <= max_points:
+        return np.arange(len(steps))
+    return np.unique(np.linspace(0, len(steps) - 1, max_points).round().astype(np.int64))
+
+
+def write_run_pictures(
+    run: RunLog, report: RunReport, out: Path, max_points: int = 1000
+) -> list[Path]:
+    """Write the three PNGs of one run into ``out`` (created) and return their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    names = report.block_names
+    steps, norms = run.matrix(NORM_PREFIX, names)
+    keep = np.isin(steps, report.steps)
+    steps, norms = steps[keep], norms[keep]
+    rows = thin(steps, max_points)
+    steps, norms = steps[rows], norms[rows]
+    paths = [out / name for name in PICTURES]
+    _save(_norms_figure(steps, names, norms, run.name), paths[0])
+    _save(render_flow_heatmap(steps, names, norms, title=run.name), paths[1])
+    _save(_total_figure(run, report, max_points), paths[2])
+    return paths
+
+
+def write_html(
+    sections: Sequence[tuple[RunReport, Sequence[Path]]], path: Path, comparison: str = ""
+) -> Path:
+    """A single HTML file with every run side by side: its PNGs (base64) and its text report."""
+    columns = []
+    for report, pictures in sections:
+        images = "\n".join(
+            f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,'
+            f'{base64.b64encode(p.read_bytes()).decode("ascii")}"><figcaption>'
+            f"{html.escape(p.name)}</figcaption></figure>"
+            for p in pictures
+        )
+        columns.append(
+            f'<section class="run"><h2>{html.escape(report.name)}</h2>\n{images}\n'
+            f"<pre>{html.escape(format_text(report))}</pre></section>"
+        )
+    compare = f"<pre>{html.escape(comparison)}</pre>" if comparison else ""
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>gradwatch report</title>
+<style>
+body {{ font-family: sans-serif; margin: 1em; }}
+.runs {{ display: flex; gap: 1.5em; align-items: flex-start; overflow-x: auto; }}
+.run {{ flex: 1 1 0; min-width: 32em; }}
+img {{ max-width: 100%; }}
+pre {{ font-size: 11px; background: #f6f6f6; padding: 0.5em; overflow-x: auto; }}
+</style></head>
+<body><h1>gradwatch report</h1>
+{compare}
+<div class="runs">
+{chr(10).join(columns)}
+</div></body></html>
+"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def _save(figure: Any, path: Path) -> None:
+    figure.savefig(path, format="png")
+
+
+def _norms_figure(steps: np.ndarray, names: Sequence[str], norms: np.ndarray, title: str) -> Any:
+    Figure, FigureCanvasAgg = import_matplotlib()
+    from matplotlib import colormaps
+
+    figure = Figure(figsize=(10, 5), dpi=80, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    colours = colormaps["viridis"](np.linspace(0, 1, max(len(names), 1)))
+    positive = np.where(norms > 0, norms, np.nan)
+    for j, name in enumerate(names):
+        axes.plot(steps, positive[:, j], color=colours[j], label=name, linewidth=1)
+    axes.set_yscale("log")
+    axes.set_xlabel("step")
+    axes.set_ylabel("||dL/dh|| (block output)")
+    axes.set_title(f"{title}: gradient norm per block (dark: first block, yellow: last)")
+    if len(names) <= 12:
+        axes.legend(fontsize=7, ncols=2)
+    return figure
+
+
+def _total_figure(run: RunLog, report: RunReport, max_points: int) -> Any:
+    Figure, FigureCanvasAgg = import_matplotlib()
+    figure = Figure(figsize=(10, 3.5), dpi=80, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    series = run.scalars.get(TOTAL_NORM_TAG)
+    if series is not None and len(series.steps):
+        keep = np.isin(series.steps, report.steps)
+        steps, values = series.steps[keep], series.values[keep]
+        rows = thin(steps, max_points)
+        axes.plot(steps[rows], values[rows], color="black", linewidth=1, label=TOTAL_NORM_TAG)
+        if np.any(values > 0):
+            axes.set_yscale("log")
+    seen = set()
+    for alert in report.alerts:
+        action = str(alert.get("action", "warn")).lower()
+        style = _ALERT_STYLE.get(action, _ALERT_STYLE["warn"])
+        step = alert.get("step")
+        if not isinstance(step, (int, float)):
+            continue
+        axes.axvline(step, color=style["color"], alpha=0.4, linewidth=1)
+        value = alert.get("value")
+        if isinstance(value, (int, float)) and np.isfinite(value) and value > 0:
+            axes.scatter([step], [value], color=style["color"], marker=style["marker"], zorder=3)
+        if action not in seen:
+            axes.plot([], [], color=style["color"], marker=style["marker"], label=action)
+            seen.add(action)
+    axes.set_xlabel("step")
+    axes.set_ylabel("total gradient norm")
+    axes.set_title(f"{run.name}: total gradient norm and alerts")
+    axes.legend(fontsize=8)
+    return figure

@@ -1,0 +1,122 @@
+"""What the Trainer's strategy and precision mean for the figures, decided once at fit start.
+
+Three facts shape a measurement:
+
+* **Where parameter gradients live.** ``p.grad`` holds the full gradient under single-device and
+  DDP (already all-reduced), and a DTensor shard under FSDP2 (``ModelParallelStrategy``), whose
+  partials are combined across ranks. Under FSDP1 (``FSDPStrategy``, sharded) ``p.grad`` is a view
+  into a flat shard that may be missing on some ranks, and DeepSpeed keeps gradients in its own
+  partitioned buffers: there the parameter figures are *not measured* (a warning says so) instead of
+  being silently wrong.
+* **Data parallelism.** Each rank back-propagates its own loss, but the strategy averages parameter
+  gradients over the ``N`` data-parallel ranks, i.e. it optimizes ``(1/N) * sum of the rank losses``.
+  The gradient of that objective at rank r's block output is the tensor hook's gradient divided by
+  ``N``; combined over ranks this gives exactly the figures of a single process on the global batch.
+* **Loss scaling.** With an AMP ``GradScaler`` tensor hooks see ``scale * gradient`` while parameter
+  gradients are unscaled before ``on_before_optimizer_step``.
+
+Block norms are divided by both: the scale is packed as a device scalar (no host sync), the
+data-parallel size is a host integer applied after the single host copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+
+from lightning_gradwatch.distributed import is_distributed
+
+#: FSDP1 sharding strategies under which ``p.grad`` holds the full gradient on every rank.
+_FSDP1_UNSHARDED = ("NO_SHARD",)
+
+
+@dataclass(frozen=True)
+class StrategySupport:
+    """What can be measured under the Trainer's strategy.
+
+    Attributes:
+        params: parameter figures (``grad_norm_total``, ``grad_param_norm/*``, ``grad_stats/*``) are
+            measured.
+        reasons: why something is not measured, one sentence each (also emitted as warnings).
+    """
+
+    params: bool = True
+    reasons: tuple[str, ...] = ()
+
+
+def check_strategy(trainer: pl.Trainer) -> StrategySupport:
+    """Decide what is measurable under ``trainer.strategy`` and warn (once, on rank 0) about the rest.
+
+    Example::
+
+        support = check_strategy(trainer)
+        if not support.params:
+            ...  # log block-output figures only
+    """
+    strategy = trainer.strategy
+    names = {cls.__name__ for cls in type(strategy).__mro__}
+    reasons: list[str] = []
+    params = True
+    if "DeepSpeedStrategy" in names:
+        params = False
+        reasons.append(
+            "DeepSpeedStrategy keeps gradients in DeepSpeed's own (partitioned) buffers, so `p.grad` "
+            "is not the gradient: grad_norm_total, grad_param_norm/* and grad_stats/* are not "
+            "measured; block-output figures (grad_norm/*, grad_gain/*, grad_flow/*) are."
+        )
+        if str(trainer.precision).startswith("16"):
+            reasons.append(
+                "DeepSpeed fp16 scales the loss inside its engine: block-output norms include that "
+                "loss scale (gains and log-gains, being ratios, do not)."
+            )
+    elif "FSDPStrategy" in names and _fsdp1_sharding(strategy) not in _FSDP1_UNSHARDED:
+        params = False
+        reasons.append(
+            "FSDPStrategy (FSDP1) shards parameter gradients into flat buffers (`p.grad` is a local "
+            "slice, or None on ranks that hold none of it): grad_norm_total, grad_param_norm/* and "
+            "grad_stats/* are not measured; block-output figures are. Use ModelParallelStrategy with "
+            "fully_shard (FSDP2) to measure parameter gradients too."
+        )
+    tensor_parallel = getattr(strategy, "_tensor_parallel_size", 1)
+    if isinstance(tensor_parallel, int) and tensor_parallel > 1:
+        reasons.append(
+            f"tensor_parallel_size={tensor_parallel}: block-output gradients are combined over all "
+            "ranks as if each held different samples, so with tensor parallelism (replicated "
+            "activations) block norms are too large by up to sqrt(tensor_parallel_size) for L2; "
+            "gains are unaffected."
+        )
+    for reason in reasons:
+        rank_zero_warn(f"GradientFlowCallback: {reason}")
+    return StrategySupport(params=params, reasons=tuple(reasons))
+
+
+def data_parallel_size(trainer: pl.Trainer) -> int:
+    """Number of data-parallel replicas whose gradients the strategy averages (1 if none)."""
+    if not is_distributed():
+        return 1
+    kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None)
+    replicas = kwargs.get("num_replicas") if isinstance(kwargs, dict) else None
+    return int(replicas) if isinstance(replicas, int) and replicas > 0 else 1
+
+
+def loss_scale(trainer: pl.Trainer) -> Optional[Tensor]:
+    """The AMP GradScaler's current scale as a device tensor (no sync), if a scaler is active.
+
+    Tensor hooks see gradients multiplied by it; parameter gradients are already unscaled when
+    ``on_before_optimizer_step`` runs (the scale used for this step's backward is still current:
+    ``scaler.update()`` runs after the optimizer step).
+    """
+    scaler: Any = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
+        return None
+    scale = getattr(scaler, "_scale", None)
+    return scale if isinstance(scale, Tensor) else None
+
+
+def _fsdp1_sharding(strategy: Any) -> str:
+    sharding = getattr(strategy, "sharding_strategy", None)
+    return str(getattr(sharding, "name", sharding))

@@ -1,0 +1,192 @@
+"""Script for the multi-process tests: ``python tests/dist_worker.py SCENARIO OUT_DIR``.
+
+Lightning's ``ddp`` and ``ModelParallelStrategy`` launchers re-run this very script for rank 1, so
+everything below runs on every rank. Each rank trains a small ``BlockNet`` with four
+``GradientFlowCallback`` instances (one per norm type) and saves ``rank<r>.pt`` with what the test in
+the parent process compares against its own single-process reference:
+
+* ``weights[step]``: the full weights at the start of each measured step;
+* ``batches[step]``: this rank's micro-batches ``(x, y)`` of each measured step;
+* ``grads[step]``: the full parameter gradients seen by the module's own ``on_before_optimizer_step``
+  (``full_tensor()`` of FSDP2 DTensor shards; the synchronized gradients under DDP);
+* ``measured[norm_type][step]``: the callback's ``last.metrics``;
+* ``calls[step]``: the probe's per-block tensor-hook call counts;
+* ``collectives[step]``: Python-level collectives issued between batch start and batch end;
+* ``logged``: every ``log_metrics`` call this rank's recording logger received.
+
+Scenarios: ``ddp`` (``strategy="ddp"``, 2 CPU processes, ``accumulate_grad_batches=2``) and
+``fsdp2`` (``ModelParallelStrategy`` with ``fully_shard`` in ``configure_model``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.loggers import CSVLogger, Logger
+from torch import Tensor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from models import BlockNet
+
+from lightning_gradwatch import GradientFlowCallback
+from lightning_gradwatch.probe import CALLS
+
+NORM_TYPES = ("l2", "l1", "linf", "mean")
+LOG_EVERY = 2
+MAX_STEPS = 3
+ACCUMULATE = 2
+COUNTED = ("all_gather", "all_reduce", "all_gather_into_tensor", "broadcast", "reduce_scatter")
+_collectives: dict[str, Any] = {"window": None, "counts": defaultdict(int)}
+
+
+def _count(name: str) -> None:
+    original = getattr(dist, name)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        if _collectives["window"] is not None:
+            _collectives["counts"][_collectives["window"]] += 1
+        return original(*args, **kwargs)
+
+    setattr(dist, name, counted)
+
+
+for _name in COUNTED:
+    _count(_name)
+
+
+def full(tensor: Tensor) -> Tensor:
+    """The full value of a (possibly DTensor-sharded) tensor, detached and cloned."""
+    full_tensor = getattr(tensor, "full_tensor", None)
+    value = full_tensor() if callable(full_tensor) else tensor
+    return value.detach().clone()
+
+
+class RecordingLogger(Logger):
+    """A real logger that keeps every ``log_metrics`` call on every rank (no rank-zero filter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
+        self.calls.append((-1 if step is None else int(step), dict(metrics)))
+
+
+class Recorder(BlockNet):
+    def __init__(self, fsdp: bool) -> None:
+        super().__init__(depth=4, width=8, n_samples=128, batch_size=8, lr=0.1)
+        self.fsdp = fsdp
+        self.record: dict[str, Any] = {
+            "weights": {},
+            "batches": defaultdict(list),
+            "grads": {},
+            "measured": defaultdict(dict),
+            "calls": {},
+        }
+
+    def configure_model(self) -> None:
+        if not self.fsdp:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for block in self.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+    def _measured(self) -> bool:
+        return self.trainer.global_step % LOG_EVERY == 0
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        step = self.trainer.global_step
+        _collectives["window"] = step
+        if self._measured() and step not in self.record["weights"]:
+            self.record["weights"][step] = {n: full(p) for n, p in self.named_parameters()}
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        _collectives["window"] = None
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        if self._measured():
+            x, y = batch
+            self.record["batches"][self.trainer.global_step].append((x.clone(), y.clone()))
+        return super().training_step(batch, batch_idx)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning calls the callbacks' hook first: their measurement of this step is complete.
+        step = self.trainer.global_step
+        if not self._measured():
+            return
+        self.record["grads"][step] = {
+            n: full(p.grad) for n, p in self.named_parameters() if p.grad is not None
+        }
+        for callback in self.trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(callback, GradientFlowCallback) and callback.last is not None:
+                self.record["measured"][callback.spec.norm_type][step] = dict(
+                    callback.last.metrics
+                )
+                if callback._probe is not None:
+                    self.record["calls"][step] = callback._probe.buffer[:, CALLS].tolist()
+
+
+def main(scenario: str, out_dir: str) -> None:
+    pl.seed_everything(0, verbose=False)
+    fsdp = scenario == "fsdp2"
+    if fsdp:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy: Any = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    else:
+        strategy = "ddp"
+    model = Recorder(fsdp=fsdp)
+    recording = RecordingLogger()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_steps=MAX_STEPS,
+        accumulate_grad_batches=1 if fsdp else ACCUMULATE,
+        callbacks=[
+            GradientFlowCallback(
+                log_every_n_steps=LOG_EVERY,
+                norm_type=norm_type,
+                log_param_norms=True,
+                rules=[],
+            )
+            for norm_type in NORM_TYPES
+        ],
+        logger=[CSVLogger(out_dir, name="csv", version=0), recording],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=out_dir,
+    )
+    trainer.fit(model)
+    record = {key: dict(value) for key, value in model.record.items()}
+    record["collectives"] = dict(_collectives["counts"])
+    record["logged"] = recording.calls
+    record["world_size"] = trainer.world_size
+    torch.save(record, Path(out_dir) / f"rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

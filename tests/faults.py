@@ -1,0 +1,130 @@
+"""Fault injection for the governance tests: a backward that returns NaN in one block at one step, a
+loss spike, a per-rank gradient fault, and a module that records its weights and gradients."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from models import BlockNet
+from torch import Tensor, nn
+
+
+class NaNBackward(torch.autograd.Function):
+    """Identity forward; the backward returns NaN everywhere."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return torch.full_like(grad, float("nan"))
+
+
+class FaultNet(BlockNet):
+    """``BlockNet`` whose block ``poison_block`` back-propagates NaN at the steps in ``poison_steps``.
+
+    ``placement="inside"`` poisons inside the block (after its linear layer, so the block's own
+    parameters get NaN gradients but its output gradient is finite); ``"output"`` poisons the gradient
+    arriving at the block's output. ``spike_step`` multiplies the loss by ``spike`` at that step.
+    Records the weights at the start of every step (``weights[step]``), the gradients after backward
+    (``grads_after_backward``) and those the optimizer sees (``grads_at_step``: the module's own
+    ``on_before_optimizer_step`` runs after the callbacks').
+    """
+
+    def __init__(
+        self,
+        poison_block: int = 2,
+        poison_steps: tuple[int, ...] = (),
+        placement: str = "inside",
+        spike_step: Optional[int] = None,
+        spike: float = 1000.0,
+        optimizer: str = "sgd",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.poison_block = poison_block
+        self.poison_steps = set(poison_steps)
+        self.placement = placement
+        self.spike_step = spike_step
+        self.spike = spike
+        self.optimizer_name = optimizer
+        self.weights: dict[int, dict[str, Tensor]] = {}
+        self.grads_after_backward: dict[int, dict[str, Tensor]] = {}
+        self.grads_at_step: dict[int, dict[str, Tensor]] = {}
+        self.record = True
+        # Through a forward hook on the block's linear layer, so the block's forward (and the
+        # probe's hook on its output) runs as usual.
+        self.blocks[poison_block].linear.register_forward_hook(self._poison_inside)
+
+    def _poison_inside(self, module: nn.Module, inputs: Any, output: Tensor) -> Optional[Tensor]:
+        if self.placement == "inside" and self._poisoned():
+            return NaNBackward.apply(output)
+        return None
+
+    def _poisoned(self) -> bool:
+        return self.trainer.global_step in self.poison_steps
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.stem(x)
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if i == self.poison_block and self.placement == "output" and self._poisoned():
+                h = NaNBackward.apply(h)
+        return self.head(h)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if self.trainer.global_step == self.spike_step:
+            loss = loss * self.spike
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.lr)
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.record:
+            self.weights[self.trainer.global_step] = snapshot(self)
+
+    def on_after_backward(self) -> None:
+        if self.record:
+            self.grads_after_backward[self.trainer.global_step] = grads_of(self)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.record:
+            self.grads_at_step[self.trainer.global_step] = grads_of(self)
+
+
+def snapshot(module: nn.Module) -> dict[str, Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def grads_of(module: nn.Module) -> dict[str, Tensor]:
+    return {
+        name: p.grad.detach().clone() for name, p in module.named_parameters() if p.grad is not None
+    }
+
+
+def same_weights(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class RankFault(Callback):
+    """Puts an Inf into one parameter gradient on rank ``rank`` only, at ``step``, after the DDP
+    all-reduce and before the gradient-flow callback looks (callbacks run in list order)."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank = rank
+        self.step = step
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            grad = pl_module.blocks[1].linear.weight.grad  # type: ignore[index,union-attr]
+            grad[0, 0] = float("inf")

@@ -1,0 +1,100 @@
+"""Script for the governance tests that need their own processes:
+``python tests/governance_worker.py SCENARIO OUT_DIR``.
+
+* ``ddp``: ``strategy="ddp"`` on 2 CPU processes (Lightning re-runs this script for rank 1). An Inf
+  is put into one parameter gradient on rank 1 only at step ``FAULT_STEP``, after the all-reduce; the
+  ``nonfinite`` rule trips there on rank 1 only. A ``grad_norm/blocks.0`` rule trips on both ranks
+  at every measured step. Each rank saves ``rank<r>.pt`` with what it saw.
+* ``kill``: a single process whose warn rule trips every step; the module kills its own process with
+  ``SIGKILL`` at step ``KILL_STEP``, mid-run, with no chance to clean up.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from faults import FaultNet, RankFault, snapshot
+
+from lightning_gradwatch import GradientFlowCallback, Rule
+
+FAULT_STEP = 3
+LOG_EVERY = 2
+KILL_STEP = 5
+
+
+class Killed(FaultNet):
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.trainer.global_step == KILL_STEP:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def ddp(out_dir: str) -> None:
+    pl.seed_everything(0, verbose=False)
+    model = FaultNet(n_samples=128, batch_size=8)
+    callback = GradientFlowCallback(
+        log_every_n_steps=LOG_EVERY,
+        rules=[
+            Rule("nonfinite", action="halt"),
+            Rule("grad_norm/blocks.0", max=0.0, action="warn", name="block0"),
+        ],
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=10,
+        callbacks=[RankFault(rank=1, step=FAULT_STEP), callback],
+        logger=CSVLogger(out_dir, name="csv", version=0),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=out_dir,
+    )
+    trainer.fit(model)
+    record = {
+        "rank": trainer.global_rank,
+        "global_step": trainer.global_step,
+        "halted": callback.halted,
+        "halt_reason": callback.halt_reason,
+        "alerts": [
+            (a.step, a.rule, a.action, list(a.ranks), a.checkpoint) for a in callback.alerts
+        ],
+        "weights_before": {step: w for step, w in model.weights.items()},
+        "final": snapshot(model),
+        "last_step_started": max(model.weights),
+    }
+    torch.save(record, Path(out_dir) / f"rank{trainer.global_rank}.pt")
+
+
+def kill(out_dir: str) -> None:
+    pl.seed_everything(0, verbose=False)
+    callback = GradientFlowCallback(
+        log_every_n_steps=100,
+        rules=[Rule("grad_norm_total", max=0.0, action="warn", name="always")],
+        alerts_path=os.path.join(out_dir, "alerts.jsonl"),
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=50,
+        callbacks=[callback],
+        logger=CSVLogger(out_dir, name="csv", version=0),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=out_dir,
+    )
+    trainer.fit(Killed())
+
+
+if __name__ == "__main__":
+    {"ddp": ddp, "kill": kill}[sys.argv[1]](sys.argv[2])

@@ -1,0 +1,283 @@
+"""Independent reference figures for the tests: computed straight from gradients with plain torch ops
+in float64, sharing no code with ``lightning_gradwatch`` (so a bug there cannot hide in both)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from models import BlockNet, unwrap
+from torch import Tensor, nn
+
+NORM_TYPES = ("l2", "l1", "linf", "mean")
+SUMMARY_KEYS = (
+    "mean_gain",
+    "min_gain",
+    "max_gain",
+    "mean_log_gain",
+    "num_amplifying",
+    "num_damping",
+    "num_healthy",
+    "num_vanishing",
+    "num_missing",
+)
+FLOW_KEYS = (*SUMMARY_KEYS, "end_to_end_gain")
+STAT_KEYS = ("mean", "std", "min", "max", "zero_fraction", "large_fraction", "nonfinite_count")
+
+
+def ref_norm(grads: Union[Tensor, Sequence[Tensor]], norm_type: str) -> float:
+    """The norm of one tensor, or of several tensors taken together as one flat vector."""
+    tensors = [grads] if isinstance(grads, Tensor) else list(grads)
+    flat = torch.cat([t.detach().reshape(-1).double() for t in tensors]).abs()
+    if norm_type == "l2":
+        return flat.pow(2).sum().sqrt().item()
+    if norm_type == "l1":
+        return flat.sum().item()
+    if norm_type == "linf":
+        return flat.max().item()
+    if norm_type == "mean":
+        return flat.mean().item()
+    raise AssertionError(norm_type)
+
+
+def ref_gains(norms: Sequence[Optional[float]], eps: float = 1e-30) -> list[Optional[float]]:
+    """gamma_i = norm[i-1] / norm[i]; None where a norm is missing; inf where norm[i] <= eps."""
+    out: list[Optional[float]] = []
+    for i in range(1, len(norms)):
+        before, after = norms[i - 1], norms[i]
+        if before is None or after is None:
+            out.append(None)
+        else:
+            out.append(math.inf if after <= eps else before / after)
+    return out
+
+
+def ref_log_gains(norms: Sequence[Optional[float]], eps: float = 1e-30) -> list[Optional[float]]:
+    out: list[Optional[float]] = []
+    for gain in ref_gains(norms, eps):
+        if gain is None:
+            out.append(None)
+        elif gain == 0:
+            out.append(-math.inf)
+        else:
+            out.append(math.log(gain))
+    return out
+
+
+def ref_category(gain: Optional[float], low: float = 0.5, high: float = 2.0) -> str:
+    if gain is None:
+        return "missing"
+    if math.isinf(gain):
+        return "vanishing"
+    if gain > high:
+        return "amplifying"
+    if gain < low:
+        return "damping"
+    return "healthy"
+
+
+def ref_summary(
+    norms: Sequence[Optional[float]], eps: float = 1e-30, low: float = 0.5, high: float = 2.0
+) -> dict[str, float]:
+    """The seed-001 summary (means/min/max over finite gains) plus ``end_to_end_gain``."""
+    gains = ref_gains(norms, eps)
+    finite = [g for g in gains if g is not None and math.isfinite(g)]
+    logs = [math.log(g) for g in finite if g > 0]
+    categories = [ref_category(g, low, high) for g in gains]
+    first, last = norms[0], norms[-1]
+    if first is None or last is None:
+        end_to_end = math.nan
+    else:
+        end_to_end = math.inf if last <= eps else first / last
+    return {
+        "mean_gain": sum(finite) / len(finite) if finite else math.nan,
+        "min_gain": min(finite) if finite else math.nan,
+        "max_gain": max(finite) if finite else math.nan,
+        "mean_log_gain": sum(logs) / len(logs) if logs else math.nan,
+        "num_amplifying": categories.count("amplifying"),
+        "num_damping": categories.count("damping"),
+        "num_healthy": categories.count("healthy"),
+        "num_vanishing": categories.count("vanishing"),
+        "num_missing": categories.count("missing"),
+        "end_to_end_gain": end_to_end,
+    }
+
+
+def ref_grad_stats(grads: Sequence[Tensor], large_threshold: float = 1.0) -> dict[str, float]:
+    flat = torch.cat([g.detach().reshape(-1).double() for g in grads])
+    return {
+        "mean": flat.mean().item(),
+        "std": flat.std().item(),  # unbiased, like torch.std
+        "min": flat.min().item(),
+        "max": flat.max().item(),
+        "zero_fraction": (flat == 0).double().mean().item(),
+        "large_fraction": (flat.abs() > large_threshold).double().mean().item(),
+        "nonfinite_count": float((~torch.isfinite(flat)).sum().item()),
+    }
+
+
+def ref_metrics(
+    block_names: Sequence[str],
+    block_grads: Sequence[Optional[Tensor]],
+    param_grads: Mapping[str, Tensor],
+    norm_type: str = "l2",
+    *,
+    eps: float = 1e-30,
+    low: float = 0.5,
+    high: float = 2.0,
+    large_threshold: float = 1.0,
+    param_keys: Sequence[str] = (),
+    grad_stats: bool = True,
+) -> dict[str, float]:
+    """The flat dict the callback should log for one step (keys exactly as in the README table)."""
+    norms = [None if g is None else ref_norm(g, norm_type) for g in block_grads]
+    metrics: dict[str, float] = {}
+    for name, norm in zip(block_names, norms):
+        if norm is not None:
+            metrics[f"grad_norm/{name}"] = norm
+    for name, gain, log_gain in zip(
+        block_names[1:], ref_gains(norms, eps), ref_log_gains(norms, eps)
+    ):
+        if gain is not None:
+            metrics[f"grad_gain/{name}"] = gain
+            metrics[f"grad_log_gain/{name}"] = log_gain  # type: ignore[assignment]
+    metrics["grad_norm_total"] = ref_norm(list(param_grads.values()), norm_type)
+    for name in param_keys:
+        metrics[f"grad_param_norm/{name}"] = ref_norm(param_grads[name], norm_type)
+    for key, value in ref_summary(norms, eps, low, high).items():
+        metrics[f"grad_flow/{key}"] = float(value)
+    if grad_stats:
+        for key, value in ref_grad_stats(list(param_grads.values()), large_threshold).items():
+            metrics[f"grad_stats/{key}"] = value
+    return metrics
+
+
+def assert_floats_equal(
+    actual: Sequence[Optional[float]], expected: Sequence[Optional[float]], rel: float = 1e-5
+) -> None:
+    """Element-wise equality up to ``rel``: ``None`` only matches ``None``, NaN matches NaN."""
+    assert len(actual) == len(expected)
+    for index, (value, want) in enumerate(zip(actual, expected)):
+        if want is None:
+            assert value is None, index
+        else:
+            assert value == pytest.approx(want, rel=rel, abs=1e-12, nan_ok=True), index
+
+
+def assert_metrics_equal(
+    actual: Mapping[str, float], expected: Mapping[str, float], rel: float = 1e-5
+) -> None:
+    """Same keys, and every value equal up to ``rel`` (NaN equals NaN)."""
+    extra, missing = sorted(set(actual) - set(expected)), sorted(set(expected) - set(actual))
+    assert not extra and not missing, f"unexpected keys {extra}, missing keys {missing}"
+    for key, value in expected.items():
+        assert actual[key] == pytest.approx(value, rel=rel, abs=1e-12, nan_ok=True), key
+
+
+class RefNet(BlockNet):
+    """``BlockNet`` that records, at every optimizer step, the independent reference gradients.
+
+    ``forward`` calls ``retain_grad`` on each block's output tensor; the LightningModule's own
+    ``on_before_optimizer_step`` (which Lightning calls *after* the callbacks') stores deep copies of
+    those gradients and of every parameter gradient in ``refs[global_step]``.
+
+    ``skip`` lists block indices left out of the forward (they get no gradient); ``dead_param`` adds
+    a parameter whose gradient is all zeros (so ``zero_fraction`` is not trivially 0).
+    """
+
+    def __init__(
+        self, *args: Any, skip: Sequence[int] = (), dead_param: bool = False, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.skip = set(skip)
+        self.dead = nn.Parameter(torch.ones(5)) if dead_param else None
+        self.refs: dict[int, dict[str, Any]] = {}
+        self._outputs: list[Optional[Tensor]] = []
+        #: per training forward: how many tensor hooks sit on each block's output tensor.
+        self.tensor_hooks: list[list[int]] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        h: Any = self.stem(x)
+        self._outputs = []
+        for index, block in enumerate(self.blocks):
+            if index in self.skip:
+                self._outputs.append(None)
+                continue
+            h = block(h)
+            tensor = unwrap(h)
+            if tensor.requires_grad:  # a frozen prefix gives outputs without gradients
+                tensor.retain_grad()
+            self._outputs.append(tensor)
+        if self.training and self._trainer is not None:
+            self.tensor_hooks.append(
+                [len(t._backward_hooks or {}) if t is not None else 0 for t in self._outputs]
+            )
+        out = self.head(unwrap(h))
+        if self.dead is not None:
+            out = out + 0.0 * self.dead.sum()
+        return out
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.refs[self.trainer.global_step] = {
+            "blocks": [None if t is None else copy.deepcopy(t.grad) for t in self._outputs],
+            "params": {
+                name: copy.deepcopy(p.grad)
+                for name, p in self.named_parameters()
+                if p.grad is not None
+            },
+        }
+
+    def block_names(self) -> list[str]:
+        return [f"blocks.{i}" for i in range(len(self.blocks))]
+
+    def expected(self, step: int, norm_type: str = "l2", **kwargs: Any) -> dict[str, float]:
+        ref = self.refs[step]
+        return ref_metrics(self.block_names(), ref["blocks"], ref["params"], norm_type, **kwargs)
+
+
+def trainer(tmp_path: Any, callbacks: Sequence[pl.Callback], **kwargs: Any) -> pl.Trainer:
+    """A small CPU Trainer writing under ``tmp_path`` (CSVLogger unless ``logger`` is given)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": 2,
+        "log_every_n_steps": 1,  # the models log nothing themselves; keeps Lightning quiet
+        "logger": CSVLogger(tmp_path, name="csv"),
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+    }
+    options.update(kwargs)
+    return pl.Trainer(callbacks=list(callbacks), default_root_dir=tmp_path, **options)
+
+
+def hooks_of(module: nn.Module) -> int:
+    """Forward (pre-)hooks and backward hooks registered on ``module`` or any submodule."""
+    return sum(
+        len(m._forward_hooks)
+        + len(m._forward_pre_hooks)
+        + len(m._backward_hooks)
+        + len(m._backward_pre_hooks)
+        for m in module.modules()
+    )
+
+
+def csv_metrics(log_dir: str) -> dict[int, dict[str, float]]:
+    """``metrics.csv`` of a CSVLogger as ``{step: {key: value}}`` (empty cells left out)."""
+    import csv
+    import os
+
+    rows: dict[int, dict[str, float]] = {}
+    with open(os.path.join(log_dir, "metrics.csv"), newline="") as handle:
+        for row in csv.DictReader(handle):
+            step = int(row.pop("step"))
+            values = {key: float(value) for key, value in row.items() if value != ""}
+            rows.setdefault(step, {}).update(values)
+    return rows

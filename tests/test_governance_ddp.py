@@ -1,0 +1,61 @@
+"""Governance under ``strategy="ddp"`` on 2 CPU processes: a rule that trips on rank 1 only halts
+both ranks at the same step (no hang), the alert names the ranks that tripped, rank 0 alone writes
+the audit trail, and the halt checkpoint holds the weights before the bad update."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from faults import same_weights
+from governance_worker import FAULT_STEP
+
+from lightning_gradwatch.alerts import read_alerts
+
+WORKER = Path(__file__).with_name("governance_worker.py")
+
+
+@pytest.mark.slow
+def test_trip_on_one_rank_halts_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        [sys.executable, str(WORKER), "ddp", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,  # a rank left waiting in a collective would hang: fail instead
+        env=env,
+        cwd=WORKER.parent.parent,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    s = FAULT_STEP
+    for record in ranks:
+        assert record["halted"] and "nonfinite" in record["halt_reason"]
+        assert record["global_step"] == s + 1 and record["last_step_started"] == s
+        # The update of step s was skipped on both ranks: weights are those before it.
+        assert same_weights(record["final"], record["weights_before"][s])
+        assert not same_weights(record["weights_before"][s], record["weights_before"][0])
+    # Both ranks agree on every decision: the block rule tripped on both at measured steps 0 and 2,
+    # the non-finite rule on rank 1 only at step s.
+    assert ranks[0]["alerts"] == ranks[1]["alerts"]
+    checkpoint = ranks[0]["alerts"][-1][4]
+    assert [a[:4] for a in ranks[0]["alerts"]] == [
+        (0, "block0", "warn", [0, 1]),
+        (2, "block0", "warn", [0, 1]),
+        (s, "nonfinite", "halt", [1]),
+    ]
+    assert same_weights(ranks[0]["final"], ranks[1]["final"])
+    # One audit trail, written by rank 0 with the ranks that tripped.
+    records = read_alerts(str(tmp_path / "csv" / "version_0" / "gradwatch_alerts.jsonl"))
+    assert [(r["step"], r["rule"], r["rank"], r["ranks"]) for r in records] == [
+        (0, "block0", 0, [0, 1]),
+        (2, "block0", 0, [0, 1]),
+        (s, "nonfinite", 0, [1]),
+    ]
+    assert records[-1]["checkpoint"] == checkpoint and Path(checkpoint).exists()
+    state = torch.load(checkpoint, weights_only=False)["state_dict"]
+    assert same_weights(state, ranks[0]["weights_before"][s])

@@ -1,0 +1,252 @@
+"""``Rule`` validation (each bad rule fails at construction naming the field), LightningCLI YAML, and
+the pure ``RuleEngine``: bounds, wildcards, z-score windows and warm-up, patience, state round trip,
+plus the NaN localisation of ``diagnosis`` against hand-built cases."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from lightning.pytorch.cli import LightningCLI
+from models import BlockNet
+
+from lightning_gradwatch import GradientFlowCallback, Rule
+from lightning_gradwatch.diagnosis import locate_nonfinite
+from lightning_gradwatch.governance import (
+    SCALER_NONFINITE_PATIENCE,
+    RuleEngine,
+    strongest,
+)
+
+# -- validation ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "field"),
+    [
+        ({"metric": "grad_norm_total", "max": 1.0, "action": "explode"}, ValueError, "action"),
+        ({"metric": "grad_norm_total"}, ValueError, "min"),  # neither bound nor zscore
+        ({"metric": "grad_norm_total", "max": 5.0, "action": "clip"}, ValueError, "clip_to"),
+        (
+            {"metric": "grad_norm_total", "max": 5.0, "action": "clip", "clip_to": -1.0},
+            ValueError,
+            "clip_to",
+        ),
+        ({"metric": "grad_norm_total", "zscore": 3.0, "window": -5}, ValueError, "window"),
+        ({"metric": "grad_norm_total", "zscore": 3.0, "window": 1}, ValueError, "window"),
+        ({"metric": "grad_norm_total", "zscore": -3.0}, ValueError, "zscore"),
+        ({"metric": "grad_norm_total", "max": 1.0, "patience": 0}, ValueError, "patience"),
+        ({"metric": "grad_norm_total", "max": 1.0, "patience": 1.5}, TypeError, "patience"),
+        ({"metric": "grad_norm_total", "min": 2.0, "max": 1.0}, ValueError, "min"),
+        ({"metric": "grad_norm_total", "max": "big"}, TypeError, "max"),
+        ({"metric": "grad_norm_total", "max": 1.0, "clip_mode": "abs"}, ValueError, "clip_mode"),
+        ({"metric": "", "max": 1.0}, TypeError, "metric"),
+        ({"metric": "nonfinite", "max": 1.0}, ValueError, "nonfinite"),
+        ({"metric": "nonfinite", "action": "clip", "clip_to": 1.0}, ValueError, "clip"),
+        (
+            {"metric": "grad_norm_total", "zscore": 3.0, "window": 10, "warmup": 11},
+            ValueError,
+            "warmup",
+        ),
+    ],
+)
+def test_bad_rules_fail_at_construction(kwargs: dict[str, Any], error: type, field: str) -> None:
+    with pytest.raises(error, match=f"`?{field}`?"):
+        Rule(**kwargs)
+
+
+def test_bad_rule_lists_fail_in_the_callback() -> None:
+    with pytest.raises(TypeError, match="rules"):
+        GradientFlowCallback(rules=[{"metric": "nonfinite"}])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="distinct names"):
+        GradientFlowCallback(
+            rules=[Rule("grad_norm_total", max=1.0), Rule("grad_norm_total", min=0.0)]
+        )
+    with pytest.raises(ValueError, match="check_every_n_steps"):
+        GradientFlowCallback(check_every_n_steps=0)
+    # Two rules on one metric are fine with names.
+    GradientFlowCallback(
+        rules=[Rule("grad_norm_total", max=1.0), Rule("grad_norm_total", min=0.0, name="low")]
+    )
+
+
+def test_defaults() -> None:
+    assert GradientFlowCallback().rules == [Rule("nonfinite", action="halt")]
+    assert GradientFlowCallback(rules=[]).rules == []
+    rule = Rule("grad_gain/*", max=2.0, patience=3, action="warn")
+    assert rule.label == "grad_gain/*" and rule.matches("grad_gain/blocks.3")
+    assert not rule.matches("grad_norm/blocks.3") and not rule.checks_every_step
+    assert Rule("grad_norm_total", max=5.0, action="clip", clip_to=1.0).checks_every_step
+    nonfinite = Rule("nonfinite", action="halt")
+    assert nonfinite.effective_patience(False) == 1
+    assert nonfinite.effective_patience(True) == SCALER_NONFINITE_PATIENCE
+    assert Rule("nonfinite", action="halt", patience=2).effective_patience(True) == 2
+
+
+def test_rules_from_lightning_cli_yaml(tmp_path: Path) -> None:
+    config = {
+        "trainer": {
+            "accelerator": "cpu",
+            "logger": False,
+            "callbacks": [
+                {
+                    "class_path": "lightning_gradwatch.GradientFlowCallback",
+                    "init_args": {
+                        "require_logger": False,
+                        "rules": [
+                            {"metric": "nonfinite", "action": "halt"},
+                            {
+                                "metric": "grad_norm_total",
+                                "max": 5.0,
+                                "action": "clip",
+                                "clip_to": 1.0,
+                            },
+                            {"metric": "grad_gain/*", "max": 2.0, "patience": 3},
+                            {
+                                "metric": "grad_norm_total",
+                                "zscore": 6.0,
+                                "window": 200,
+                                "action": "skip",
+                                "name": "spike",
+                            },
+                        ],
+                    },
+                }
+            ],
+        }
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = LightningCLI(BlockNet, args=["--config", str(path)], run=False)
+    [callback] = [c for c in cli.trainer.callbacks if isinstance(c, GradientFlowCallback)]
+    assert callback.rules == [
+        Rule("nonfinite", action="halt"),
+        Rule("grad_norm_total", max=5.0, action="clip", clip_to=1.0),
+        Rule("grad_gain/*", max=2.0, patience=3),
+        Rule("grad_norm_total", zscore=6.0, window=200, action="skip", name="spike"),
+    ]
+    # A bad rule in YAML fails with the rule's own message.
+    del config["trainer"]["callbacks"][0]["init_args"]["rules"][1]["clip_to"]  # type: ignore[index]
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises((SystemExit, ValueError)):
+        LightningCLI(BlockNet, args=["--config", str(path)], run=False)
+
+
+# -- engine --------------------------------------------------------------------------------------
+
+
+def run(engine: RuleEngine, values: dict[str, float], step: int, **kwargs: Any) -> list[Any]:
+    checks = engine.evaluate(values, nonfinite=kwargs.pop("nonfinite", False))
+    return engine.commit(checks, [c.tripped for c in checks], step=step, **kwargs)
+
+
+def test_bounds_wildcards_and_patience() -> None:
+    engine = RuleEngine([Rule("grad_gain/*", max=2.0, patience=2, action="skip", name="gain")])
+    ok = {"grad_gain/b1": 1.0, "grad_gain/b2": 1.5, "grad_norm_total": 100.0}
+    bad = {"grad_gain/b1": 3.0, "grad_gain/b2": 2.5}
+    assert run(engine, ok, 0) == []
+    first = run(engine, bad, 1)
+    assert [(d.action, d.consecutive) for d in first] == [("none", 1)]
+    assert {v.key for v in first[0].check.violations} == {"grad_gain/b1", "grad_gain/b2"}
+    assert first[0].check.worst.key == "grad_gain/b1"  # the furthest beyond the bound
+    assert [(d.action, d.consecutive) for d in run(engine, bad, 2)] == [("skip", 2)]
+    assert [(d.action, d.consecutive) for d in run(engine, bad, 3)] == [("skip", 3)]
+    assert run(engine, ok, 4) == []  # a clean step resets patience
+    assert [d.action for d in run(engine, bad, 5)] == ["none"]
+    assert engine.counters() == {"grad_alerts/gain": 4.0}
+    # NaN is never within bounds; rules whose metric is absent are not checked.
+    assert run(engine, {"grad_gain/b1": math.nan}, 6)[0].check.worst.condition == "nonfinite"
+    assert engine.evaluate({"grad_norm_total": 1.0}, nonfinite=False) == []
+
+
+def test_zscore_window_warmup_and_accepted_values_only() -> None:
+    rule = Rule("grad_norm_total", zscore=4.0, window=10, warmup=5, action="skip")
+    engine = RuleEngine([rule])
+    values = [1.0, 1.1, 0.9, 1.05, 0.95]
+    # Warm-up: the first 5 values may not trip, however odd.
+    for step, value in enumerate([*values[:4], 50.0]):
+        assert run(engine, {"grad_norm_total": value}, step) == []
+    window = engine.state_dict()["grad_norm_total"]["windows"]["grad_norm_total"]
+    assert window == [*values[:4], 50.0]
+    engine = RuleEngine([rule])
+    for step, value in enumerate(values):
+        run(engine, {"grad_norm_total": value}, step)
+    mean, std = statistics.fmean(values), statistics.pstdev(values)
+    spike = mean + 4.5 * std
+    [decision] = run(engine, {"grad_norm_total": spike}, 5)
+    assert decision.check.worst.zscore == pytest.approx(4.5)
+    assert decision.check.worst.threshold == 4.0
+    # The spike stayed out of the window; a value below the band does not trip (spikes are upward).
+    assert engine.windows[0]["grad_norm_total"].values == deque(values)
+    assert run(engine, {"grad_norm_total": mean - 10 * std}, 6) == []
+    assert run(engine, {"grad_norm_total": math.inf}, 7)[0].check.worst.zscore == math.inf
+    # The window keeps only the last `window` accepted values.
+    for step in range(20):
+        run(engine, {"grad_norm_total": 1.0 + step / 100}, 8 + step)
+    assert len(engine.windows[0]["grad_norm_total"]) == 10
+
+
+def test_nonfinite_rule_and_scaler_patience() -> None:
+    engine = RuleEngine([Rule("nonfinite", action="halt")])
+    assert run(engine, {}, 0, nonfinite=False) == []
+    assert engine.evaluate({}, nonfinite=None) == []  # unknown: not checked
+    for step in range(1, SCALER_NONFINITE_PATIENCE):
+        [d] = run(engine, {}, step, nonfinite=True, scaler_active=True)
+        assert d.action == "none"
+    [d] = run(engine, {}, 99, nonfinite=True, scaler_active=True)
+    assert d.action == "halt" and d.consecutive == SCALER_NONFINITE_PATIENCE
+
+
+def test_state_round_trip_and_ranks() -> None:
+    rules = [
+        Rule("grad_norm_total", zscore=3.0, window=20, name="z"),
+        Rule("grad_norm/*", max=1.0, patience=5),
+    ]
+    engine = RuleEngine(rules)
+    for step in range(7):
+        run(engine, {"grad_norm_total": 1.0 + step, "grad_norm/b0": 2.0}, step)
+    restored = RuleEngine(rules)
+    restored.load_state_dict(engine.state_dict())
+    assert restored.state_dict() == engine.state_dict()
+    assert restored.consecutive == [0, 7] and restored.counts == [0, 7]
+    checks = restored.evaluate({"grad_norm/b0": 0.5}, nonfinite=False)
+    [decision] = restored.commit(checks, [True], step=7, ranks=[[1]])  # tripped on rank 1 only
+    assert decision.ranks == [1] and decision.consecutive == 8 and decision.action == "warn"
+
+
+def test_strongest_action() -> None:
+    assert strongest(["warn", "none", "halt", "clip"]) == "halt"
+    assert strongest(["clip", "skip"]) == "skip"
+    assert strongest(["none"]) is None
+
+
+# -- NaN localisation ----------------------------------------------------------------------------
+
+BLOCKS = ["blocks.0", "blocks.1", "blocks.2", "blocks.3"]
+NAN = math.nan
+
+
+def params_up_to(k: int) -> list[str]:
+    return ["stem.weight"] + [f"blocks.{i}.linear.weight" for i in range(k + 1)]
+
+
+def test_locate_nonfinite_from_block_outputs_and_parameters() -> None:
+    # NaN made inside block 2: block 2's parameters are NaN, its output gradient is not.
+    report = locate_nonfinite(BLOCKS, params_up_to(2), [NAN, NAN, 1.0, 1.0], loss_nonfinite=False)
+    assert (report.block, report.blocks) == ("blocks.2", ["blocks.0", "blocks.1"])
+    # NaN arriving at block 2's output: block 2's own output gradient is the first bad one.
+    report = locate_nonfinite(BLOCKS, params_up_to(2), [NAN, NAN, math.inf, 1.0])
+    assert report.block == "blocks.2" and report.blocks == BLOCKS[:3]
+    # No block norms (unmeasured step): the bad parameter closest to the output.
+    assert locate_nonfinite(BLOCKS, params_up_to(1)).block == "blocks.1"
+    # Only parameters outside the blocks: no block to name; a non-finite loss is reported.
+    report = locate_nonfinite(BLOCKS, ["head.weight"], loss_nonfinite=True)
+    assert report.block is None and report.loss_nonfinite and "loss itself" in report.message()
+    # Block prefixes do not confuse blocks.1 with blocks.10.
+    many = [f"blocks.{i}" for i in range(12)]
+    assert locate_nonfinite(many, ["blocks.1.w"]).block == "blocks.1"
