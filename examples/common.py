@@ -20,6 +20,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradwatch import GradientFlowCallback
 
+# Tiny models: handing a 64x32 matmul to several threads costs more than doing it (10x slower on a
+# busy 2-core machine), so the examples compute on one thread.
+torch.set_num_threads(1)
+
 ACTIVATIONS = {
     "sigmoid": nn.Sigmoid,
     "tanh": nn.Tanh,

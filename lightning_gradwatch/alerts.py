@@ -31,7 +31,8 @@ class Alert:
         rule: the rule's name (``Rule.label``).
         rule_repr: ``repr`` of the rule.
         metric: the key that tripped (the worst one for a ``*`` pattern), or ``"nonfinite"``.
-        value: its value (``None`` where not a number in JSON: NaN/Inf are written as strings).
+        value: its value (``1.0`` for ``nonfinite``; NaN/Inf are written as the strings ``"nan"``,
+            ``"inf"``, ``"-inf"`` in JSON).
         threshold: the bound it crossed (``zscore`` rules: the z-score bound).
         condition: ``"min"``, ``"max"``, ``"zscore"`` or ``"nonfinite"``.
         action: the action taken: ``"warn"``, ``"clip"``, ``"skip"``, ``"halt"`` or ``"none"``

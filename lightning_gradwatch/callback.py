@@ -90,6 +90,8 @@ class GradientFlowCallback(Callback):
     Attributes:
         alerts: every :class:`~lightning_gradwatch.alerts.Alert` of this run (on every rank).
         halted: whether a ``halt`` rule stopped training; ``halt_reason``: why (else ``None``).
+        first_step_report: parameters with ``grad is None`` / an all-zero gradient and vanishing
+            blocks at the first measured step (:class:`~lightning_gradwatch.diagnosis.FirstStepReport`).
         last: the latest :class:`~lightning_gradwatch.measurement.GradientMeasurement` (``None``
             before the first measured step).
         block_names: the watched blocks' names once fit has started.

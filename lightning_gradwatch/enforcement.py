@@ -152,6 +152,8 @@ class RuleEnforcer:
             measurement = self._measure_params(params, step)
         # Unmeasured steps know the total norm only (no block figures): nothing else may match.
         values = dict(measurement.metrics) if measured else {TOTAL_NORM_KEY: measurement.total_norm}
+        if not measurement.param_norms:  # no parameter has a gradient: there is no total norm
+            values.pop(TOTAL_NORM_KEY, None)
         nonfinite_params = [n for n, v in measurement.param_norms.items() if not math.isfinite(v)]
         # Per-parameter norms, not the total: with no gradient at all the total is NaN too.
         nonfinite = bool(nonfinite_params or measurement.nonfinite_blocks)

@@ -50,7 +50,7 @@ def import_matplotlib() -> tuple[Any, Any]:
 def heatmap_size_px(num_blocks: int) -> tuple[int, int]:
     """``(width, height)`` in pixels of :func:`render_flow_heatmap`'s image for ``num_blocks``."""
     width, height = _heatmap_size_in(num_blocks)
-    return round(width * HEATMAP_DPI), round(height * HEATMAP_DPI)
+    return int(width * HEATMAP_DPI), int(height * HEATMAP_DPI)  # as matplotlib truncates
 
 
 def _heatmap_size_in(num_blocks: int) -> tuple[float, float]:
@@ -95,8 +95,13 @@ def render_flow_heatmap(
     with np.errstate(divide="ignore", invalid="ignore"):
         log_norms = np.log10(np.where(norms > eps, norms, np.nan)).T
     extent = _extent(step_axis)
-    image = top.imshow(log_norms, aspect="auto", interpolation="nearest", extent=(*extent, n, 0))
-    image.cmap.set_bad("lightgrey")
+    image = top.imshow(
+        log_norms,
+        aspect="auto",
+        interpolation="nearest",
+        cmap=_cmap("viridis"),
+        extent=(*extent, n, 0),
+    )
     figure.colorbar(image, ax=top, label="log10 ||dL/dh||")
     top.set_title(f"{title}: block-output gradient norm")
     _label_rows(top, block_names)
@@ -131,9 +136,7 @@ def figure_to_array(figure: Any) -> np.ndarray:
 def _cmap(name: str) -> Any:
     from matplotlib import colormaps
 
-    cmap = colormaps[name].copy()
-    cmap.set_bad("lightgrey")
-    return cmap
+    return colormaps[name].with_extremes(bad="lightgrey")
 
 
 def _extent(steps: np.ndarray) -> tuple[float, float]:

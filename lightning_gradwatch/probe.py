@@ -106,6 +106,19 @@ class GradientProbe:
 
     def _make_tensor_hook(self, index: int) -> Callable[[Tensor], None]:
         by_max = combines_by_max(self.norm_type)
+        # Views and increments made once (the buffer is only ever zeroed in place): indexing and
+        # scalar adds in the hook cost microseconds per block and backward, more than the norm of a
+        # small block's gradient.
+        row = self.buffer[index]
+        partial_cell, counts = row[PARTIAL], row[NUMEL:]  # counts: [numel, calls]
+        increments: dict[int, Tensor] = {}
+
+        def increment(numel: int) -> Tensor:
+            value = increments.get(numel)
+            if value is None:  # one per distinct gradient size; filled on the device, no copy
+                value = increments[numel] = torch.ones(2, dtype=row.dtype, device=row.device)
+                value[0] = numel
+            return value
 
         def tensor_hook(grad: Tensor) -> None:
             if self.strict_single_backward:
@@ -116,19 +129,20 @@ class GradientProbe:
                         "strict_single_backward=False (e.g. for gradient accumulation)."
                     )
                 self._fired[index] = True
-            row = self.buffer[index]
-            partial = partial_norm(grad, self.norm_type).to(row.device)
+            partial = partial_norm(grad, self.norm_type)
+            if partial.device != row.device:
+                partial = partial.to(row.device)
             if not self.accumulate:
-                row[PARTIAL].copy_(partial)
-                row[NUMEL].fill_(grad.numel())
+                partial_cell.copy_(partial)
+                counts[0].fill_(grad.numel())
+                counts[1].add_(1)
             elif by_max:
                 # torch.maximum propagates NaN, so a non-finite gradient is never hidden.
-                row[PARTIAL].copy_(torch.maximum(row[PARTIAL], partial))
-                row[NUMEL].add_(grad.numel())
+                torch.maximum(partial_cell, partial, out=partial_cell)
+                counts.add_(increment(grad.numel()))
             else:
-                row[PARTIAL].add_(partial)
-                row[NUMEL].add_(grad.numel())
-            row[CALLS].add_(1)
+                partial_cell.add_(partial)
+                counts.add_(increment(grad.numel()))
             if self.keep_grads:
                 self.grads[index] = grad.detach()
             return None

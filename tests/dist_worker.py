@@ -10,6 +10,7 @@ the parent process compares against its own single-process reference:
 * ``grads[step]``: the full parameter gradients seen by the module's own ``on_before_optimizer_step``
   (``full_tensor()`` of FSDP2 DTensor shards; the synchronized gradients under DDP);
 * ``measured[norm_type][step]``: the callback's ``last.metrics``;
+* ``shapes[step]``: ``(local, full)`` shape of each parameter gradient;
 * ``calls[step]``: the probe's per-block tensor-hook call counts;
 * ``collectives[step]``: Python-level collectives issued between batch start and batch end;
 * ``logged``: every ``log_metrics`` call this rank's recording logger received.
@@ -43,6 +44,7 @@ NORM_TYPES = ("l2", "l1", "linf", "mean")
 LOG_EVERY = 2
 MAX_STEPS = 3
 ACCUMULATE = 2
+DEPTH, WIDTH = 4, 8
 COUNTED = ("all_gather", "all_reduce", "all_gather_into_tensor", "broadcast", "reduce_scatter")
 _collectives: dict[str, Any] = {"window": None, "counts": defaultdict(int)}
 
@@ -58,8 +60,10 @@ def _count(name: str) -> None:
     setattr(dist, name, counted)
 
 
-for _name in COUNTED:
-    _count(_name)
+def install_collective_counters() -> None:
+    """Count Python-level collectives per optimizer step (only in the worker processes)."""
+    for name in COUNTED:
+        _count(name)
 
 
 def full(tensor: Tensor) -> Tensor:
@@ -67,6 +71,11 @@ def full(tensor: Tensor) -> Tensor:
     full_tensor = getattr(tensor, "full_tensor", None)
     value = full_tensor() if callable(full_tensor) else tensor
     return value.detach().clone()
+
+
+def local_shape(tensor: Tensor) -> tuple[int, ...]:
+    to_local = getattr(tensor, "to_local", None)
+    return tuple((to_local() if callable(to_local) else tensor).shape)
 
 
 class RecordingLogger(Logger):
@@ -93,7 +102,7 @@ class RecordingLogger(Logger):
 
 class Recorder(BlockNet):
     def __init__(self, fsdp: bool) -> None:
-        super().__init__(depth=4, width=8, n_samples=128, batch_size=8, lr=0.1)
+        super().__init__(depth=DEPTH, width=WIDTH, n_samples=128, batch_size=8, lr=0.1)
         self.fsdp = fsdp
         self.record: dict[str, Any] = {
             "weights": {},
@@ -101,6 +110,7 @@ class Recorder(BlockNet):
             "grads": {},
             "measured": defaultdict(dict),
             "calls": {},
+            "shapes": {},
         }
 
     def configure_model(self) -> None:
@@ -139,6 +149,12 @@ class Recorder(BlockNet):
         self.record["grads"][step] = {
             n: full(p.grad) for n, p in self.named_parameters() if p.grad is not None
         }
+        # (local shape, full shape) of each gradient: shards under FSDP2, whole tensors under DDP.
+        self.record["shapes"][step] = {
+            n: (local_shape(p.grad), tuple(p.grad.shape))
+            for n, p in self.named_parameters()
+            if p.grad is not None
+        }
         for callback in self.trainer.callbacks:  # type: ignore[attr-defined]
             if isinstance(callback, GradientFlowCallback) and callback.last is not None:
                 self.record["measured"][callback.spec.norm_type][step] = dict(
@@ -149,6 +165,7 @@ class Recorder(BlockNet):
 
 
 def main(scenario: str, out_dir: str) -> None:
+    install_collective_counters()
     pl.seed_everything(0, verbose=False)
     fsdp = scenario == "fsdp2"
     if fsdp:

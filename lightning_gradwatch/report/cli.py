@@ -123,12 +123,16 @@ def _write_pictures(
 
 
 def _unique_names(runs: Sequence[RunLog]) -> None:
-    seen: dict[str, int] = {}
-    for run in runs:
-        count = seen.get(run.name, 0)
-        seen[run.name] = count + 1
-        if count:
-            run.name = f"{run.name}#{count + 1}"
+    """Runs with the same name (``version_0`` twice) get as many parent folders as tell them apart."""
+    for depth in range(2, 8):
+        names = [run.name for run in runs]
+        clashing = [run for run in runs if names.count(run.name) > 1]
+        if not clashing:
+            return
+        for run in clashing:
+            run.name = "/".join(run.path.resolve().parts[-depth:])
+    for index, run in enumerate(runs):
+        run.name = f"{run.name}#{index + 1}"
 
 
 def _safe(name: str) -> str:

@@ -1,0 +1,50 @@
+"""Helpers for the multi-process tests: run ``dist_worker.py`` and compute the single-process reference.
+
+The reference is a plain PyTorch forward/backward of a fresh ``RefNet`` (same weights) on the *global*
+batch of a step: every micro-batch of every rank, concatenated. With a mean-reduced loss and equal
+micro-batch sizes its gradients are the gradients of the objective that DDP/FSDP optimize
+(``(1/N) * sum of the rank losses``, each loss divided by the accumulation count).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from dist_worker import DEPTH, WIDTH
+from reference import RefNet
+from torch import Tensor, nn
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_worker(scenario: str, out_dir: Path, timeout: float = 170) -> list[dict[str, Any]]:
+    """Run the 2-process ``scenario`` and return each rank's record (rank 0 first)."""
+    process = subprocess.run(
+        [sys.executable, str(WORKER), scenario, str(out_dir)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    assert process.returncode == 0, process.stdout[-4000:] + process.stderr[-4000:]
+    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+
+
+def global_batch_reference(
+    records: list[dict[str, Any]], step: int
+) -> tuple[list[Tensor], dict[str, Tensor]]:
+    """Block-output and parameter gradients of one process on step ``step``'s global batch."""
+    model = RefNet(depth=DEPTH, width=WIDTH)
+    model.load_state_dict(records[0]["weights"][step])
+    batches = [batch for record in records for batch in record["batches"][step]]
+    x = torch.cat([x for x, _ in batches])
+    y = torch.cat([y for _, y in batches])
+    nn.functional.mse_loss(model(x), y).backward()
+    blocks = [output.grad for output in model._outputs if output is not None]
+    params = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    return blocks, params  # type: ignore[return-value]

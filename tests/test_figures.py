@@ -1,0 +1,119 @@
+"""TensorBoard pictures: the heatmap image and the custom-scalars layout, read back from the event
+file with tensorboard's own EventAccumulator; the CSV-only case; the bounded history."""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from models import BlockNet
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+
+from lightning_gradwatch import GradientFlowCallback
+from lightning_gradwatch.figures import (
+    HEATMAP_TAG,
+    FlowHistory,
+    heatmap_size_px,
+    render_flow_heatmap,
+)
+
+
+def _fit(tmp_path: Path, depth: int, loggers: list, **kwargs) -> GradientFlowCallback:
+    callback = GradientFlowCallback(log_every_n_steps=1, **kwargs)
+    trainer = pl.Trainer(
+        max_steps=4,
+        logger=loggers,
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        accelerator="cpu",
+    )
+    trainer.fit(BlockNet(depth=depth, n_samples=64, batch_size=16))
+    return callback
+
+
+def _accumulator(log_dir: str) -> EventAccumulator:
+    accumulator = EventAccumulator(log_dir, size_guidance={"images": 0, "tensors": 0, "scalars": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+@pytest.mark.parametrize("depth", [3, 7])
+def test_heatmap_image_and_layout_in_event_file(tmp_path: Path, depth: int) -> None:
+    logger = TensorBoardLogger(tmp_path, name="tb", version="", default_hp_metric=False)
+    callback = _fit(tmp_path, depth, [logger], figure_every_n_steps=2)
+    blocks = [f"blocks.{i}" for i in range(depth)]
+    assert callback.block_names == blocks
+    accumulator = _accumulator(logger.log_dir)
+
+    # 4 measured steps (0..3), a picture every 2nd measured one: steps 1 and 3.
+    images = accumulator.Images(HEATMAP_TAG)
+    assert [image.step for image in images] == [1, 3]
+    width, height = heatmap_size_px(depth)
+    for image in images:
+        assert (image.width, image.height) == (width, height)
+        decoded = Image.open(io.BytesIO(image.encoded_image_string))
+        assert decoded.size == (width, height)
+        # Not a blank canvas: the heatmap has many colours.
+        assert len(set(decoded.convert("RGB").getdata())) > 50
+
+    # The custom-scalars layout names every block, in forward order, in one chart per figure kind.
+    (event,) = accumulator.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    charts = {chart.title: list(chart.multiline.tag) for c in layout.category for chart in c.chart}
+    assert charts["block-output gradient norms"] == [f"grad_norm/{b}" for b in blocks]
+    assert charts["backward gains"] == [f"grad_gain/{b}" for b in blocks[1:]]
+    assert charts["backward log-gains"] == [f"grad_log_gain/{b}" for b in blocks[1:]]
+    logged = set(accumulator.Tags()["scalars"])
+    for tags in charts.values():
+        assert set(tags) <= logged  # every charted tag is a real scalar of the run
+
+
+def test_heatmap_height_grows_with_blocks() -> None:
+    sizes = [heatmap_size_px(n) for n in (2, 8, 16, 40)]
+    assert len({w for w, _ in sizes}) == 1
+    heights = [h for _, h in sizes]
+    assert heights == sorted(heights) and heights[0] < heights[-1]
+    # A rendered figure has exactly the advertised size.
+    norms = np.geomspace(1e-6, 1.0, 5 * 8).reshape(5, 8)
+    figure = render_flow_heatmap(np.arange(5) * 10, [f"b{i}" for i in range(8)], norms)
+    figure.canvas.draw()
+    assert figure.canvas.get_width_height() == heatmap_size_px(8)
+
+
+def test_csv_only_logger_skips_pictures_with_one_message(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    logger = CSVLogger(tmp_path, name="csv", version="")
+    with caplog.at_level(logging.INFO):
+        callback = _fit(tmp_path, 3, [logger], figure_every_n_steps=1)
+    messages = [r.getMessage() for r in caplog.records if "no TensorBoardLogger" in r.getMessage()]
+    assert len(messages) == 1
+    assert callback.last is not None and callback.last.step == 3
+    assert not list(tmp_path.rglob("events.out.tfevents.*"))
+    assert (Path(logger.log_dir) / "metrics.csv").is_file()
+
+
+def test_flow_history_is_bounded_and_ordered() -> None:
+    history = FlowHistory(num_blocks=2, capacity=3)
+    for step in range(5):
+        history.append(step * 10, [float(step), None])
+    steps, norms = history.arrays()
+    assert len(history) == 3
+    assert steps.tolist() == [20, 30, 40]
+    assert norms[:, 0].tolist() == [2.0, 3.0, 4.0]
+    assert np.isnan(norms[:, 1]).all()
+
+
+@pytest.mark.parametrize(("value", "error"), [(0, ValueError), ("2", TypeError), (1.5, TypeError)])
+def test_figure_every_n_steps_is_validated(value: object, error: type) -> None:
+    with pytest.raises(error, match="figure_every_n_steps"):
+        GradientFlowCallback(figure_every_n_steps=value)  # type: ignore[arg-type]
