@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import logging
 import math
@@ -57,7 +58,7 @@ import time
 import tracemalloc
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import lightning
@@ -270,7 +271,9 @@ def _many_params(n_blocks: int, linears: int, width: int, batch: int) -> BenchMo
     # Each block: `linears` Linear layers (2 tensors each) -> n_blocks * linears * 2 tensors.
     net = Stack(
         [
-            nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(linears)])
+            nn.Sequential(
+                *[nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(linears)]
+            )
             for _ in range(n_blocks)
         ]
     )
@@ -283,7 +286,9 @@ def model_specs(quick: bool, rounds: Optional[int]) -> list[ModelSpec]:
             ModelSpec("mlp", "MLP 4 x Linear(32)+ReLU, batch 8", lambda: _mlp(32, 4, 8), 2),
             ModelSpec("gpt", "GPT 2 blocks d 32 seq 8 batch 2", lambda: _gpt(32, 2, 8, 2, 64), 2),
             ModelSpec("stress", "20 tiny blocks", lambda: _stress(20, 4, 4), 2),
-            ModelSpec("params", "5 blocks x 4 Linear (40 tensors)", lambda: _many_params(5, 4, 4, 4), 2),
+            ModelSpec(
+                "params", "5 blocks x 4 Linear (40 tensors)", lambda: _many_params(5, 4, 4, 4), 2
+            ),
         ]
     else:
         specs = [
@@ -297,7 +302,10 @@ def model_specs(quick: bool, rounds: Optional[int]) -> list[ModelSpec]:
                 16,
             ),
             ModelSpec(
-                "stress", "500 tiny blocks (Linear(8)+Tanh), batch 16", lambda: _stress(500, 8, 16), 30
+                "stress",
+                "500 tiny blocks (Linear(8)+Tanh), batch 16",
+                lambda: _stress(500, 8, 16),
+                30,
             ),
             ModelSpec(
                 "params",
@@ -537,7 +545,9 @@ class Switchboard(Callback):
         self._forward("on_train_batch_end", *args)
 
 
-def make_schedule(names: Sequence[str], rounds: int, warmup: int, seed: int) -> list[tuple[str, int]]:
+def make_schedule(
+    names: Sequence[str], rounds: int, warmup: int, seed: int
+) -> list[tuple[str, int]]:
     """``warmup`` untimed baseline steps, then ``rounds`` shuffled rounds of one step per variant."""
     rng = random.Random(seed)
     schedule = [("baseline", -1)] * warmup
@@ -548,12 +558,15 @@ def make_schedule(names: Sequence[str], rounds: int, warmup: int, seed: int) -> 
     return schedule
 
 
-def trainer_for(root: str, steps: int, callbacks: list[Callback]) -> pl.Trainer:
+def trainer_for(root: str, steps: int, callbacks: list[Callback], flush: int = 100) -> pl.Trainer:
     return pl.Trainer(
         accelerator="cpu",
         devices=1,
         max_steps=steps,
-        logger=[TensorBoardLogger(root, name="tb"), CSVLogger(root, name="csv")],
+        logger=[
+            TensorBoardLogger(root, name="tb"),
+            CSVLogger(root, name="csv", flush_logs_every_n_steps=flush),
+        ],
         log_every_n_steps=1,  # the built-in variant logs every step it is active
         callbacks=callbacks,
         enable_progress_bar=False,
@@ -573,9 +586,7 @@ def bootstrap_ci(values: Sequence[float], seed: int, n: int = 2000) -> tuple[flo
     if len(values) < 2:
         return (math.nan, math.nan)
     rng = random.Random(seed)
-    medians = sorted(
-        statistics.median(rng.choices(values, k=len(values))) for _ in range(n)
-    )
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(n))
     return medians[int(0.025 * n)], medians[int(0.975 * n) - 1]
 
 
@@ -691,31 +702,10 @@ def run_model(spec: ModelSpec, warmup: int, seed: int, root: str) -> dict[str, A
     }
 
 
-def container_sizes(callback: GradientFlowCallback) -> int:
-    """Total length of every list/dict/set/deque reachable one level down from the callback, its
-    probe and its governance state (what would grow if something were kept per step)."""
-    total = 0
-    seen: set[int] = set()
-    objects: list[Any] = [callback]
-    for obj in list(objects):
-        for value in vars(obj).values():
-            if hasattr(value, "__dict__") and not isinstance(value, (nn.Module, Tensor, type)):
-                objects.append(value)
-    for obj in objects:
-        for value in vars(obj).values():
-            if id(value) in seen:
-                continue
-            seen.add(id(value))
-            if isinstance(value, (list, dict, set, tuple)) or type(value).__name__ == "deque":
-                total += len(value)
-    return total
-
-
 class MemoryProbe(Callback):
-    """Samples traced Python memory of this package, RSS and container sizes during a fit."""
+    """Samples the Python memory allocated by this package and still held, and the process RSS."""
 
-    def __init__(self, callback: GradientFlowCallback, first: int, last: int) -> None:
-        self.callback = callback
+    def __init__(self, first: int, last: int) -> None:
         self.first, self.last = first, last
         self.samples: dict[str, dict[str, float]] = {}
 
@@ -723,6 +713,7 @@ class MemoryProbe(Callback):
         step = trainer.global_step
         if step not in (self.first, self.last):
             return
+        gc.collect()
         snapshot = tracemalloc.take_snapshot().filter_traces(
             [tracemalloc.Filter(True, "*lightning_gradwatch*")]
         )
@@ -730,7 +721,6 @@ class MemoryProbe(Callback):
             "step": step,
             "gradwatch_traced_bytes": sum(stat.size for stat in snapshot.statistics("filename")),
             "rss_bytes": _rss_bytes(),
-            "container_items": container_sizes(self.callback),
         }
 
 
@@ -743,27 +733,27 @@ def _rss_bytes() -> float:
 
 
 def run_memory(steps: int, root: str) -> dict[str, Any]:
-    """``steps`` measured steps (every figure, every step) on a small model under tracemalloc."""
+    """``steps`` measured steps (every figure, every step) on a small model under tracemalloc.
+
+    Sampled right after CSV-logger flushes (it holds the logged dicts until it writes them)."""
     torch.manual_seed(0)
     module = _mlp(64, 8, 32)
     callback = GradientFlowCallback(blocks="net.blocks", log_every_n_steps=1, log_param_norms=True)
-    first = min(100, max(1, steps // 4))
-    probe = MemoryProbe(callback, first, steps)
+    flush = max(1, steps // 20)
+    probe = MemoryProbe(2 * flush, steps - steps % flush)
     tracemalloc.start()
     try:
-        trainer_for(os.path.join(root, "memory"), steps, [callback, probe]).fit(module)
+        trainer_for(os.path.join(root, "memory"), steps, [callback, probe], flush).fit(module)
     finally:
         tracemalloc.stop()
-    first_s, last_s = probe.samples.get("first", {}), probe.samples.get("last", {})
+    first, last = probe.samples.get("first", {}), probe.samples.get("last", {})
     return {
         "steps": steps,
-        "first": first_s,
-        "last": last_s,
-        "gradwatch_traced_growth_bytes": last_s.get("gradwatch_traced_bytes", math.nan)
-        - first_s.get("gradwatch_traced_bytes", math.nan),
-        "rss_growth_bytes": last_s.get("rss_bytes", math.nan) - first_s.get("rss_bytes", math.nan),
-        "container_growth": last_s.get("container_items", math.nan)
-        - first_s.get("container_items", math.nan),
+        "first": first,
+        "last": last,
+        "gradwatch_traced_growth_bytes": last.get("gradwatch_traced_bytes", math.nan)
+        - first.get("gradwatch_traced_bytes", math.nan),
+        "rss_growth_bytes": last.get("rss_bytes", math.nan) - first.get("rss_bytes", math.nan),
     }
 
 
@@ -793,7 +783,14 @@ def goals(model: dict[str, Any]) -> list[dict[str, Any]]:
     def add(goal: str, value: float, limit: float, how: str, lower_is_better: bool = True) -> None:
         met = value <= limit if lower_is_better else value >= limit
         out.append(
-            {"model": model["name"], "goal": goal, "value": value, "limit": limit, "met": met, "how": how}
+            {
+                "model": model["name"],
+                "goal": goal,
+                "value": value,
+                "limit": limit,
+                "met": met,
+                "how": how,
+            }
         )
 
     if "measured" in s and "floor_blocks" in s:
@@ -820,8 +817,18 @@ def goals(model: dict[str, Any]) -> list[dict[str, Any]]:
         )
     if "unmeasured" in s:
         base = s["baseline"]["median_ms"]
-        add("unmeasured own time / step (%)", 100 * s["unmeasured"]["own_median_ms"] / base, 0.5, "own time")
-        add("unmeasured step cost / step (%)", 100 * s["unmeasured"]["delta_ms"] / base, 0.5, "paired step delta")
+        add(
+            "unmeasured own time / step (%)",
+            100 * s["unmeasured"]["own_median_ms"] / base,
+            0.5,
+            "own time",
+        )
+        add(
+            "unmeasured step cost / step (%)",
+            100 * s["unmeasured"]["delta_ms"] / base,
+            0.5,
+            "paired step delta",
+        )
     if "governance" in s and "floor" in s:
         add(
             "governance own time / floor own time",
@@ -854,8 +861,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Load average at start: {m['loadavg_start']}; at end: {m['loadavg_end']}.",
         "",
         "Step = wall time from one `on_train_batch_start` to the next (forward, backward, optimizer,"
-        " logging). Δ = median over rounds of (variant step − baseline step of the same round), with"
-        " a bootstrap 95 % CI and the min–max of the paired differences; ratio = 1 + Δ / median"
+        " logging). Δ = median over rounds of (variant step - baseline step of the same round), with"
+        " a bootstrap 95 % CI and the min-max of the paired differences; ratio = 1 + Δ / median"
         " baseline step. Own = wall time inside the variant's own hooks per step (median).",
         "",
     ]
@@ -867,24 +874,29 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             f"{model['param_tensors']} parameter tensors, {model['parameters']:,} parameters, "
             f"{model['blocks']} blocks; {model['rounds']} rounds; baseline step median "
-            f"{_f(base)} ms (min–max {_f(s['baseline']['min_ms'])}–{_f(s['baseline']['max_ms'])}).",
+            f"{_f(base)} ms (min-max {_f(s['baseline']['min_ms'])}-{_f(s['baseline']['max_ms'])}).",
             "",
-            "| variant | step median (min–max) ms | Δ ms [95 % CI] | Δ min–max ms | ratio | Δ CPU ms | own ms |",
+            "| variant | step median (min-max) ms | Δ ms [95 % CI] | Δ min-max ms | ratio | Δ CPU ms | own ms |",
             "|---|---|---|---|---|---|---|",
         ]
         for name in LABELS:
             if name not in s:
                 continue
             v = s[name]
-            span = "" if v["derived"] else f" ({_f(v['min_ms'])}–{_f(v['max_ms'])})"
+            span = "" if v["derived"] else f" ({_f(v['min_ms'])}-{_f(v['max_ms'])})"
             lines.append(
                 f"| {LABELS[name]} | {_f(v['median_ms'])}{span} | {_f(v['delta_ms'])} "
                 f"[{_f(v['delta_ci'][0])}, {_f(v['delta_ci'][1])}] | "
-                + ("" if v["derived"] else f"{_f(v['delta_min'])} – {_f(v['delta_max'])}")
-                + f" | ×{_f(v['ratio'], 3)} | {_f(v['cpu_delta_ms'])} | {_f(v['own_median_ms'], 3)} |"
+                + ("" if v["derived"] else f"{_f(v['delta_min'])} - {_f(v['delta_max'])}")
+                + f" | x{_f(v['ratio'], 3)} | {_f(v['cpu_delta_ms'])} | {_f(v['own_median_ms'], 3)} |"
             )
         lines.append("")
-    lines += ["## Goals (issue 6)", "", "| model | goal | value | limit | met | measured by |", "|---|---|---|---|---|---|"]
+    lines += [
+        "## Goals (issue 6)",
+        "",
+        "| model | goal | value | limit | met | measured by |",
+        "|---|---|---|---|---|---|",
+    ]
     for goal in result["goals"]:
         lines.append(
             f"| {goal['model']} | {goal['goal']} | {_f(goal['value'], 3)} | {goal['limit']} | "
@@ -900,8 +912,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"Python memory allocated in `lightning_gradwatch` and still held grew by "
             f"{_f(mem['gradwatch_traced_growth_bytes'], 0)} bytes between step "
             f"{mem['first'].get('step')} and step {mem['last'].get('step')} (tracemalloc); RSS grew by "
-            f"{_f(mem['rss_growth_bytes'] / 2**20)} MiB; items in the callback's containers grew by "
-            f"{_f(mem['container_growth'], 0)}.",
+            f"{_f(mem['rss_growth_bytes'] / 2**20)} MiB (RSS includes Lightning, the loggers and the"
+            " allocator).",
         ]
     return "\n".join(lines) + "\n"
 
@@ -949,7 +961,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--models", nargs="+", default=None, help="subset of: mlp gpt stress params"
     )
     parser.add_argument("--warmup", type=int, default=None, help="untimed baseline steps first")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on a shared machine, threads that other processes "
+        "preempt make every parallel op erratic; 0 keeps torch's default)",
+    )
     parser.add_argument(
         "--memory-steps", type=int, default=None, help="steps of the memory check (0: skip)"
     )
@@ -983,7 +1001,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory() as root:
         for spec in specs:
-            print(f"[{spec.name}] {spec.label}: {spec.rounds} rounds ...", file=sys.stderr, flush=True)
+            print(
+                f"[{spec.name}] {spec.label}: {spec.rounds} rounds ...", file=sys.stderr, flush=True
+            )
             model = run_model(spec, warmup, args.seed, root)
             result["models"].append(model)
             result["goals"] += goals(model)

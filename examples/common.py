@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradwatch import GradientFlowCallback
+from lightning_gradwatch.report.cli import main as gradwatch
 
 # Tiny models: handing a 64x32 matmul to several threads costs more than doing it (10x slower on a
 # busy 2-core machine), so the examples compute on one thread.
@@ -151,7 +153,11 @@ class MLPClassifier(pl.LightningModule):
 
 
 def tensorboard_logger(root: str, experiment: str, run: str) -> TensorBoardLogger:
-    """Logs of one run in ``root/experiment/run`` (no version sub-folder, no hp_metric)."""
+    """Logs of one run in ``root/experiment/run`` (no version sub-folder, no hp_metric).
+
+    A previous run's folder is removed first, so that re-running an example does not mix two runs'
+    events and alerts in one folder."""
+    shutil.rmtree(Path(root) / experiment / run, ignore_errors=True)
     return TensorBoardLogger(root, name=experiment, version=run, default_hp_metric=False)
 
 
@@ -182,3 +188,14 @@ def train(
 def run_dir(logger: TensorBoardLogger) -> Path:
     """The folder the logger wrote its event files to."""
     return Path(logger.log_dir)
+
+
+def report(dirs: Sequence[Path], root: str, experiment: str) -> int:
+    """``gradwatch report`` on the runs (side by side with ``--compare``), PNGs and HTML into
+    ``root/experiment/report``; prints where they are. Returns the report's exit code."""
+    out = Path(root) / experiment / "report"
+    compare = ["--compare", *map(str, dirs[1:])] if len(dirs) > 1 else []
+    code = gradwatch(["report", str(dirs[0]), *compare, "--out", str(out)])
+    print(f"[{experiment}] HTML report: {out / 'report.html'}")
+    print(f"[{experiment}] TensorBoard: tensorboard --logdir {Path(root) / experiment}")
+    return code

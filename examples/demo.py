@@ -13,10 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from common import MLPClassifier, example_args, run_dir, tensorboard_logger, train
+from common import MLPClassifier, example_args, report, run_dir, tensorboard_logger, train
 
 from lightning_gradwatch import GradientFlowCallback
-from lightning_gradwatch.report.cli import main as gradwatch_report
 
 RUNS = {
     # 12 sigmoid layers: sigmoid'(x) <= 0.25, so the gradient shrinks at every block going backward.
@@ -44,22 +43,13 @@ def main() -> int:
         end_to_end = callback.last.summary["end_to_end_gain"] if callback.last else float("nan")
         print(f"[demo] {name}: trained {steps} steps, end-to-end gain {end_to_end:.3g}")
 
+    code = report([dirs["sigmoid_mlp"], dirs["relu_residual"]], args.root, "demo")
     out = Path(args.root) / "demo" / "report"
-    code = gradwatch_report(
-        [
-            "report",
-            str(dirs["sigmoid_mlp"]),
-            "--compare",
-            str(dirs["relu_residual"]),
-            "--out",
-            str(out),
-        ]
-    )
     elapsed = time.perf_counter() - started
     print()
     print(f"[demo] done in {elapsed:.0f} s")
     print(f"[demo] TensorBoard logs : {Path(args.root) / 'demo'}  (one folder per run)")
-    print(f"[demo]   open them with : tensorboard --logdir {args.root}")
+    print(f"[demo]   open them with : tensorboard --logdir {args.root}  (.venv/bin/tensorboard)")
     print(f"[demo] HTML report      : {out / 'report.html'}  (open it in a browser)")
     print(f"[demo] PNG pictures     : {out}/*/*.png")
     print(

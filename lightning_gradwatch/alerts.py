@@ -41,7 +41,9 @@ class Alert:
         block: the block where the problem starts (non-finite: the block whose backward produced it).
         blocks: blocks concerned (every violating block key; non-finite: blocks with a NaN/Inf
             output gradient, in forward order).
-        params: parameters concerned (non-finite: parameters with a NaN/Inf gradient).
+        params: parameters concerned (non-finite: parameters with a NaN/Inf gradient; rules on
+            ``grad_param_norm/<param>``: the violating parameters).
+        where: everything above in one list: ``block`` first, then ``blocks``, then ``params``.
         keys: every violating key with its value.
         loss_nonfinite: whether the loss was already NaN/Inf (non-finite alerts).
         checkpoint: path of the checkpoint saved by ``halt``.
@@ -64,6 +66,7 @@ class Alert:
     block: Optional[str] = None
     blocks: list[str] = field(default_factory=list)
     params: list[str] = field(default_factory=list)
+    where: list[str] = field(default_factory=list)
     keys: dict[str, float] = field(default_factory=dict)
     zscore: Optional[float] = None
     loss_nonfinite: Optional[bool] = None
@@ -71,9 +74,19 @@ class Alert:
     message: str = ""
     time: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
 
+    def __getitem__(self, key: str) -> Any:
+        """``alert["step"]`` reads like a line of the JSONL trail (same keys as :meth:`to_dict`)."""
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as a plain dict (the keys of a JSONL line)."""
+        return asdict(self)
+
     def to_json(self) -> str:
         """One line of strict JSON (NaN and Inf become the strings ``"nan"``, ``"inf"``, ``"-inf"``)."""
-        return json.dumps(_strict(asdict(self)), sort_keys=True, allow_nan=False)
+        return json.dumps(_strict(self.to_dict()), sort_keys=True, allow_nan=False)
 
 
 def _strict(value: Any) -> Any:

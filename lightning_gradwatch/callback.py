@@ -4,6 +4,7 @@ figures, reduces them across ranks, and hands them to the loggers."""
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any, Callable, Optional, Union
 
@@ -26,6 +27,7 @@ from lightning_gradwatch.probe import GradientProbe
 from lightning_gradwatch.sinks import log_histograms, log_metrics
 from lightning_gradwatch.strategies import check_strategy, data_parallel_size, loss_scale
 from lightning_gradwatch.validation import (
+    check_path,
     check_positive,
     check_positive_int,
     check_thresholds,
@@ -123,7 +125,7 @@ class GradientFlowCallback(Callback):
         figure_every_n_steps: Optional[int] = None,
         rules: Optional[list[Rule]] = None,
         check_every_n_steps: int = 1,
-        alerts_path: Optional[str] = None,
+        alerts_path: Optional[Union[str, os.PathLike[str]]] = None,
     ) -> None:
         super().__init__()
         self.blocks = validate_blocks_spec(blocks)
@@ -144,7 +146,7 @@ class GradientFlowCallback(Callback):
         self._enforcer = RuleEnforcer(
             self.rules,
             check_positive_int(check_every_n_steps, "check_every_n_steps"),
-            None if alerts_path is None else check_type(alerts_path, str, "alerts_path"),
+            None if alerts_path is None else check_path(alerts_path, "alerts_path"),
             self.spec,
         )
         self.figure_every_n_steps = (
@@ -191,6 +193,7 @@ class GradientFlowCallback(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
+        self._enforcer.end_step(trainer)
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
@@ -242,6 +245,16 @@ class GradientFlowCallback(Callback):
             self._log(trainer, measurement, probe)
         elif extra:
             log_metrics(trainer.loggers, extra, step)
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self._enforcer.end_step(trainer)
 
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor

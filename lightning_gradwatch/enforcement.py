@@ -45,6 +45,8 @@ from lightning_gradwatch.norms import finalize_norm, foreach_partial_norms
 NamedParams = Sequence[tuple[str, nn.Parameter]]
 #: Key logged at steps where a ``clip`` rule acted: the total norm after clipping.
 CLIPPED_KEY = "grad_norm_total_clipped"
+#: Prefix of per-parameter norm keys: a rule on them names the parameters in its alerts.
+PARAM_KEY_PREFIX = "grad_param_norm/"
 #: Manual optimization: how many first steps always get the missing-``zero_grad()`` check.
 ZERO_GRAD_CHECK_STEPS = 3
 
@@ -82,6 +84,7 @@ class RuleEnforcer:
         self._loss_nonfinite: Optional[Tensor] = None
         self._new_step = False
         self._warned_zero_grad = False
+        self._paused_clip_val: Optional[float] = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -93,6 +96,11 @@ class RuleEnforcer:
         self._new_step = False
         if trainer.is_global_zero:
             self._sink = JsonlAlertSink(self.alerts_path or default_alerts_path(trainer))
+
+    def end_step(self, trainer: pl.Trainer) -> None:
+        """After the optimizer step: give back a ``gradient_clip_val`` paused by a dropped step."""
+        if self._paused_clip_val is not None:
+            trainer.gradient_clip_val, self._paused_clip_val = self._paused_clip_val, None
 
     @property
     def sink_path(self) -> Optional[str]:
@@ -134,7 +142,7 @@ class RuleEnforcer:
         if measurement is not None and self.first_step_report is None:
             self._report_first_step(measurement, params)
         if self._stopping:
-            _drop_gradients(optimizer, params)
+            self._drop_gradients(trainer, optimizer, params)
             return {}
         if not self.engine.rules or step == self._checked_step:
             return {}
@@ -179,6 +187,21 @@ class RuleEnforcer:
             trainer, optimizer, params, decisions, measurement, report, scaler, peer_values
         )
         return {**self.engine.counters(), **extra}
+
+    def _drop_gradients(
+        self, trainer: pl.Trainer, optimizer: Optimizer, params: NamedParams
+    ) -> None:
+        _drop_gradients(optimizer, params)
+        # torch's clip_grad_value_ raises on a list without any gradient, so Lightning's own value
+        # clipping (which runs after this hook) would crash a skipped step: pause it until the step
+        # ends (`end_step`). Norm clipping copes with no gradients.
+        if (
+            self._paused_clip_val is None
+            and trainer.gradient_clip_val
+            and trainer.gradient_clip_algorithm == "value"
+        ):
+            self._paused_clip_val = trainer.gradient_clip_val
+            trainer.gradient_clip_val = None
 
     def _measure_params(self, params: NamedParams, step: int) -> GradientMeasurement:
         """Total and per-parameter norms in one batched pass and one host copy (no block figures)."""
@@ -267,7 +290,7 @@ class RuleEnforcer:
         elif action in ("skip", "halt"):
             if action == "halt":
                 checkpoint = self._save_halt_checkpoint(trainer, measurement.step)
-            _drop_gradients(optimizer, params)
+            self._drop_gradients(trainer, optimizer, params)
         alerts = [
             self._alert(trainer, d, measurement, report, scaler, peer_values, action, checkpoint)
             for d in decisions
@@ -349,7 +372,7 @@ class RuleEnforcer:
             epoch=trainer.current_epoch,
             rank=trainer.global_rank,
             ranks=decision.ranks,
-            rule=rule.label,
+            rule=self.engine.labels[check.index],
             rule_repr=repr(rule),
             metric=worst.key if worst is not None else rule.metric,
             value=value,
@@ -371,8 +394,15 @@ class RuleEnforcer:
         if report is not None and (rule.is_nonfinite or (worst and worst.condition == "nonfinite")):
             alert.block, alert.blocks, alert.params = report.block, report.blocks, report.params
             alert.loss_nonfinite = report.loss_nonfinite
-        elif alert.blocks:
-            alert.block = alert.blocks[0]
+        else:
+            alert.block = alert.blocks[0] if alert.blocks else None
+            alert.params = [
+                v.key[len(PARAM_KEY_PREFIX) :]
+                for v in check.violations
+                if v.key.startswith(PARAM_KEY_PREFIX)
+            ]
+        alert.where = list(dict.fromkeys([*([alert.block] if alert.block else []), *alert.blocks]))
+        alert.where += alert.params
         alert.message = _message(alert, report, scaler, action)
         return alert
 

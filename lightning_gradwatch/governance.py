@@ -72,7 +72,8 @@ class Rule:
         action: ``"warn"``, ``"clip"``, ``"skip"`` or ``"halt"``.
         clip_to: target of ``clip``: maximum total norm, or maximum absolute value.
         clip_mode: ``"norm"`` (like ``clip_grad_norm_``) or ``"value"`` (like ``clip_grad_value_``).
-        name: name in alerts and in the ``grad_alerts/<name>`` counter (default: ``metric``).
+        name: name in alerts and in the ``grad_alerts/<name>`` counter (default: ``metric``, then
+            ``<metric>#2``, ... for further unnamed rules on the same metric).
 
     Example::
 
@@ -164,7 +165,8 @@ class Rule:
 
     @property
     def label(self) -> str:
-        """The rule's name in alerts and counters: ``name``, else ``metric``."""
+        """The rule's own name: ``name``, else ``metric`` (in a list of rules,
+        :func:`rule_labels` adds ``#2``, ``#3``, ... to unnamed rules sharing a metric)."""
         return self.name or self.metric
 
     @property
@@ -201,7 +203,8 @@ def default_rules() -> list[Rule]:
 
 
 def validate_rules(rules: Optional[Iterable[Any]]) -> list[Rule]:
-    """``None`` -> :func:`default_rules`, else a list of :class:`Rule` with unique labels."""
+    """``None`` -> :func:`default_rules`, else a list of :class:`Rule` (explicit ``name`` values
+    must be distinct; unnamed rules on the same metric are told apart by :func:`rule_labels`)."""
     if rules is None:
         return default_rules()
     if isinstance(rules, (str, Rule)) or not isinstance(rules, Iterable):
@@ -212,14 +215,34 @@ def validate_rules(rules: Optional[Iterable[Any]]) -> list[Rule]:
             raise TypeError(
                 f"`rules` must contain Rule objects, got {type(rule).__name__}: {rule!r}."
             )
-    labels = [rule.label for rule in out]
-    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    names = [rule.name for rule in out if rule.name]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise ValueError(
-            f"`rules` need distinct names, but {duplicates} is used more than once: pass "
-            "`name=` to tell them apart."
+            f"`rules` need distinct names, but `name` {duplicates} is used more than once."
         )
     return out
+
+
+def rule_labels(rules: Sequence[Rule]) -> list[str]:
+    """Each rule's name in alerts, ``grad_alerts/`` counters and checkpoints, one per rule, unique.
+
+    A named rule keeps its ``name``; an unnamed one gets its ``metric``, and when an earlier rule
+    already took that, ``<metric>#2``, ``#3``, ... (``[Rule("grad_norm_total", max=5.0, ...),
+    Rule("grad_norm_total", zscore=6.0, ...)]`` are ``grad_norm_total`` and ``grad_norm_total#2``).
+    """
+    taken = {rule.name for rule in rules if rule.name}
+    labels: list[str] = []
+    for rule in rules:
+        label = rule.label
+        if not rule.name:
+            k = 1
+            while label in taken:
+                k += 1
+                label = f"{rule.metric}#{k}"
+            taken.add(label)
+        labels.append(label)
+    return labels
 
 
 def _int_at_least(value: Any, low: int, name: str) -> int:
@@ -333,6 +356,7 @@ class RuleEngine:
 
     def __init__(self, rules: Sequence[Rule]) -> None:
         self.rules = list(rules)
+        self.labels = rule_labels(self.rules)
         self.windows: list[dict[str, RolledWindow]] = [{} for _ in self.rules]
         self.consecutive = [0] * len(self.rules)
         self.counts = [0] * len(self.rules)
@@ -439,25 +463,25 @@ class RuleEngine:
 
     def counters(self) -> dict[str, float]:
         """``grad_alerts/<rule label>`` -> number of trips so far."""
-        return {f"grad_alerts/{rule.label}": float(n) for rule, n in zip(self.rules, self.counts)}
+        return {f"grad_alerts/{label}": float(n) for label, n in zip(self.labels, self.counts)}
 
     # -- state -----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """Per rule (by label): trip count, consecutive trips and window contents."""
         return {
-            rule.label: {
+            label: {
                 "count": self.counts[i],
                 "consecutive": self.consecutive[i],
                 "windows": {key: list(w.values) for key, w in self.windows[i].items()},
             }
-            for i, rule in enumerate(self.rules)
+            for i, label in enumerate(self.labels)
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`; rules are matched by label, unknown labels are ignored."""
-        for i, rule in enumerate(self.rules):
-            entry = state.get(rule.label)
+        for i, (rule, label) in enumerate(zip(self.rules, self.labels)):
+            entry = state.get(label)
             if not entry:
                 continue
             self.counts[i] = int(entry.get("count", 0))

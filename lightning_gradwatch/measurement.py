@@ -212,9 +212,10 @@ def to_metrics(measurement: GradientMeasurement, spec: MeasurementSpec) -> dict[
             metrics[f"grad_log_gain/{name}"] = log_gain
     if spec.measure_params:
         metrics["grad_norm_total"] = measurement.total_norm
-    for name, norm in measurement.param_norms.items():
-        if spec.logs_param(name):
-            metrics[f"grad_param_norm/{name}"] = norm
+    if spec.log_param_norms is not False:  # off by default: no walk over every parameter
+        for name, norm in measurement.param_norms.items():
+            if spec.logs_param(name):
+                metrics[f"grad_param_norm/{name}"] = norm
     for key, value in measurement.summary.items():
         metrics[f"grad_flow/{key}"] = float(value)
     for key in GRAD_STAT_KEYS:

@@ -114,6 +114,10 @@ class GradientProbe:
         increments: dict[int, Tensor] = {}
 
         def increment(numel: int) -> Tensor:
+            if torch.compiler.is_compiling():
+                # Traced into a compiled graph: a constant there, and no write to Python state (a
+                # dict write in a traced tensor hook makes Dynamo drop the whole forward to eager).
+                return torch.tensor([numel, 1], dtype=row.dtype, device=row.device)
             value = increments.get(numel)
             if value is None:  # one per distinct gradient size; filled on the device, no copy
                 value = increments[numel] = torch.ones(2, dtype=row.dtype, device=row.device)

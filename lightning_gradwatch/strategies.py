@@ -13,7 +13,8 @@ Three facts shape a measurement:
   The gradient of that objective at rank r's block output is the tensor hook's gradient divided by
   ``N``; combined over ranks this gives exactly the figures of a single process on the global batch.
 * **Loss scaling.** With an AMP ``GradScaler`` tensor hooks see ``scale * gradient`` while parameter
-  gradients are unscaled before ``on_before_optimizer_step``.
+  gradients are unscaled before ``on_before_optimizer_step`` (not for optimizers that unscale inside
+  their own ``step()``, e.g. ``fused=True``: a warning says their parameter figures are scaled).
 
 Block norms are divided by both: the scale is packed as a device scalar (no host sync), the
 data-parallel size is a host integer applied after the single host copy.
@@ -89,6 +90,14 @@ def check_strategy(trainer: pl.Trainer) -> StrategySupport:
             "activations) block norms are too large by up to sqrt(tensor_parallel_size) for L2; "
             "gains are unaffected."
         )
+    if _scaler_enabled(trainer) and any(
+        getattr(optimizer, "_step_supports_amp_scaling", False) for optimizer in trainer.optimizers
+    ):
+        reasons.append(
+            "an optimizer unscales gradients inside its own step() (e.g. fused=True) under a "
+            "GradScaler: parameter figures (grad_norm_total, grad_param_norm/*, grad_stats/*) "
+            "include the loss scale; block-output figures and gains do not."
+        )
     for reason in reasons:
         rank_zero_warn(f"GradientFlowCallback: {reason}")
     return StrategySupport(params=params, reasons=tuple(reasons))
@@ -110,11 +119,15 @@ def loss_scale(trainer: pl.Trainer) -> Optional[Tensor]:
     ``on_before_optimizer_step`` runs (the scale used for this step's backward is still current:
     ``scaler.update()`` runs after the optimizer step).
     """
-    scaler: Any = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
+    if not _scaler_enabled(trainer):
         return None
-    scale = getattr(scaler, "_scale", None)
+    scale = getattr(trainer.precision_plugin.scaler, "_scale", None)  # type: ignore[attr-defined]
     return scale if isinstance(scale, Tensor) else None
+
+
+def _scaler_enabled(trainer: pl.Trainer) -> bool:
+    scaler: Any = getattr(trainer.precision_plugin, "scaler", None)
+    return scaler is not None and bool(getattr(scaler, "is_enabled", lambda: False)())
 
 
 def _fsdp1_sharding(strategy: Any) -> str:

@@ -4,6 +4,7 @@ values and what was received."""
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -46,3 +47,15 @@ def check_thresholds(damping_threshold: Any, amplifying_threshold: Any) -> tuple
             f"`damping_threshold` ({low}) must not exceed `amplifying_threshold` ({high})."
         )
     return low, high
+
+
+def check_path(value: Any, name: str) -> str:
+    """``value`` as a ``str`` if it is a ``str`` or an ``os.PathLike`` (``pathlib.Path``)."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value:
+        raise TypeError(
+            f"`{name}` must be a non-empty path (str or os.PathLike), got "
+            f"{type(value).__name__}: {value!r}."
+        )
+    return value

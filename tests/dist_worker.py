@@ -11,7 +11,7 @@ the parent process compares against its own single-process reference:
   (``full_tensor()`` of FSDP2 DTensor shards; the synchronized gradients under DDP);
 * ``measured[norm_type][step]``: the callback's ``last.metrics``;
 * ``shapes[step]``: ``(local, full)`` shape of each parameter gradient;
-* ``calls[step]``: the probe's per-block tensor-hook call counts;
+* ``calls[step]``: the probe's per-block tensor-hook call counts (every step);
 * ``collectives[step]``: Python-level collectives issued between batch start and batch end;
 * ``logged``: every ``log_metrics`` call this rank's recording logger received.
 
@@ -144,6 +144,10 @@ class Recorder(BlockNet):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Lightning calls the callbacks' hook first: their measurement of this step is complete.
         step = self.trainer.global_step
+        watchers = [c for c in self.trainer.callbacks if isinstance(c, GradientFlowCallback)]  # type: ignore[attr-defined]
+        if watchers and watchers[0]._probe is not None:
+            # Every step: on unmeasured steps no hook may have touched the buffer since the last one.
+            self.record["calls"][step] = watchers[0]._probe.buffer[:, CALLS].tolist()
         if not self._measured():
             return
         self.record["grads"][step] = {
@@ -155,13 +159,9 @@ class Recorder(BlockNet):
             for n, p in self.named_parameters()
             if p.grad is not None
         }
-        for callback in self.trainer.callbacks:  # type: ignore[attr-defined]
-            if isinstance(callback, GradientFlowCallback) and callback.last is not None:
-                self.record["measured"][callback.spec.norm_type][step] = dict(
-                    callback.last.metrics
-                )
-                if callback._probe is not None:
-                    self.record["calls"][step] = callback._probe.buffer[:, CALLS].tolist()
+        for callback in watchers:
+            if callback.last is not None:
+                self.record["measured"][callback.spec.norm_type][step] = dict(callback.last.metrics)
 
 
 def main(scenario: str, out_dir: str) -> None:

@@ -18,8 +18,8 @@ import torch
 from dist_worker import DEPTH, NORM_TYPES
 from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
 from models import BlockNet
-from parallel import global_batch_reference, run_worker
-from reference import assert_metrics_equal, ref_metrics, ref_norm, trainer
+from parallel import assert_figures_equal, global_batch_reference, run_worker
+from reference import ref_metrics, ref_norm, trainer
 
 from lightning_gradwatch import GradientFlowCallback
 from lightning_gradwatch.strategies import check_strategy
@@ -68,7 +68,7 @@ def test_fsdp2_all_figures_equal_single_process_on_global_batch(
                 BLOCKS, block_grads, param_grads, norm_type, param_keys=list(param_grads)
             )
             for record in fsdp_run:
-                assert_metrics_equal(record["measured"][norm_type][step], expected, rel=1e-5)
+                assert_figures_equal(record["measured"][norm_type][step], expected, rel=1e-5)
     for record in fsdp_run:
         assert record["collectives"] == {step: len(NORM_TYPES) for step in MEASURED}
     assert fsdp_run[1]["logged"] == []
@@ -96,7 +96,9 @@ def test_unmeasurable_params_are_left_out_with_a_warning(tmp_path: Path) -> None
     with pytest.warns(UserWarning, match="DeepSpeedStrategy.*not measured"):
         fit.fit(BlockNet())
     metrics = callback.last.metrics  # type: ignore[union-attr]
-    assert not any(key.startswith(("grad_norm_total", "grad_stats/", "grad_param")) for key in metrics)
+    assert not any(
+        key.startswith(("grad_norm_total", "grad_stats/", "grad_param")) for key in metrics
+    )
     assert all(math.isfinite(metrics[f"grad_norm/{name}"]) for name in BLOCKS)
 
 

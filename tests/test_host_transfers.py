@@ -167,9 +167,10 @@ def _container_items(root: object) -> int:
     total = 0
     while stack:
         obj = stack.pop()
-        if id(obj) in seen or isinstance(obj, (Tensor, nn.Module, pl.Trainer, Callback, type)):
-            if obj is not root:
-                continue
+        if id(obj) in seen:
+            continue
+        if obj is not root and isinstance(obj, (Tensor, nn.Module, pl.Trainer, Callback, type)):
+            continue
         seen.add(id(obj))
         if isinstance(obj, dict):
             total += len(obj)

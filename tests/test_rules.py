@@ -65,7 +65,10 @@ def test_bad_rule_lists_fail_in_the_callback() -> None:
         GradientFlowCallback(rules=[{"metric": "nonfinite"}])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="distinct names"):
         GradientFlowCallback(
-            rules=[Rule("grad_norm_total", max=1.0), Rule("grad_norm_total", min=0.0)]
+            rules=[
+                Rule("grad_norm_total", max=1.0, name="total"),
+                Rule("grad_norm_total", min=0.0, name="total"),
+            ]
         )
     with pytest.raises(ValueError, match="check_every_n_steps"):
         GradientFlowCallback(check_every_n_steps=0)

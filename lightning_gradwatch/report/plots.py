@@ -137,8 +137,21 @@ def _total_figure(run: RunLog, report: RunReport, max_points: int) -> Any:
             continue
         axes.axvline(step, color=style["color"], alpha=0.4, linewidth=1)
         value = alert.get("value")
-        if isinstance(value, (int, float)) and np.isfinite(value) and value > 0:
-            axes.scatter([step], [value], color=style["color"], marker=style["marker"], zorder=3)
+        on_curve = (
+            alert.get("metric") == TOTAL_NORM_TAG
+            and isinstance(value, (int, float))
+            and np.isfinite(value)
+            and value > 0
+        )
+        # Alerts on other metrics (or NaN values) are marked along the top edge.
+        axes.scatter(
+            [step],
+            [value if on_curve else 0.97],
+            color=style["color"],
+            marker=style["marker"],
+            zorder=3,
+            transform=axes.transData if on_curve else axes.get_xaxis_transform(),
+        )
         if action not in seen:
             axes.plot([], [], color=style["color"], marker=style["marker"], label=action)
             seen.add(action)

@@ -91,7 +91,7 @@ def build_report(
             raise ReportError(f"{run.name}: step {step} was not measured ({_nearest(steps, step)})")
         steps, norms = steps[rows], norms[rows]
         alerts = [a for a in alerts if a.get("step") == step]
-    step_row = [None if math.isnan(v) else float(v) for v in norms[-1]]
+    step_row = _step_norms(run, names, int(steps[-1]), norms[-1])
     step_gains = compute_gains(step_row, eps)
     step_log_gains = compute_log_gains(step_row, eps)
     step_summary = summarize_gains(
@@ -186,6 +186,11 @@ def format_text(report: RunReport) -> str:
 def format_alert(alert: dict[str, Any]) -> str:
     """One alert record (``gradwatch_alerts.jsonl``) on one line."""
     action = str(alert.get("action", "?")).upper()
+    if action == "NONE":  # tripped, but patience not reached (or the AMP scaler handles it)
+        action = "TRIPPED (no action)"
+    patience = alert.get("patience")
+    if isinstance(patience, int) and patience > 1:
+        action += f" [{alert.get('consecutive', '?')}/{patience}]"
     where = f"step {alert.get('step', '?')}"
     if "epoch" in alert:
         where += f" (epoch {alert['epoch']})"
@@ -302,6 +307,22 @@ def _total_norm(run: RunLog, steps: np.ndarray) -> dict[str, float]:
     series = run.scalars.get(TOTAL_NORM_TAG)
     values = np.zeros(0) if series is None else series.values[np.isin(series.steps, steps)]
     return {"last": _last(values), "median": _nanmedian(values), "max": _nanmax(values)}
+
+
+def _step_norms(
+    run: RunLog, names: Sequence[str], step: int, row: np.ndarray
+) -> list[Optional[float]]:
+    """One step's norms: ``None`` where the block logged nothing (no gradient), NaN where it logged
+    a non-finite value (the matrix holds NaN for both)."""
+    norms: list[Optional[float]] = []
+    for name, value in zip(names, row):
+        if not math.isnan(value):
+            norms.append(float(value))
+            continue
+        series = run.scalars.get(NORM_PREFIX + name)
+        logged = series is not None and bool(np.any(series.steps == step))
+        norms.append(math.nan if logged else None)
+    return norms
 
 
 def _nearest(steps: np.ndarray, step: int) -> str:

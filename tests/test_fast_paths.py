@@ -1,0 +1,81 @@
+"""The shortcuts taken for speed give what the plain way gives: the in-place grad-stats passes leave the
+gradients alone, the one-group ``_foreach_norm`` stack equals per-tensor norms, and TensorBoard scalars
+written as one event read back like ``add_scalar`` per key."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from reference import ref_grad_stats, ref_norm
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_gradwatch.norms import (
+    GRAD_STAT_KEYS,
+    finalize_grad_stats,
+    foreach_partial_norms,
+    grad_stat_partials,
+)
+from lightning_gradwatch.sinks import _log_tensorboard_scalars, log_metrics
+
+
+def _grads() -> list[list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 5, generator=g) * 2
+    odd = torch.randn(3, 4, generator=g)
+    odd[1, 2] = math.inf
+    odd[0, 0] = math.nan
+    return [
+        [weight],  # one tensor: must not be stats-ed in place
+        [weight, torch.zeros(7), weight.t()],  # a transposed (non-contiguous) view
+        [odd, weight.to(torch.bfloat16), torch.randn(9, generator=g).double()],  # three groups
+    ]
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_grad_stats_leave_gradients_untouched_and_match_reference(case: int) -> None:
+    grads = _grads()[case]
+    before = [g.clone() for g in grads]
+    stats = finalize_grad_stats(grad_stat_partials(grads, 1.0).tolist())
+    for grad, copy in zip(grads, before):
+        assert torch.equal(grad.isnan(), copy.isnan())
+        assert torch.equal(grad.nan_to_num(), copy.nan_to_num())
+    expected = ref_grad_stats(grads, 1.0)
+    for key in GRAD_STAT_KEYS:
+        assert stats[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-9, nan_ok=True), key
+
+
+@pytest.mark.parametrize("norm_type", ["l2", "l1", "linf", "mean"])
+def test_one_group_stack_equals_per_tensor_norms(norm_type: str) -> None:
+    grads = _grads()[1]
+    partials = foreach_partial_norms(grads, norm_type).tolist()  # type: ignore[arg-type]
+    for grad, partial in zip(grads, partials):
+        norm = ref_norm(grad, "l1" if norm_type == "mean" else norm_type)
+        assert (math.sqrt(partial) if norm_type == "l2" else partial) == pytest.approx(
+            norm, rel=1e-6
+        )
+
+
+def test_tensorboard_scalars_in_one_event_read_back_like_add_scalar(tmp_path: Any) -> None:
+    metrics = {"grad_norm/blocks.0": 1.5, "grad_gain/blocks.1": math.inf, "grad_flow/x": -2.0}
+    ours = TensorBoardLogger(tmp_path, name="ours", prefix="fit")
+    plain = TensorBoardLogger(tmp_path, name="plain", prefix="fit")
+    for step in (0, 3):
+        log_metrics([ours], {k: v * (step + 1) for k, v in metrics.items()}, step)
+        plain.log_metrics({k: v * (step + 1) for k, v in metrics.items()}, step)
+    read = {}
+    for logger in (ours, plain):
+        logger.experiment.flush()
+        events = EventAccumulator(logger.log_dir)
+        events.Reload()
+        read[logger.name] = {
+            tag: [(e.step, e.value) for e in events.Scalars(tag)]
+            for tag in events.Tags()["scalars"]
+        }
+    assert set(read["ours"]) == {f"fit-{key}" for key in metrics}
+    assert read["ours"] == read["plain"]
+    # ... and the one-event path is the one taken for a plain TensorBoardLogger.
+    assert _log_tensorboard_scalars(ours, metrics, 4)
