@@ -27,7 +27,7 @@ RUNS = {
 
 def main() -> int:
     args = example_args(__doc__.splitlines()[0], default_root="runs")
-    steps, every = (20, 5) if args.fast else (400, 5)
+    steps, every = (20, 5) if args.fast else (300, 5)
     started = time.perf_counter()
     dirs: dict[str, Path] = {}
     for name, kwargs in RUNS.items():
@@ -50,7 +50,7 @@ def main() -> int:
     print(f"[demo] done in {elapsed:.0f} s")
     print(f"[demo] TensorBoard logs : {Path(args.root) / 'demo'}  (one folder per run)")
     print(f"[demo]   open them with : tensorboard --logdir {args.root}  (.venv/bin/tensorboard)")
-    print(f"[demo] HTML report      : {out / 'report.html'}  (open it in a browser)")
+    print(f"[demo] HTML report      : open {out / 'report.html'} in a browser")
     print(f"[demo] PNG pictures     : {out}/*/*.png")
     print(
         f"[demo] report again     : gradwatch report {dirs['sigmoid_mlp']} --compare {dirs['relu_residual']}"

@@ -189,7 +189,7 @@ class GradientFlowCallback(Callback):
             f"({', '.join(self.block_names)}) every {self.log_every_n_steps} optimizer steps."
         )
         if trainer.is_global_zero:
-            self._pictures.start(trainer.loggers, self.block_names)
+            self._pictures.start(trainer.loggers, self.block_names, self.spec)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
@@ -260,6 +260,11 @@ class GradientFlowCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
     ) -> None:
         self._enforcer.on_before_backward(trainer, pl_module, loss, self._params)
+
+    @property
+    def norm_type(self) -> str:
+        """The norm of every figure (``"l2"``, ``"l1"``, ``"linf"`` or ``"mean"``)."""
+        return self.spec.norm_type
 
     @property
     def alerts(self) -> list[Alert]:

@@ -41,6 +41,7 @@ from lightning_gradwatch.governance import (
 )
 from lightning_gradwatch.measurement import GradientMeasurement, MeasurementSpec, pack, unpack
 from lightning_gradwatch.norms import finalize_norm, foreach_partial_norms
+from lightning_gradwatch.strategies import scaler_enabled
 
 NamedParams = Sequence[tuple[str, nn.Parameter]]
 #: Key logged at steps where a ``clip`` rule acted: the total norm after clipping.
@@ -474,12 +475,6 @@ def _drop_gradients(optimizer: Optimizer, params: NamedParams) -> None:
     for group in optimizer.param_groups:
         for p in group["params"]:
             p.grad = None
-
-
-def scaler_enabled(trainer: pl.Trainer) -> bool:
-    """Whether an enabled AMP GradScaler handles non-finite steps in this run."""
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    return scaler is not None and bool(getattr(scaler, "is_enabled", lambda: False)())
 
 
 def default_alerts_path(trainer: pl.Trainer) -> str:

@@ -7,6 +7,7 @@ picture is drawn.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
@@ -15,7 +16,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_gradwatch.flow_arrays import log_gains_array
-from lightning_gradwatch.measurement import GradientMeasurement
+from lightning_gradwatch.measurement import GradientMeasurement, MeasurementSpec
 from lightning_gradwatch.sinks import tensorboard_writers
 
 PLOTS_EXTRA = "lightning-gradwatch[plots]"
@@ -237,6 +238,19 @@ class FlowHistory:
 
 #: Tag of the heatmap image in TensorBoard.
 HEATMAP_TAG = "gradwatch/flow_heatmap"
+#: Tag of the run's measuring settings (JSON text; TensorBoard stores it as ``<tag>/text_summary``).
+CONFIG_TAG = "gradwatch/config"
+
+
+def run_config(spec: MeasurementSpec, block_names: Sequence[str]) -> dict[str, Any]:
+    """The settings a report needs to classify like the callback did."""
+    return {
+        "norm_type": spec.norm_type,
+        "eps": spec.eps,
+        "damping_threshold": spec.damping_threshold,
+        "amplifying_threshold": spec.amplifying_threshold,
+        "blocks": list(block_names),
+    }
 
 
 class TensorBoardPictures:
@@ -262,8 +276,14 @@ class TensorBoardPictures:
         self._history: Optional[FlowHistory] = None
         self._measured = 0
 
-    def start(self, loggers: Iterable[Logger], block_names: Sequence[str]) -> None:
-        """Find the TensorBoard writers and write the layout (call on global rank zero)."""
+    def start(
+        self,
+        loggers: Iterable[Logger],
+        block_names: Sequence[str],
+        spec: Optional[MeasurementSpec] = None,
+    ) -> None:
+        """Find the TensorBoard writers, write the layout and, given the callback's ``spec``, its
+        measuring settings as text (``gradwatch report`` reads them). Call on global rank zero."""
         loggers = list(loggers)
         self._writers = tensorboard_writers(loggers)
         self._measured = 0
@@ -278,8 +298,11 @@ class TensorBoardPictures:
         if self.figure_every_n_steps is not None:
             import_matplotlib()  # fail at fit start, not at the first picture
         layout = custom_scalars_layout(block_names)
+        config = None if spec is None else json.dumps(run_config(spec, block_names))
         for writer in self._writers:
             writer.add_custom_scalars(layout)
+            if config is not None:
+                writer.add_text(CONFIG_TAG, config, 0)
 
     def update(self, measurement: GradientMeasurement) -> None:
         """Record one measured step; log the heatmap when it is due."""

@@ -57,8 +57,9 @@ class Rule:
     steps only, at no extra cost. Each z-score check costs O(``window``) Python float operations.
 
     Block-output gradients differ per rank; they are combined across ranks before rules see them (the
-    global norm, whose value is at least the largest rank's norm: a ``max`` threshold trips if any
-    rank's block exceeds it).
+    norm over the global batch, the same on every rank and at least any one rank's share of it, so a
+    ``max`` threshold is checked against the largest; it equals a single process on the whole
+    batch, so thresholds do not depend on the number of ranks).
 
     Args:
         metric: logged key, ``*`` pattern over logged keys, or ``"nonfinite"``.
@@ -208,7 +209,9 @@ def validate_rules(rules: Optional[Iterable[Any]]) -> list[Rule]:
     if rules is None:
         return default_rules()
     if isinstance(rules, (str, Rule)) or not isinstance(rules, Iterable):
-        raise TypeError(f"`rules` must be a list of Rule or None, got {type(rules).__name__}.")
+        raise TypeError(
+            f"`rules` must be a list of Rule or None, got {type(rules).__name__}: {rules!r}."
+        )
     out = list(rules)
     for rule in out:
         if not isinstance(rule, Rule):

@@ -124,7 +124,7 @@ def pack(
     local = [local_tensor(grad) for grad in param_grads]
     parts = [block_buffer.reshape(-1).double()]
     parts.append(foreach_partial_norms(local, spec.norm_type).to(device).double())
-    if spec.grad_stats:
+    if spec.grad_stats and spec.measure_params:
         parts.append(grad_stat_partials(local, spec.large_threshold).to(device))
     scale_value = (
         torch.ones(1, dtype=torch.float64, device=device)

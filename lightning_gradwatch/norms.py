@@ -57,6 +57,9 @@ class Category(str, Enum):
     VANISHING = "vanishing"
     MISSING = "missing"
 
+    def __str__(self) -> str:  # "damping", not "Category.DAMPING", in messages and f-strings
+        return self.value
+
 
 def validate_norm_type(norm_type: object, argument: str = "norm_type") -> NormType:
     """Return ``norm_type`` if it is one of :data:`NORM_TYPES`, else raise a ``ValueError``."""

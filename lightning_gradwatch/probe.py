@@ -147,7 +147,9 @@ class GradientProbe:
             else:
                 partial_cell.add_(partial)
                 counts.add_(increment(grad.numel()))
-            if self.keep_grads:
+            # Not in compiled code: a write to a Python list there makes Dynamo run the whole forward
+            # eagerly, so under torch.compile block-output histograms are left out instead.
+            if self.keep_grads and not torch.compiler.is_compiling():
                 self.grads[index] = grad.detach()
             return None
 

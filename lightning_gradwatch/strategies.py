@@ -90,7 +90,7 @@ def check_strategy(trainer: pl.Trainer) -> StrategySupport:
             "activations) block norms are too large by up to sqrt(tensor_parallel_size) for L2; "
             "gains are unaffected."
         )
-    if _scaler_enabled(trainer) and any(
+    if scaler_enabled(trainer) and any(
         getattr(optimizer, "_step_supports_amp_scaling", False) for optimizer in trainer.optimizers
     ):
         reasons.append(
@@ -119,13 +119,14 @@ def loss_scale(trainer: pl.Trainer) -> Optional[Tensor]:
     ``on_before_optimizer_step`` runs (the scale used for this step's backward is still current:
     ``scaler.update()`` runs after the optimizer step).
     """
-    if not _scaler_enabled(trainer):
+    if not scaler_enabled(trainer):
         return None
     scale = getattr(trainer.precision_plugin.scaler, "_scale", None)  # type: ignore[attr-defined]
     return scale if isinstance(scale, Tensor) else None
 
 
-def _scaler_enabled(trainer: pl.Trainer) -> bool:
+def scaler_enabled(trainer: pl.Trainer) -> bool:
+    """Whether an enabled AMP GradScaler scales the loss (and handles non-finite steps) in this run."""
     scaler: Any = getattr(trainer.precision_plugin, "scaler", None)
     return scaler is not None and bool(getattr(scaler, "is_enabled", lambda: False)())
 

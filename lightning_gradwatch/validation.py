@@ -53,9 +53,10 @@ def check_path(value: Any, name: str) -> str:
     """``value`` as a ``str`` if it is a ``str`` or an ``os.PathLike`` (``pathlib.Path``)."""
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str):
         raise TypeError(
-            f"`{name}` must be a non-empty path (str or os.PathLike), got "
-            f"{type(value).__name__}: {value!r}."
+            f"`{name}` must be a path (str or os.PathLike), got {type(value).__name__}: {value!r}."
         )
+    if not value:
+        raise ValueError(f"`{name}` must be a non-empty path, got {value!r}.")
     return value

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import inspect
-import json
 import math
 import re
 import sys
@@ -32,7 +31,9 @@ else:  # pragma: no cover
     tomllib = None
 
 
-def fit(tmp_path: Path, model: pl.LightningModule, callbacks: list[Any], **kwargs: Any) -> pl.Trainer:
+def fit(
+    tmp_path: Path, model: pl.LightningModule, callbacks: list[Any], **kwargs: Any
+) -> pl.Trainer:
     options: dict[str, Any] = {
         "accelerator": "cpu",
         "max_steps": 4,
@@ -166,8 +167,9 @@ def test_monitor_seed_contract(output: str) -> None:
         assert all(isinstance(c, int) for c in counts) and sum(counts) == 3
         report = monitor.report()
         for i, (gain, log_gain) in enumerate(zip(gains, monitor.log_gains())):
-            assert f"Transition {i:2d} to {i + 1:2d}: gamma={gain:.4f}, log_gamma={log_gain:.4f} [" in (
-                report
+            assert (
+                f"Transition {i:2d} to {i + 1:2d}: gamma={gain:.4f}, log_gamma={log_gain:.4f} ["
+                in (report)
             )
         assert f"Healthy (0.5 <= gamma <= 2.0): {stats['num_healthy']}" in report
         assert f"Damping (gamma < 0.5): {stats['num_damping']}" in report
@@ -193,7 +195,8 @@ def _readme_row(readme: str, key: str) -> list[str]:
 def test_readme_table_and_arguments_match_the_code(tmp_path: Path) -> None:
     readme = (ROOT / "README.md").read_text()
     model = FaultNet(depth=3)
-    callback = GradientFlowCallback(log_every_n_steps=1, log_param_norms=True)
+    callback = GradientFlowCallback(log_every_n_steps=1, log_param_norms=True, norm_type="l1")
+    assert callback.norm_type == "l1" and GradientFlowCallback().norm_type == "l2"
     trainer = fit(tmp_path, model, [callback], max_steps=1, log_every_n_steps=1000)
     logged = set(csv_metrics(str(trainer.logger.log_dir))[0])  # type: ignore[union-attr]
     blocks = [f"blocks.{i}" for i in range(3)]
@@ -206,6 +209,12 @@ def test_readme_table_and_arguments_match_the_code(tmp_path: Path) -> None:
     expected |= {f"grad_stats/{s}" for s in _readme_row(readme, "grad_stats/<stat>")}
     assert "grad_flow/end_to_end_gain" in expected and "grad_stats/nonfinite_count" in expected
     assert logged == expected
+    # The README's categories are the code's, and categories read as their names.
+    section = readme.split("### Categories", 1)[1].split("\n\n")[1]
+    documented = {row.split("|")[1].strip() for row in section.splitlines()[2:]}
+    assert documented == {"healthy", "damping", "amplifying", "vanishing", "missing"}
+    assert callback.last is not None and len(callback.last.categories) == 2
+    assert {str(c) for c in callback.last.categories} <= documented
     for key in ("grad_norm/<block>", "grad_gain/<block>", "grad_log_gain/<block>"):
         assert key in readme and key in (GradientFlowCallback.__doc__ or "")
 
@@ -302,6 +311,10 @@ def test_default_rules_halt_on_nan_with_a_pathlib_alerts_path(tmp_path: Path) ->
     trail = tmp_path / "audit" / "trail.jsonl"
     callback = GradientFlowCallback(log_every_n_steps=2, alerts_path=trail)  # rules=None
     assert callback.rules == [Rule("nonfinite", action="halt")]
+    with pytest.raises(TypeError, match=r"`alerts_path` must be a path .*got int: 3"):
+        GradientFlowCallback(alerts_path=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`alerts_path` must be a non-empty path"):
+        GradientFlowCallback(alerts_path="")
     trainer = fit(tmp_path, model, [callback], max_steps=10)
 
     assert callback.halted is True and "blocks.2" in (callback.halt_reason or "")

@@ -4,7 +4,9 @@ the same numbers as eager.
 The hooks are attached in ``on_fit_start``, before the first compiled call (hooks added after it are
 ignored by the compiled code). The forward hooks are traced into the graph; the probe's ``armed`` flag
 is guarded, so measured and unmeasured steps use two graphs (a recompilation, not a graph break). The
-tensor hooks write into a preallocated buffer and append to nothing.
+tensor hooks write into a preallocated buffer and append to nothing (with ``log_histograms=True``
+the eager hooks keep each block's gradient; compiled code leaves that out rather than fall back to
+eager).
 
 The fast test uses the ``aot_eager`` backend (Dynamo + AOTAutograd, no C++ compilation); the
 ``inductor`` test is marked ``slow``.
@@ -56,7 +58,8 @@ def run(
     tmp_path: Path, backend: Any, watch: bool, how: str = "fit", **trainer_kwargs: Any
 ) -> tuple[dict[int, dict[str, float]], dict]:
     """Train (compiled with ``backend`` unless ``None``; ``how``: ``"fit"`` passes
-    ``torch.compile(model)`` to ``fit``, ``"configure_model"`` compiles there) and read the CSV."""
+    ``torch.compile(model)`` to ``fit``, ``"configure_model"`` compiles there, ``"histograms"`` is
+    ``"fit"`` with ``log_histograms=True``) and read the CSV."""
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
@@ -68,7 +71,14 @@ def run(
         model = BlockNet(depth=3, width=8)
         if backend is not None:
             model = torch.compile(model, backend=backend)
-    callbacks = [GradientFlowCallback(log_every_n_steps=2, log_param_norms=True, rules=[])]
+    callbacks = [
+        GradientFlowCallback(
+            log_every_n_steps=2,
+            log_param_norms=True,
+            rules=[],
+            log_histograms=how == "histograms",  # the probe then keeps each block's gradient
+        )
+    ]
     trainer(tmp_path, callbacks if watch else [], max_steps=STEPS, **trainer_kwargs).fit(model)
     stats = {"breaks": breaks(), "graphs": counters["stats"]["unique_graphs"]}
     if not watch:
@@ -98,7 +108,7 @@ def check_compiled_like_eager(
             assert compiled[step][key] == pytest.approx(value, rel=1e-4, abs=1e-9), key
 
 
-@pytest.mark.parametrize("how", ["fit", "configure_model"])
+@pytest.mark.parametrize("how", ["fit", "configure_model", "histograms"])
 def test_compiled_model_measures_like_eager_without_graph_breaks(tmp_path: Path, how: str) -> None:
     check_compiled_like_eager(tmp_path, "aot_eager", how)
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from dist_worker import DEPTH, NORM_TYPES
+from lightning.pytorch.plugins import Precision
 from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
 from models import BlockNet
 from parallel import assert_figures_equal, global_batch_reference, run_worker
@@ -77,13 +78,19 @@ def test_fsdp2_all_figures_equal_single_process_on_global_batch(
     ]
 
 
-def test_fsdp1_and_deepspeed_are_reported_not_measured() -> None:
-    # FSDPStrategy needs a GPU to train; its class and sharding strategy are what is checked.
+def on_cpu(strategy: Any) -> Any:
+    """What ``check_strategy`` reads of a Trainer. FSDPStrategy refuses to build a CPU Trainer (it
+    trains on GPUs only, see ``test_gpu.py``); its class and sharding strategy are what is checked."""
+    return SimpleNamespace(
+        strategy=strategy, precision="32-true", precision_plugin=Precision(), optimizers=[]
+    )
+
+
+def test_fsdp1_is_reported_not_measured() -> None:
     with pytest.warns(UserWarning, match=r"FSDPStrategy \(FSDP1\).*grad_norm_total.*not"):
-        support = check_strategy(SimpleNamespace(strategy=FSDPStrategy(), precision="32-true"))
+        support = check_strategy(on_cpu(FSDPStrategy()))
     assert not support.params and "FSDP1" in support.reasons[0]
-    unsharded = FSDPStrategy(sharding_strategy="NO_SHARD")
-    assert check_strategy(SimpleNamespace(strategy=unsharded, precision="32-true")).params
+    assert check_strategy(on_cpu(FSDPStrategy(sharding_strategy="NO_SHARD"))).params
 
 
 class DeepSpeedStrategy(SingleDeviceStrategy):

@@ -42,17 +42,18 @@ ALERTS = [
 ]  # fmt: skip
 
 
-def _train(root: Path, name: str, activation: str) -> tuple[Path, Path]:
+def _train(root: Path, name: str, activation: str, **kwargs: Any) -> tuple[Path, Path]:
     tb = TensorBoardLogger(root, name=name, version="tb", default_hp_metric=False)
     csv = CSVLogger(root, name=name, version="csv")
     trainer = pl.Trainer(
         max_steps=10,
         logger=[tb, csv],
-        callbacks=[GradientFlowCallback(log_every_n_steps=2)],
+        callbacks=[GradientFlowCallback(log_every_n_steps=2, **kwargs)],
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
         accelerator="cpu",
+        log_every_n_steps=1,
     )
     trainer.fit(BlockNet(depth=DEPTH, activation=activation, n_samples=64, batch_size=16))
     return Path(tb.log_dir), Path(csv.log_dir)
@@ -62,7 +63,7 @@ def _train(root: Path, name: str, activation: str) -> tuple[Path, Path]:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runs")
     sigmoid_tb, sigmoid_csv = _train(root, "sigmoid", "sigmoid")
-    relu_tb, _ = _train(root, "relu", "relu")
+    relu_tb, _ = _train(root, "relu", "relu", norm_type="l1", damping_threshold=0.9)
     with (sigmoid_tb / "gradwatch_alerts.jsonl").open("w") as handle:
         handle.writelines(json.dumps(record) + "\n" for record in ALERTS)
     return {"sigmoid": sigmoid_tb, "sigmoid_csv": sigmoid_csv, "relu": relu_tb, "root": root}
@@ -199,6 +200,26 @@ def test_parent_folder_reports_each_run(
 ) -> None:
     data = _run_json(capsys, str(runs["root"] / "sigmoid"))
     assert sorted(run["name"] for run in data["runs"]) == ["csv", "tb"]
+
+
+def test_settings_come_from_the_logs_unless_overridden(
+    runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    (run,) = _run_json(capsys, str(runs["relu"]))["runs"]
+    assert run["norm_type"] == "l1"
+    assert run["thresholds"] == {"damping": 0.9, "amplifying": 2.0}
+    reference = _reference(runs["relu"])
+    gains = compute_gains(_norms_at(reference, MEASURED[-1]))
+    assert [t["category"] for t in run["transitions"]] == [
+        classify_gain(g, 0.9, 2.0).value for g in gains
+    ]
+    (overridden,) = _run_json(capsys, str(runs["relu"]), "--damping-threshold", "0.1")["runs"]
+    assert overridden["thresholds"]["damping"] == 0.1
+    assert [t["category"] for t in overridden["transitions"]] == [
+        classify_gain(g, 0.1, 2.0).value for g in gains
+    ]
+    assert main(["report", str(runs["relu"]), "--damping-threshold", "3"]) == 2
+    assert "damping threshold" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case", ["empty", "missing", "no_gradwatch"])

@@ -53,9 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="more runs to put side by side",
     )
-    report.add_argument("--damping-threshold", type=float, default=0.5)
-    report.add_argument("--amplifying-threshold", type=float, default=2.0)
-    report.add_argument("--eps", type=float, default=1e-30)
+    for flag, default in (
+        ("--damping-threshold", 0.5),
+        ("--amplifying-threshold", 2.0),
+        ("--eps", 1e-30),
+    ):
+        report.add_argument(
+            flag,
+            type=float,
+            default=None,
+            help=f"default: the run's logged setting, else {default}",
+        )
     return parser
 
 
@@ -76,11 +84,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    if not 0 < args.damping_threshold <= args.amplifying_threshold:
-        raise ReportError(
-            "--damping-threshold must be > 0 and <= --amplifying-threshold, got "
-            f"{args.damping_threshold} and {args.amplifying_threshold}"
-        )
     runs: list[RunLog] = []
     for logdir in [args.logdir, *args.compare]:
         runs.extend(read_logdir(logdir))
@@ -131,8 +134,10 @@ def _unique_names(runs: Sequence[RunLog]) -> None:
             return
         for run in clashing:
             run.name = "/".join(run.path.resolve().parts[-depth:])
+    names = [run.name for run in runs]
     for index, run in enumerate(runs):
-        run.name = f"{run.name}#{index + 1}"
+        if names.count(run.name) > 1:  # the same folder given twice
+            run.name = f"{run.name}#{index + 1}"
 
 
 def _safe(name: str) -> str:

@@ -128,35 +128,43 @@ def _total_figure(run: RunLog, report: RunReport, max_points: int) -> Any:
         axes.plot(steps[rows], values[rows], color="black", linewidth=1, label=TOTAL_NORM_TAG)
         if np.any(values > 0):
             axes.set_yscale("log")
-    seen = set()
-    for alert in report.alerts:
-        action = str(alert.get("action", "warn")).lower()
-        style = _ALERT_STYLE.get(action, _ALERT_STYLE["warn"])
-        step = alert.get("step")
-        if not isinstance(step, (int, float)):
-            continue
-        axes.axvline(step, color=style["color"], alpha=0.4, linewidth=1)
-        value = alert.get("value")
-        on_curve = (
-            alert.get("metric") == TOTAL_NORM_TAG
-            and isinstance(value, (int, float))
-            and np.isfinite(value)
-            and value > 0
-        )
-        # Alerts on other metrics (or NaN values) are marked along the top edge.
-        axes.scatter(
-            [step],
-            [value if on_curve else 0.97],
-            color=style["color"],
-            marker=style["marker"],
-            zorder=3,
-            transform=axes.transData if on_curve else axes.get_xaxis_transform(),
-        )
-        if action not in seen:
-            axes.plot([], [], color=style["color"], marker=style["marker"], label=action)
-            seen.add(action)
+    _mark_alerts(axes, report.alerts)
     axes.set_xlabel("step")
     axes.set_ylabel("total gradient norm")
     axes.set_title(f"{run.name}: total gradient norm and alerts")
     axes.legend(fontsize=8)
     return figure
+
+
+def _mark_alerts(axes: Any, alerts: Sequence[dict[str, Any]]) -> None:
+    """One vertical-line collection and two scatters per action (thousands of alerts stay fast):
+    alerts on the total norm sit on the curve, the others (or NaN values) along the top edge."""
+    groups: dict[str, tuple[list[float], list[float], list[float]]] = {}
+    for alert in alerts:
+        step = alert.get("step")
+        if not isinstance(step, (int, float)):
+            continue
+        action = str(alert.get("action", "warn")).lower()
+        steps, on_curve, values = groups.setdefault(action, ([], [], []))
+        value = alert.get("value")
+        if (
+            alert.get("metric") == TOTAL_NORM_TAG
+            and isinstance(value, (int, float))
+            and np.isfinite(value)
+            and value > 0
+        ):
+            on_curve.append(step)
+            values.append(value)
+        else:
+            steps.append(step)
+    edge = axes.get_xaxis_transform()  # x in data, y in axes fraction
+    for action, (steps, on_curve, values) in groups.items():
+        style = _ALERT_STYLE.get(action, _ALERT_STYLE["warn"])
+        colour, marker = style["color"], style["marker"]
+        every = steps + on_curve
+        axes.vlines(every, 0, 1, transform=edge, colors=colour, alpha=0.4, linewidth=1)
+        axes.scatter(on_curve, values, color=colour, marker=marker, zorder=3)
+        axes.scatter(
+            steps, [0.97] * len(steps), color=colour, marker=marker, zorder=3, transform=edge
+        )
+        axes.plot([], [], color=colour, marker=marker, label=action)

@@ -20,9 +20,11 @@ from typing import Any, Optional
 
 import numpy as np
 
+from lightning_gradwatch.alerts import ALERTS_FILENAME as ALERTS_FILE
+from lightning_gradwatch.alerts import read_alerts as read_alerts_file
+
 EVENT_FILE_PATTERN = "events.out.tfevents.*"
 CSV_FILE = "metrics.csv"
-ALERTS_FILE = "gradwatch_alerts.jsonl"
 #: Prefixes of the tags the callback writes (README's metric table).
 NORM_PREFIX = "grad_norm/"
 GAIN_PREFIX = "grad_gain/"
@@ -37,6 +39,8 @@ GRADWATCH_PREFIXES = (
 )
 #: The tag under which TensorBoard stores a custom-scalars layout.
 LAYOUT_TAG = "custom_scalars__config__"
+#: The callback's settings (``lightning_gradwatch.figures.CONFIG_TAG`` as TensorBoard stores text).
+CONFIG_TEXT_TAG = "gradwatch/config/text_summary"
 
 
 class ReportError(Exception):
@@ -63,6 +67,8 @@ class RunLog:
         alerts: the records of ``gradwatch_alerts.jsonl`` (dicts), ordered by step.
         block_order: block names in forward order when the logs say so (custom-scalars layout or
             order of first appearance in the event file), else ``None``.
+        config: the callback's settings (``norm_type``, ``eps``, thresholds) when the logs hold them
+            (TensorBoard runs), else empty.
     """
 
     path: Path
@@ -71,6 +77,7 @@ class RunLog:
     scalars: dict[str, Series]
     alerts: list[dict[str, Any]] = field(default_factory=list)
     block_order: Optional[list[str]] = None
+    config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def block_names(self) -> list[str]:
@@ -147,16 +154,10 @@ def read_run(path: Path, name: Optional[str] = None) -> Optional[RunLog]:
 
 
 def read_alerts(path: Path) -> list[dict[str, Any]]:
-    """Records of ``gradwatch_alerts.jsonl`` in ``path`` or below it (malformed lines skipped)."""
+    """Records of every ``gradwatch_alerts.jsonl`` in ``path`` or below it, ordered by step."""
     records: list[dict[str, Any]] = []
     for file in sorted(path.rglob(ALERTS_FILE)):
-        for line in file.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
+        records.extend(r for r in read_alerts_file(str(file)) if isinstance(r, dict))
     records.sort(key=_alert_step)
     return records
 
@@ -190,6 +191,7 @@ def _read_tensorboard(path: Path, name: str) -> Optional[RunLog]:
     steps: dict[str, array] = {}
     values: dict[str, array] = {}
     layout: Optional[bytes] = None
+    config: dict[str, Any] = {}
     for file in sorted(path.glob(EVENT_FILE_PATTERN)):
         for event in iter_events(file):
             if not event.HasField("summary"):
@@ -203,6 +205,8 @@ def _read_tensorboard(path: Path, name: str) -> Optional[RunLog]:
                     values[value.tag].append(value.simple_value)
                 elif value.tag == LAYOUT_TAG and value.tensor.string_val:
                     layout = value.tensor.string_val[0]
+                elif value.tag == CONFIG_TEXT_TAG and value.tensor.string_val:
+                    config = _json_object(value.tensor.string_val[0])
     if not any(tag.startswith(NORM_PREFIX) for tag in steps):
         return None
     scalars = {
@@ -212,7 +216,22 @@ def _read_tensorboard(path: Path, name: str) -> Optional[RunLog]:
     order = _layout_block_names(layout) if layout is not None else None
     if not order:  # first appearance: the callback logs the blocks in forward order
         order = [tag[len(NORM_PREFIX) :] for tag in steps if tag.startswith(NORM_PREFIX)]
-    return RunLog(path=path, name=name, source="tensorboard", scalars=scalars, block_order=order)
+    return RunLog(
+        path=path,
+        name=name,
+        source="tensorboard",
+        scalars=scalars,
+        block_order=order,
+        config=config,
+    )
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def iter_events(file: Path) -> Iterator[Any]:

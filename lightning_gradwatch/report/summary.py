@@ -24,6 +24,9 @@ from lightning_gradwatch.norms import (
 )
 from lightning_gradwatch.report.reader import NORM_PREFIX, TOTAL_NORM_TAG, ReportError, RunLog
 
+#: Alerts listed in the text timeline (JSON lists all of them).
+MAX_TEXT_ALERTS = 200
+
 
 @dataclass
 class BlockStats:
@@ -72,16 +75,29 @@ class RunReport:
     alerts: list[dict[str, Any]] = field(default_factory=list)
     damping_threshold: float = 0.5
     amplifying_threshold: float = 2.0
+    norm_type: str = "as logged"
 
 
 def build_report(
     run: RunLog,
     step: Optional[int] = None,
-    damping_threshold: float = 0.5,
-    amplifying_threshold: float = 2.0,
-    eps: float = 1e-30,
+    damping_threshold: Optional[float] = None,
+    amplifying_threshold: Optional[float] = None,
+    eps: Optional[float] = None,
 ) -> RunReport:
-    """Summarise ``run`` over all measured steps, or over the one measured step ``step``."""
+    """Summarise ``run`` over all measured steps, or over the one measured step ``step``.
+
+    Thresholds and ``eps`` left at ``None`` come from the run's logged settings (what the callback
+    used), else the callback's defaults (0.5, 2.0, 1e-30).
+    """
+    damping_threshold = _setting(damping_threshold, run, "damping_threshold", 0.5)
+    amplifying_threshold = _setting(amplifying_threshold, run, "amplifying_threshold", 2.0)
+    eps = _setting(eps, run, "eps", 1e-30)
+    if not 0 < damping_threshold <= amplifying_threshold:
+        raise ReportError(
+            "damping threshold must be > 0 and <= the amplifying threshold, got "
+            f"{damping_threshold} and {amplifying_threshold}"
+        )
     names = run.block_names
     steps, norms = run.matrix(NORM_PREFIX, names)
     alerts = run.alerts
@@ -137,7 +153,15 @@ def build_report(
         alerts=alerts,
         damping_threshold=damping_threshold,
         amplifying_threshold=amplifying_threshold,
+        norm_type=str(run.config.get("norm_type", "as logged")),
     )
+
+
+def _setting(value: Optional[float], run: RunLog, key: str, default: float) -> float:
+    if value is not None:
+        return float(value)
+    logged = run.config.get(key)
+    return float(logged) if isinstance(logged, (int, float)) else default
 
 
 def format_text(report: RunReport) -> str:
@@ -154,7 +178,7 @@ def format_text(report: RunReport) -> str:
         report.step_norms,
         report.step_gains,
         report.step_log_gains,
-        norm_type="as logged",
+        norm_type=report.norm_type,
         damping_threshold=report.damping_threshold,
         amplifying_threshold=report.amplifying_threshold,
         names=report.block_names,
@@ -179,7 +203,13 @@ def format_text(report: RunReport) -> str:
         "",
         "Alert timeline:",
     ]
-    footer += [f"  {format_alert(alert)}" for alert in report.alerts] or ["  (no alerts)"]
+    shown = report.alerts[:MAX_TEXT_ALERTS]
+    footer += [f"  {format_alert(alert)}" for alert in shown] or ["  (no alerts)"]
+    if len(report.alerts) > len(shown):
+        footer.append(
+            f"  ... and {len(report.alerts) - len(shown)} more (all of them: --format json, or "
+            "gradwatch_alerts.jsonl)"
+        )
     return "\n".join([*header, body, *footer])
 
 
@@ -264,6 +294,7 @@ def to_dict(report: RunReport) -> dict[str, Any]:
             "last": int(report.steps[-1]),
         },
         "step": report.step,
+        "norm_type": report.norm_type,
         "thresholds": {
             "damping": report.damping_threshold,
             "amplifying": report.amplifying_threshold,
