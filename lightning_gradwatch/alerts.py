@@ -46,7 +46,8 @@ class Alert:
         where: everything above in one list: ``block`` first, then ``blocks``, then ``params``.
         keys: every violating key with its value.
         loss_nonfinite: whether the loss was already NaN/Inf (non-finite alerts).
-        checkpoint: path of the checkpoint saved by ``halt``.
+        checkpoint: path of the checkpoint saved by ``halt`` (also under the key
+            ``checkpoint_path`` in :meth:`to_dict` and the JSONL line).
         message: a one-line human summary.
     """
 
@@ -76,13 +77,15 @@ class Alert:
 
     def __getitem__(self, key: str) -> Any:
         """``alert["step"]`` reads like a line of the JSONL trail (same keys as :meth:`to_dict`)."""
+        if key == "checkpoint_path":
+            return self.checkpoint
         if key not in self.__dataclass_fields__:
             raise KeyError(key)
         return getattr(self, key)
 
     def to_dict(self) -> dict[str, Any]:
         """The record as a plain dict (the keys of a JSONL line)."""
-        return asdict(self)
+        return asdict(self) | {"checkpoint_path": self.checkpoint}
 
     def to_json(self) -> str:
         """One line of strict JSON (NaN and Inf become the strings ``"nan"``, ``"inf"``, ``"-inf"``)."""

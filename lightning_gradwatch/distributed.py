@@ -3,8 +3,12 @@
 Block-output gradients differ per rank (each rank back-propagates its own micro-batch): their partials
 are combined over ranks (L2: the sum of squares, so the global norm is the square root of the sum of
 every rank's squared norm; L1 and mean: sums of absolute values and of element counts; L-inf: the
-maximum). Parameter gradients are either replicated (DDP: already all-reduced, so every rank holds the
-same values and the local figures are taken) or sharded (FSDP2 DTensor: each rank holds a shard, and the
+maximum). Dividing by the number of data-parallel ranks, so that the figures are those of the
+objective the strategy optimizes (see :mod:`lightning_gradwatch.strategies`), happens on the host in
+:func:`lightning_gradwatch.measurement.unpack`.
+
+Parameter gradients are either replicated (DDP: already all-reduced, so every rank holds the same
+values and the local figures are taken) or sharded (FSDP2 DTensor: each rank holds a shard, and the
 partials are combined like block partials, giving the norms of the full gradients).
 """
 

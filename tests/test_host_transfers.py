@@ -26,6 +26,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from models import BlockNet
 from reference import trainer
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 import lightning_gradwatch
 from lightning_gradwatch import GradientFlowCallback
@@ -226,3 +227,30 @@ def test_memory_stays_flat_over_many_measured_steps(tmp_path: Any) -> None:
     # 80 measured steps later, what the package allocated and still holds has not grown by even one
     # step's worth of metric dicts (the CSV logger drops its copies at each flush).
     assert sampler.traced[120] - sampler.traced[40] < 2048, sampler.traced
+
+
+class PackageOps(TorchFunctionMode):
+    """Counts torch functions and tensor methods called from the package, per optimizer step."""
+
+    def __init__(self, clock: StepClock) -> None:
+        super().__init__()
+        self.clock = clock
+        self.calls: Counter = Counter()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if _from_package():
+            self.calls[self.clock.step] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_unmeasured_steps_run_no_tensor_operation(tmp_path: Any) -> None:
+    # With no every-step rule, an unmeasured step touches no tensor at all: no norm, no buffer
+    # write, not even a look at a gradient.
+    clock = StepClock()
+    steps = 7
+    callback = GradientFlowCallback(log_every_n_steps=4, rules=[])
+    fit = trainer(tmp_path, [clock, callback], max_steps=steps)
+    with PackageOps(clock) as ops:
+        fit.fit(BlockNet(n_samples=16 * steps))
+    assert clock.step == steps - 1
+    assert {step for step, n in ops.calls.items() if n > 0} == {0, 4}
