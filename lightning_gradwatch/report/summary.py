@@ -232,8 +232,9 @@ def format_alert(alert: dict[str, Any]) -> str:
     culprits = alert.get("blocks") or alert.get("params")
     if culprits:
         text += f" at {', '.join(map(str, culprits)) if isinstance(culprits, list) else culprits}"
-    if alert.get("checkpoint"):
-        text += f" checkpoint={alert['checkpoint']}"
+    checkpoint = alert.get("checkpoint") or alert.get("checkpoint_path")
+    if checkpoint:
+        text += f" checkpoint={checkpoint}"
     return text
 
 
