@@ -491,6 +491,9 @@ class Switchboard(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        # TensorBoard serialises and writes queued events in a background thread: drain it here so
+        # the writing is charged to the step that logged, not to whichever variant runs next.
+        _drain_tensorboard(trainer)
         wall, cpu = time.perf_counter(), time.process_time()
         if self._current is not None and self._current[1] >= 0:
             self.records.append(
@@ -518,6 +521,7 @@ class Switchboard(Callback):
         # Attaching creates thousands of objects (hooks, closures); a cyclic collection they trigger
         # inside the timed step would be charged to whichever variant runs then. Collect here,
         # untimed, before every step of every variant alike (timeit disables the collector instead).
+        _drain_tensorboard(trainer)  # what attaching wrote (the callback's custom-scalars layout)
         gc.collect()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -547,6 +551,12 @@ class Switchboard(Callback):
 
     def on_train_batch_end(self, *args: Any) -> None:
         self._forward("on_train_batch_end", *args)
+
+
+def _drain_tensorboard(trainer: pl.Trainer) -> None:
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.flush()
 
 
 def make_schedule(
@@ -717,6 +727,7 @@ class MemoryProbe(Callback):
         step = trainer.global_step
         if step not in (self.first, self.last):
             return
+        _drain_tensorboard(trainer)  # what attaching wrote (the callback's custom-scalars layout)
         gc.collect()
         snapshot = tracemalloc.take_snapshot().filter_traces(
             [tracemalloc.Filter(True, "*lightning_gradwatch*")]

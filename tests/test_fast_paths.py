@@ -5,7 +5,7 @@ written as one event read back like ``add_scalar`` per key."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 import torch
@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from reference import ref_grad_stats, ref_norm
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lightning_gradwatch import norms
 from lightning_gradwatch.norms import (
     GRAD_STAT_KEYS,
     finalize_grad_stats,
@@ -35,8 +36,13 @@ def _grads() -> list[list[torch.Tensor]]:
     ]
 
 
+@pytest.mark.parametrize("chunk", [None, 7, 30])
 @pytest.mark.parametrize("case", range(3))
-def test_grad_stats_leave_gradients_untouched_and_match_reference(case: int) -> None:
+def test_grad_stats_leave_gradients_untouched_and_match_reference(
+    case: int, chunk: Optional[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if chunk is not None:  # the CPU path that reduces chunk by chunk through one reused buffer
+        monkeypatch.setattr(norms, "CPU_STAT_CHUNK", chunk)
     grads = _grads()[case]
     before = [g.clone() for g in grads]
     stats = finalize_grad_stats(grad_stat_partials(grads, 1.0).tolist())
