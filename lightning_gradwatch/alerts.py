@@ -26,7 +26,8 @@ class Alert:
         time: UTC time in ISO 8601.
         step: optimizer step (``trainer.global_step`` before the update).
         epoch: current epoch.
-        rank: the rank that recorded it (the JSONL is written by rank 0).
+        rank: the rank on which the rule tripped (the lowest of ``ranks``; the JSONL is written
+            by rank 0 whichever rank tripped).
         ranks: the ranks on which the rule tripped.
         rule: the rule's name (``Rule.label``).
         rule_repr: ``repr`` of the rule.

@@ -187,6 +187,9 @@ class RuleEnforcer:
         extra = self._act(
             trainer, optimizer, params, decisions, measurement, report, scaler, peer_values
         )
+        if not measured and CLIPPED_KEY in extra:
+            # Log the pre-clip total next to the clipped one (measured steps log it anyway).
+            extra[TOTAL_NORM_KEY] = measurement.total_norm
         return {**self.engine.counters(), **extra}
 
     def _drop_gradients(
@@ -371,7 +374,7 @@ class RuleEnforcer:
         alert = Alert(
             step=decision.step,
             epoch=trainer.current_epoch,
-            rank=trainer.global_rank,
+            rank=decision.ranks[0] if decision.ranks else trainer.global_rank,
             ranks=decision.ranks,
             rule=self.engine.labels[check.index],
             rule_repr=repr(rule),

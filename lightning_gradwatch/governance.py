@@ -101,8 +101,13 @@ class Rule:
     name: Optional[str] = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.metric, str) or not self.metric.strip():
+        if not isinstance(self.metric, str):
             raise TypeError(
+                f"Rule `metric` must be a string (a logged key, a '*' pattern or 'nonfinite'), "
+                f"got {type(self.metric).__name__}: {self.metric!r}."
+            )
+        if not self.metric.strip():
+            raise ValueError(
                 f"Rule `metric` must be a non-empty string (a logged key, a '*' pattern or "
                 f"'nonfinite'), got {self.metric!r}."
             )

@@ -1,5 +1,5 @@
 """Governance under ``strategy="ddp"`` on 2 CPU processes: a rule that trips on rank 1 only halts
-both ranks at the same step (no hang), the alert names the ranks that tripped, rank 0 alone writes
+both ranks at the same step (no hang), the alert names the ranks that tripped (`rank`: the lowest), rank 0 alone writes
 the audit trail, and the halt checkpoint holds the weights before the bad update."""
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def test_trip_on_one_rank_halts_every_rank_at_the_same_step(tmp_path: Path) -> N
     assert [(r["step"], r["rule"], r["rank"], r["ranks"]) for r in records] == [
         (0, "block0", 0, [0, 1]),
         (2, "block0", 0, [0, 1]),
-        (s, "nonfinite", 0, [1]),
+        (s, "nonfinite", 1, [1]),  # `rank`: where it tripped; rank 0 wrote it
     ]
     assert records[-1]["checkpoint"] == checkpoint and Path(checkpoint).exists()
     state = torch.load(checkpoint, weights_only=False)["state_dict"]

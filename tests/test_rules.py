@@ -45,7 +45,8 @@ from lightning_gradwatch.governance import (
         ({"metric": "grad_norm_total", "min": 2.0, "max": 1.0}, ValueError, "min"),
         ({"metric": "grad_norm_total", "max": "big"}, TypeError, "max"),
         ({"metric": "grad_norm_total", "max": 1.0, "clip_mode": "abs"}, ValueError, "clip_mode"),
-        ({"metric": "", "max": 1.0}, TypeError, "metric"),
+        ({"metric": "", "max": 1.0}, ValueError, "metric"),
+        ({"metric": None, "max": 1.0}, TypeError, "metric"),
         ({"metric": "nonfinite", "max": 1.0}, ValueError, "nonfinite"),
         ({"metric": "nonfinite", "action": "clip", "clip_to": 1.0}, ValueError, "clip"),
         (

@@ -1,0 +1,172 @@
+"""Issue 3 read the way a user would use it: ``Rule`` built with keyword arguments or from a
+LightningCLI ``class_path`` entry, a halt checkpoint opened with a plain ``torch.load`` (holding the
+weights and the Adam state before the bad update), the callback's state round trip after a halt, and
+clipping on an unmeasured step logging the pre-clip total next to the clipped one."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+from faults import FaultNet, same_weights
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger
+from models import BlockNet
+
+from lightning_gradwatch import GradientFlowCallback, Rule
+from lightning_gradwatch.alerts import read_alerts
+
+
+def fit(
+    tmp_path: Path, model: pl.LightningModule, callback: GradientFlowCallback, steps: int
+) -> Any:
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        callbacks=[callback],
+        logger=CSVLogger(str(tmp_path), name="csv", version=0),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=1000,
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(model)
+    return trainer
+
+
+def csv_column(tmp_path: Path, key: str) -> dict[int, float]:
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as handle:
+        return {int(r["step"]): float(r[key]) for r in csv.DictReader(handle) if r.get(key)}
+
+
+def test_rule_is_a_keyword_dataclass_with_the_issue_fields() -> None:
+    assert dataclasses.is_dataclass(Rule)
+    fields = {f.name for f in dataclasses.fields(Rule)}
+    assert fields >= {
+        "metric",
+        "min",
+        "max",
+        "zscore",
+        "window",
+        "patience",
+        "action",
+        "clip_to",
+        "clip_mode",
+    }
+    rule = Rule(
+        metric="grad_norm_total",
+        min=0.0,
+        max=5,
+        zscore=6,
+        window=200,
+        patience=3,
+        action="clip",
+        clip_to=1,
+        clip_mode="value",
+    )
+    assert (rule.max, rule.zscore, rule.clip_to) == (5.0, 6.0, 1.0)
+    # A bad value of the right type is a ValueError naming the field; a wrong type a TypeError.
+    with pytest.raises(ValueError, match="`metric`"):
+        Rule(metric="", max=1.0)
+    with pytest.raises(TypeError, match="`metric`"):
+        Rule(metric=3, max=1.0)  # type: ignore[arg-type]
+
+
+def test_rules_from_yaml_with_class_path_entries(tmp_path: Path) -> None:
+    callback = {
+        "class_path": "lightning_gradwatch.GradientFlowCallback",
+        "init_args": {
+            "require_logger": False,
+            "rules": [
+                {
+                    "class_path": "lightning_gradwatch.Rule",
+                    "init_args": {"metric": "nonfinite", "action": "halt"},
+                },
+                {"metric": "grad_gain/*", "max": 2.0, "patience": 3, "action": "warn"},
+            ],
+        },
+    }
+    config = {"trainer": {"accelerator": "cpu", "logger": False, "callbacks": [callback]}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = LightningCLI(BlockNet, args=["--config", str(path)], run=False)
+    [built] = [c for c in cli.trainer.callbacks if isinstance(c, GradientFlowCallback)]
+    assert built.rules == [
+        Rule("nonfinite", action="halt"),
+        Rule("grad_gain/*", max=2.0, patience=3, action="warn"),
+    ]
+
+
+def test_halt_checkpoint_opens_with_plain_torch_load_and_holds_adam_before_the_update(
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(0)
+    s = 3
+    model = FaultNet(poison_block=1, poison_steps=(s,), optimizer="adam", lr=0.01)
+    callback = GradientFlowCallback(log_every_n_steps=50)  # rules=None: halt on non-finite
+    trainer = fit(tmp_path, model, callback, steps=10)
+
+    assert callback.halted and trainer.global_step == s + 1 and max(model.weights) == s
+    [alert] = callback.alerts
+    assert alert.block == "blocks.1" and "blocks.1" in alert.where
+    checkpoint = torch.load(alert["checkpoint_path"])  # torch's default weights_only=True
+    assert checkpoint["global_step"] == s
+    assert same_weights(checkpoint["state_dict"], model.weights[s])
+    assert same_weights(dict(model.named_parameters()), model.weights[s])
+    # Adam had taken s steps when the checkpoint was written, and took no step at s or later.
+    saved = checkpoint["optimizer_states"][0]["state"]
+    assert {int(v["step"]) for v in saved.values()} == {s}
+    live = trainer.optimizers[0].state
+    assert {int(live[p]["step"]) for p in model.parameters()} == {s}
+    for index, p in enumerate(model.parameters()):
+        torch.testing.assert_close(live[p]["exp_avg"], saved[index]["exp_avg"], rtol=0, atol=0)
+    [record] = read_alerts(str(tmp_path / "csv" / "version_0" / "gradwatch_alerts.jsonl"))
+    assert record["checkpoint_path"] == alert.checkpoint and record["rank"] == 0
+
+
+def test_state_round_trip_after_a_halt(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    rules = [
+        Rule("nonfinite", action="halt"),
+        Rule("grad_norm_total", zscore=100.0, window=10, name="z"),
+        Rule("grad_norm_total", max=0.0, patience=100, name="never_acts"),
+    ]
+    callback = GradientFlowCallback(log_every_n_steps=50, rules=rules)
+    fit(tmp_path, FaultNet(poison_steps=(4,)), callback, steps=10)
+    state = callback.state_dict()
+    governance = state["governance"]
+    assert governance["halted"] is True and "blocks.2" in governance["halt_reason"]
+    assert governance["rules"]["never_acts"] == {"count": 5, "consecutive": 5, "windows": {}}
+    assert len(governance["rules"]["z"]["windows"]["grad_norm_total"]) == 4  # steps 0-3 only
+
+    restored = GradientFlowCallback(log_every_n_steps=50, rules=rules)
+    assert not restored.halted
+    restored.load_state_dict(state)
+    assert restored.state_dict() == state
+    assert restored.halted and restored.halt_reason == callback.halt_reason
+
+
+def test_clip_on_an_unmeasured_step_logs_pre_and_post_clip_totals(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = FaultNet()
+    rule = Rule("grad_norm_total", max=0.05, action="clip", clip_to=0.02)
+    callback = GradientFlowCallback(log_every_n_steps=50, rules=[rule])  # only step 0 measured
+    fit(tmp_path, model, callback, steps=3)
+    total = csv_column(tmp_path, "grad_norm_total")
+    clipped = csv_column(tmp_path, "grad_norm_total_clipped")
+    assert set(total) == set(clipped) == {0, 1, 2}
+    for step in range(3):
+        before = model.grads_after_backward[step]
+        pre = float(torch.cat([g.double().reshape(-1) for g in before.values()]).norm())
+        seen = model.grads_at_step[step]
+        post = float(torch.cat([g.double().reshape(-1) for g in seen.values()]).norm())
+        assert total[step] == pytest.approx(pre, rel=1e-5) and pre > 0.05
+        assert clipped[step] == pytest.approx(post, rel=1e-4) == pytest.approx(0.02, rel=1e-4)
+    assert csv_column(tmp_path, "grad_alerts/grad_norm_total") == {0: 1.0, 1: 2.0, 2: 3.0}
