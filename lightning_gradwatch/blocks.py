@@ -6,11 +6,14 @@ or a callable returning ``(name, module)`` pairs. The *primary tensor* of a bloc
 * a tensor: itself;
 * a dict or HuggingFace-style ``ModelOutput``: ``last_hidden_state``, else ``hidden_states`` (if a
   tensor), else the first tensor value;
-* a tuple or list: its first tensor element (searched recursively).
+* a tuple or list: its first tensor element (searched recursively);
+* any other object (a ``ModelOutput``-like dataclass): its ``last_hidden_state`` or
+  ``hidden_states`` attribute, else its first tensor field.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional, Union
 
@@ -87,15 +90,23 @@ def discover_blocks(root: nn.Module) -> BlockList:
     """Find the repeated-block container: the longest ``ModuleList``/``Sequential`` whose children
     (at least two) are all of one class, e.g. ``transformer.h``, ``model.layers``, ``encoder.layer``.
 
-    Ties go to the container met first (the shallowest in definition order).
+    A container inside another one's blocks (attention heads in a ``ModuleList``, a block that is
+    itself a ``Sequential`` of layers) is part of a block, not a candidate. Ties go to the container
+    met first (the shallowest in definition order).
     """
     best: Optional[tuple[str, nn.Module]] = None
     best_len = 1
+    candidates: list[str] = []
     for name, module in root.named_modules():
         if not isinstance(module, (nn.ModuleList, nn.Sequential)):
             continue
         children = list(module.children())
-        if len(children) > best_len and len({type(child) for child in children}) == 1:
+        if len(children) < 2 or len({type(child) for child in children}) != 1:
+            continue
+        if any(name.startswith(f"{outer}.") or not outer for outer in candidates):
+            continue  # inside a block of an enclosing candidate
+        candidates.append(name)
+        if len(children) > best_len:
             best, best_len = (name, module), len(children)
     if best is None:
         raise ValueError(
@@ -123,6 +134,17 @@ def primary_tensor(output: Any) -> Optional[Tensor]:
     if isinstance(output, (tuple, list)):
         for value in output:
             found = primary_tensor(value)
+            if found is not None:
+                return found
+        return None
+    # A ModelOutput-like object that is not a mapping (e.g. a dataclass): the same fields, by name.
+    for key in ("last_hidden_state", "hidden_states"):
+        value = getattr(output, key, None)
+        if isinstance(value, Tensor):
+            return value
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        for item in dataclasses.fields(output):
+            found = primary_tensor(getattr(output, item.name))
             if found is not None:
                 return found
     return None

@@ -60,7 +60,8 @@ class GradientFlowCallback(Callback):
       ``large_fraction``, ``nonfinite_count`` over all parameter-gradient elements.
 
     Args:
-        blocks: ``"auto"`` (the longest ``ModuleList``/``Sequential`` of same-class modules), a
+        blocks: ``"auto"`` (the longest ``ModuleList``/``Sequential`` of same-class modules not
+            inside another one's blocks), a
             dotted attribute path to a container (``"model.transformer.h"``), a list of qualified
             module names, or a callable ``pl_module -> [(name, module), ...]``.
         log_every_n_steps: measure and log every n optimizer steps.
@@ -171,14 +172,15 @@ class GradientFlowCallback(Callback):
                 "(logger=False). Add one (e.g. TensorBoardLogger) or pass require_logger=False and "
                 "read `callback.last`."
             )
-        blocks = resolve_blocks(pl_module, self.blocks)
+        # Keys as in eager mode: without the `_orig_mod` of torch.compile wrappers (OptimizedModule).
+        blocks = [(_eager_name(n), m) for n, m in resolve_blocks(pl_module, self.blocks)]
         self._remove_hooks()
         self._probe = GradientProbe(blocks, self.spec.norm_type, keep_grads=self.log_histograms)
         self.block_names = self._probe.names
         # FSDP1/DeepSpeed: p.grad is not the gradient; leave parameter figures out (with a warning).
         self.spec.measure_params = check_strategy(trainer).params
         self._params = [
-            (n, p)
+            (_eager_name(n), p)
             for n, p in pl_module.named_parameters()
             if p.requires_grad and self.spec.measure_params
         ]
@@ -346,6 +348,12 @@ class GradientFlowCallback(Callback):
 def _all_finite(measurement: GradientMeasurement) -> bool:
     figures = [measurement.total_norm] if measurement.param_norms else measurement.block_norms
     return all(value is None or math.isfinite(value) for value in figures)
+
+
+def _eager_name(name: str) -> str:
+    """``name`` without the ``_orig_mod`` components that ``torch.compile(module)`` wrappers add
+    (``blocks.0._orig_mod.linear.weight`` -> ``blocks.0.linear.weight``)."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
 
 
 def _check_param_filter(value: object) -> Union[bool, str, list[str]]:
