@@ -81,6 +81,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ImportError as error:  # matplotlib missing for --out
         print(f"gradwatch: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as error:  # unreadable log file, --out not writable
+        print(f"gradwatch: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -243,6 +243,7 @@ def iter_events(file: Path) -> Iterator[Any]:
     parse each record, ~100x faster; a truncated last record (a run still writing) ends the file.
     CRCs are not verified.
     """
+    from google.protobuf.message import DecodeError
     from tensorboard.compat.proto import event_pb2
 
     data = file.read_bytes()
@@ -253,7 +254,11 @@ def iter_events(file: Path) -> Iterator[Any]:
         end = start + length
         if end + 4 > size:
             break
-        yield event_pb2.Event.FromString(data[start:end])
+        try:
+            event = event_pb2.Event.FromString(data[start:end])
+        except DecodeError:
+            raise ReportError(f"{file}: not a TensorBoard event file (corrupt record)") from None
+        yield event
         position = end + 4
 
 
@@ -281,7 +286,10 @@ def _read_csv(file: Path, name: str) -> Optional[RunLog]:
         body += b"nan"
     if not body.strip():
         return None
-    table = np.loadtxt(io.BytesIO(body), delimiter=",", dtype=np.float64, ndmin=2)
+    try:
+        table = np.loadtxt(io.BytesIO(body), delimiter=",", dtype=np.float64, ndmin=2)
+    except ValueError as error:  # ragged rows, text cells: not a CSVLogger file we can read
+        raise ReportError(f"{file}: not a readable metrics.csv ({error})") from None
     if table.shape[1] != len(header):
         raise ReportError(f"{file}: rows do not match the header ({len(header)} columns)")
     step_column = table[:, header.index("step")]

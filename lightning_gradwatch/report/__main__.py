@@ -1,0 +1,7 @@
+"""``python -m lightning_gradwatch.report report LOGDIR ...``: the ``gradwatch`` console script."""
+
+import sys
+
+from lightning_gradwatch.report.cli import main
+
+sys.exit(main())
