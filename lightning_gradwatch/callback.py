@@ -309,6 +309,7 @@ class GradientFlowCallback(Callback):
             spec=self.spec,
             replicas=data_parallel_size(trainer),
         )
+        measurement.chained = list(probe.chained)
         # The scaler skips the step exactly when an unscaled parameter gradient is inf/NaN.
         measurement.skipped_by_scaler = scale is not None and not _all_finite(measurement)
         return measurement

@@ -57,6 +57,8 @@ def locate_nonfinite(
     nonfinite_params: Sequence[str],
     block_norms: Optional[Sequence[Optional[float]]] = None,
     loss_nonfinite: Optional[bool] = None,
+    *,
+    chained: Optional[Sequence[bool]] = None,
 ) -> NonFiniteReport:
     """Name the block whose backward produced the first non-finite gradient.
 
@@ -64,9 +66,12 @@ def locate_nonfinite(
     before it. With block-output norms (a measured step) the non-finite block closest to the output,
     ``j``, is the first one backward reached with a bad gradient. That gradient was made by the
     backward of block ``j + 1`` if ``j + 1``'s own parameters already got NaN/Inf (the poison arose
-    inside it), else it arrived at ``j``'s output from outside the watched blocks' internals, and ``j``
-    is named. Without block norms (unmeasured steps, no hooks) the block closest to the output that
-    owns a parameter with a non-finite gradient is named.
+    inside it), or if ``j + 1`` got a gradient and its input was ``j``'s output itself
+    (``chained[j + 1]``: nothing but block ``j + 1`` lies between the two outputs); else it arrived
+    at ``j``'s output from outside the watched blocks' internals, and ``j`` is named. Without block
+    norms (unmeasured steps, no hooks) the block closest to the output that owns a parameter with a
+    non-finite gradient is named (a NaN made by the very first operation of block ``k``'s backward,
+    which leaves ``k``'s parameters finite, is then reported as block ``k - 1``).
     """
     params = list(nonfinite_params)
     bad_param_blocks = {block_of(name, block_names) for name in params} - {None}
@@ -79,7 +84,16 @@ def locate_nonfinite(
         if bad:
             j = bad[-1]
             after = j + 1
-            if after < len(block_names) and block_names[after] in bad_param_blocks:
+            inside_next = after < len(block_names) and (
+                block_names[after] in bad_param_blocks
+                or (
+                    chained is not None
+                    and after < len(chained)
+                    and chained[after]
+                    and block_norms[after] is not None
+                )
+            )
+            if inside_next:
                 report.block = block_names[after]
             else:
                 report.block = block_names[j]

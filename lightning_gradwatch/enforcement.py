@@ -183,6 +183,7 @@ class RuleEnforcer:
                 nonfinite_params,
                 measurement.block_norms if measured else None,
                 bool(loss_flag) if loss_flag is not None else None,
+                chained=measurement.chained if measured else None,
             )
         extra = self._act(
             trainer, optimizer, params, decisions, measurement, report, scaler, peer_values

@@ -62,6 +62,8 @@ class GradientMeasurement:
         metrics: the flat dict handed to the loggers.
         skipped_by_scaler: the AMP GradScaler found inf/NaN parameter gradients and skips this
             optimizer step (the scaler doing its job): the callback does not log it.
+        chained: per block, whether its input was block ``i - 1``'s output tensor itself (nothing
+            in between), as seen by the probe in this step's forward (empty: unknown).
     """
 
     step: int
@@ -77,6 +79,7 @@ class GradientMeasurement:
     grad_stats: dict[str, float]
     metrics: dict[str, float] = field(default_factory=dict)
     skipped_by_scaler: bool = False
+    chained: list[bool] = field(default_factory=list)
 
     @property
     def nonfinite_blocks(self) -> list[str]:

@@ -9,6 +9,7 @@ backward, in every checkpointing mode. Nothing here logs or syncs with the host.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, Optional
 
 import torch
@@ -58,6 +59,10 @@ class GradientProbe:
             len(blocks), 3, dtype=torch.float32, device=_device_of(self.modules)
         )
         self.grads: list[Optional[Tensor]] = [None] * len(blocks)
+        #: Whether block i's input was block i-1's output tensor itself in the armed forward (eager
+        #: only): then a NaN/Inf appearing between the two outputs came from block i's backward.
+        self.chained = [False] * len(blocks)
+        self._previous: Optional[tuple[int, weakref.ref[Tensor]]] = None
         self._fired = [False] * len(blocks)
         self._tensor_hooks = [self._make_tensor_hook(i) for i in range(len(blocks))]
         self._handles: list[RemovableHandle] = [
@@ -83,6 +88,8 @@ class GradientProbe:
         self.buffer.zero_()
         self._fired = [False] * len(self.names)
         self.grads = [None] * len(self.names)
+        self.chained = [False] * len(self.names)
+        self._previous = None
 
     def remove(self) -> None:
         """Remove every hook this probe registered. Safe to call twice."""
@@ -100,6 +107,15 @@ class GradientProbe:
             tensor = primary_tensor(output)
             if tensor is not None and tensor.requires_grad:
                 tensor.register_hook(tensor_hook)
+                if not torch.compiler.is_compiling():  # host-side bookkeeping, no tensor work
+                    previous, given = self._previous, primary_tensor(inputs)
+                    self.chained[index] = (
+                        given is not None
+                        and previous is not None
+                        and previous[0] == index - 1
+                        and previous[1]() is given
+                    )
+                    self._previous = (index, weakref.ref(tensor))
             return None  # a returned value would replace the block's output
 
         return forward_hook

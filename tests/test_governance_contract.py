@@ -1,7 +1,8 @@
 """Issue 3 read the way a user would use it: ``Rule`` built with keyword arguments or from a
 LightningCLI ``class_path`` entry, a halt checkpoint opened with a plain ``torch.load`` (holding the
-weights and the Adam state before the bad update), the callback's state round trip after a halt, and
-clipping on an unmeasured step logging the pre-clip total next to the clipped one."""
+weights and the Adam state before the bad update), the callback's state round trip after a halt,
+clipping on an unmeasured step logging the pre-clip total next to the clipped one, and a NaN made by
+the very first operation of block k's backward (its input side) named as block k."""
 
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
-from faults import FaultNet, same_weights
+from faults import FaultNet, NaNBackward, same_weights, snapshot
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
-from models import BlockNet
+from models import Block, BlockNet
+from torch import Tensor
 
 from lightning_gradwatch import GradientFlowCallback, Rule
 from lightning_gradwatch.alerts import read_alerts
+from lightning_gradwatch.diagnosis import locate_nonfinite
 
 
 def fit(
@@ -170,3 +173,60 @@ def test_clip_on_an_unmeasured_step_logs_pre_and_post_clip_totals(tmp_path: Path
         assert total[step] == pytest.approx(pre, rel=1e-5) and pre > 0.05
         assert clipped[step] == pytest.approx(post, rel=1e-4) == pytest.approx(0.02, rel=1e-4)
     assert csv_column(tmp_path, "grad_alerts/grad_norm_total") == {0: 1.0, 1: 2.0, 2: 3.0}
+
+
+class PoisonInputBlock(Block):
+    """A block whose forward starts with the NaN function: its backward's last operation makes the
+    NaN, so its own parameters and output gradient stay finite and only its input gradient is NaN."""
+
+    poison = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.poison:
+            x = NaNBackward.apply(x)
+        return super().forward(x)
+
+
+class PoisonInputNet(BlockNet):
+    def __init__(self, k: int, s: int) -> None:
+        super().__init__()
+        self.k, self.s = k, s
+        self.blocks[k] = PoisonInputBlock(8)
+        self.weights: dict[int, dict[str, Tensor]] = {}
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.weights[self.trainer.global_step] = snapshot(self)
+        self.blocks[self.k].poison = self.trainer.global_step == self.s  # type: ignore[union-attr]
+
+
+def test_nan_made_at_the_input_side_of_block_k_names_block_k(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    k, s = 2, 3
+    model = PoisonInputNet(k, s)
+    callback = GradientFlowCallback(log_every_n_steps=1, blocks="blocks")
+    fit(tmp_path, model, callback, steps=8)
+    assert callback.halted and max(model.weights) == s
+    [alert] = callback.alerts
+    assert (alert.step, alert.action, alert.block) == (s, "halt", f"blocks.{k}")
+    assert alert.where[0] == f"blocks.{k}" and f"blocks.{k}" in (callback.halt_reason or "")
+    # Only the blocks below k saw the NaN; block k's own parameters did not.
+    assert alert.blocks == [f"blocks.{i}" for i in range(k)]
+    assert not any(p.startswith(f"blocks.{k}.") for p in alert.params)
+    assert same_weights(snapshot(model), model.weights[s])
+
+
+def test_locate_nonfinite_uses_the_chaining_of_blocks() -> None:
+    blocks = ["blocks.0", "blocks.1", "blocks.2", "blocks.3"]
+    nan = float("nan")
+    norms = [nan, nan, 1.0, 1.0]
+    params = ["blocks.0.linear.weight", "blocks.1.linear.weight"]
+    # Block 2 took block 1's output directly: the NaN between them came from block 2's backward.
+    chained = [False, True, True, True]
+    assert locate_nonfinite(blocks, params, norms, chained=chained).block == "blocks.2"
+    # Something outside the blocks sat between them: block 1's output is where it showed up.
+    chained = [False, True, False, True]
+    assert locate_nonfinite(blocks, params, norms, chained=chained).block == "blocks.1"
+    assert locate_nonfinite(blocks, params, norms).block == "blocks.1"
+    # Block 2 got no gradient at all: its backward did not run, so it made nothing.
+    unused = [nan, nan, None, 1.0]
+    assert locate_nonfinite(blocks, params, unused, chained=[True] * 4).block == "blocks.1"
