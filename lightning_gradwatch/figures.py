@@ -23,9 +23,12 @@ PLOTS_EXTRA = "lightning-gradwatch[plots]"
 #: Pixels of the heatmap image: fixed width, height growing with the number of blocks.
 HEATMAP_DPI = 80
 HEATMAP_WIDTH_IN = 10.0
-_ROW_IN = 0.18  # height of one block row
-_PANEL_MIN_IN, _PANEL_MAX_IN = 1.2, 9.0
-_MARGIN_IN = 1.6  # titles, axis labels, gap between the panels
+#: A panel is ``_PANEL_BASE_IN + rows * _ROW_IN`` inches high (at most ``_PANEL_MAX_IN``): the image
+#: grows by one row per block from 2 blocks up to 100, and stays bounded beyond. Every size is a
+#: multiple of 1/8 inch (10 pixels), exact in binary, so the pixel size never depends on rounding.
+_ROW_IN = 0.125  # height of one block row
+_PANEL_BASE_IN, _PANEL_MAX_IN = 1.0, 13.5
+_MARGIN_IN = 1.625  # titles, axis labels, gap between the panels
 
 #: Chart titles of the custom-scalars layout (category ``gradwatch``).
 LAYOUT_CATEGORY = "gradwatch"
@@ -55,8 +58,8 @@ def heatmap_size_px(num_blocks: int) -> tuple[int, int]:
 
 
 def _heatmap_size_in(num_blocks: int) -> tuple[float, float]:
-    norms = min(max(num_blocks * _ROW_IN, _PANEL_MIN_IN), _PANEL_MAX_IN)
-    gains = min(max((num_blocks - 1) * _ROW_IN, _PANEL_MIN_IN), _PANEL_MAX_IN)
+    norms = min(_PANEL_BASE_IN + num_blocks * _ROW_IN, _PANEL_MAX_IN)
+    gains = min(_PANEL_BASE_IN + max(num_blocks - 1, 1) * _ROW_IN, _PANEL_MAX_IN)
     return HEATMAP_WIDTH_IN, norms + gains + _MARGIN_IN
 
 
