@@ -2,12 +2,16 @@
 LightningCLI ``class_path`` entry, a halt checkpoint opened with a plain ``torch.load`` (holding the
 weights and the Adam state before the bad update), the callback's state round trip after a halt,
 clipping on an unmeasured step logging the pre-clip total next to the clipped one, and a NaN made by
-the very first operation of block k's backward (its input side) named as block k."""
+the very first operation of block k's backward (its input side) named as block k, and ``skip`` under
+DDP when only rank 1 trips (run as ``python tests/test_governance_contract.py OUT_DIR``)."""
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +19,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
-from faults import FaultNet, NaNBackward, same_weights, snapshot
+from faults import FaultNet, NaNBackward, RankFault, same_weights, snapshot
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from models import Block, BlockNet
@@ -230,3 +234,66 @@ def test_locate_nonfinite_uses_the_chaining_of_blocks() -> None:
     # Block 2 got no gradient at all: its backward did not run, so it made nothing.
     unused = [nan, nan, None, 1.0]
     assert locate_nonfinite(blocks, params, unused, chained=[True] * 4).block == "blocks.1"
+
+
+DDP_FAULT_STEP = 3
+
+
+def ddp_skip_worker(out_dir: str) -> None:
+    """One rank of a 2-process DDP run where an Inf reaches rank 1's gradients only at one step."""
+    pl.seed_everything(0, verbose=False)
+    model = FaultNet(n_samples=128, batch_size=8)
+    callback = GradientFlowCallback(log_every_n_steps=50, rules=[Rule("nonfinite", action="skip")])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=6,
+        callbacks=[RankFault(rank=1, step=DDP_FAULT_STEP), callback],
+        logger=CSVLogger(out_dir, name="csv", version=0),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=out_dir,
+    )
+    trainer.fit(model)
+    record = {
+        "global_step": trainer.global_step,
+        "halted": callback.halted,
+        "alerts": [(a.step, a.rule, a.action, a.rank, list(a.ranks)) for a in callback.alerts],
+        "weights": model.weights,
+        "final": snapshot(model),
+    }
+    torch.save(record, Path(out_dir) / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_skip_when_one_rank_trips_skips_every_rank_and_training_goes_on(
+    tmp_path: Path,
+) -> None:
+    result = subprocess.run(
+        [sys.executable, __file__, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=90,  # a rank left waiting in a collective would hang: fail instead
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        cwd=Path(__file__).parent.parent,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    s = DDP_FAULT_STEP
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for record in ranks:
+        assert record["global_step"] == 6 and not record["halted"]
+        assert record["alerts"] == [(s, "nonfinite", "skip", 1, [1])]
+        weights = record["weights"]
+        assert same_weights(weights[s + 1], weights[s])  # the poisoned step changed nothing
+        for step in (s - 1, s + 1):
+            assert not same_weights(weights[step + 1], weights[step])  # the others trained
+        assert all(torch.isfinite(w).all() for w in record["final"].values())
+    assert same_weights(ranks[0]["final"], ranks[1]["final"])
+    [line] = read_alerts(str(tmp_path / "csv" / "version_0" / "gradwatch_alerts.jsonl"))
+    assert (line["step"], line["action"], line["rank"], line["ranks"]) == (s, "skip", 1, [1])
+
+
+if __name__ == "__main__":  # the script's own directory is on sys.path: `faults` imports
+    ddp_skip_worker(sys.argv[1])
