@@ -1,6 +1,7 @@
 """Governance under ``strategy="ddp"`` on 2 CPU processes: a rule that trips on rank 1 only halts
-both ranks at the same step (no hang), the alert names the ranks that tripped (`rank`: the lowest), rank 0 alone writes
-the audit trail, and the halt checkpoint holds the weights before the bad update."""
+both ranks at the same step (no hang), the alert names the ranks that tripped (``rank``: the lowest
+of them), rank 0 alone writes the audit trail, and the halt checkpoint holds the weights before the
+bad update."""
 
 from __future__ import annotations
 
