@@ -39,7 +39,12 @@ from lightning_gradwatch.governance import (
     RuleEngine,
     strongest,
 )
-from lightning_gradwatch.measurement import GradientMeasurement, MeasurementSpec, pack, unpack
+from lightning_gradwatch.measurement import (
+    GradientMeasurement,
+    MeasurementSpec,
+    local_tensor,
+    unpack,
+)
 from lightning_gradwatch.norms import finalize_norm, foreach_partial_norms
 from lightning_gradwatch.strategies import scaler_enabled
 
@@ -212,12 +217,12 @@ class RuleEnforcer:
         """Total and per-parameter norms in one batched pass and one host copy (no block figures)."""
         with_grad = [(name, p) for name, p in params if p.grad is not None]
         grads: list[Tensor] = [p.grad for _, p in with_grad]  # type: ignore[misc]
-        device = grads[0].device if grads else torch.device("cpu")
         spec = dataclasses.replace(self.spec, grad_stats=False, log_param_norms=False)
-        packed = pack(torch.zeros(0, device=device), grads, spec)
+        # Not `pack`: no block rows, no statistics, no loss scale; just the partials, as they come.
+        partials = foreach_partial_norms([local_tensor(g) for g in grads], spec.norm_type)
         if any(hasattr(g, "to_local") for g in grads):  # sharded (FSDP2): combine the shards
-            packed = reduce_packed(
-                packed,
+            partials = reduce_packed(
+                partials,
                 num_blocks=0,
                 num_params=len(grads),
                 norm_type=self.spec.norm_type,
@@ -225,7 +230,7 @@ class RuleEnforcer:
                 grad_stats=False,
             )
         return unpack(
-            packed.tolist(),
+            [*partials.tolist(), 1.0],  # `unpack` reads the loss scale last: none here
             step=step,
             block_names=[],
             param_names=[name for name, _ in with_grad],
