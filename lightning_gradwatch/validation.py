@@ -13,8 +13,9 @@ T = TypeVar("T")
 def check_type(value: Any, expected: type[T], name: str) -> T:
     """``value`` if it is an instance of ``expected`` (``bool`` is not accepted as ``int``)."""
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        article = "an" if expected.__name__[0] in "aeiou" else "a"
         raise TypeError(
-            f"`{name}` must be a {expected.__name__}, got {type(value).__name__}: {value!r}."
+            f"`{name}` must be {article} {expected.__name__}, got {type(value).__name__}: {value!r}."
         )
     return value
 

@@ -257,9 +257,9 @@ def test_no_logger_is_an_error_unless_allowed(tmp_path: Any) -> None:
         (
             {"log_every_n_steps": 2.5},
             TypeError,
-            r"`log_every_n_steps` must be a int, got float: 2\.5",
+            r"`log_every_n_steps` must be an int, got float: 2\.5",
         ),
-        ({"log_every_n_steps": True}, TypeError, r"`log_every_n_steps` must be a int, got bool"),
+        ({"log_every_n_steps": True}, TypeError, r"`log_every_n_steps` must be an int, got bool"),
         (
             {"norm_type": "L2"},
             ValueError,
