@@ -29,6 +29,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.fabric.plugins.environments.lightning import find_free_network_port
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
 from models import BlockNet
@@ -179,7 +180,11 @@ def assert_logged_like_reference(out: Path, weights: dict[str, Tensor], world: i
         assert_figures_equal(logged, expected, rel=1e-4)
 
 
-def test_ddp_spawn_logs_the_single_process_figures_of_the_global_batch(tmp_path: Path) -> None:
+def test_ddp_spawn_logs_the_single_process_figures_of_the_global_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ddp_spawn sets MASTER_PORT in this process: undo it afterwards for the tests that follow.
+    monkeypatch.setenv("MASTER_PORT", str(find_free_network_port()))
     torch.manual_seed(0)
     model = ShardedDataNet()
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
