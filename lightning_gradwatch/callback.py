@@ -234,15 +234,22 @@ class GradientFlowCallback(Callback):
         if probe is not None and step == self._armed_step and step != self._measured_step:
             self._measured_step = step
             probe.disarm()
-            measurement = self.last = self._measure(trainer, probe, step)
+            measurement = self._measure(trainer, probe, step)
         # Rules see the pre-clip figures; they may clip, drop the gradients or stop training.
         extra = self._enforcer.on_before_optimizer_step(
             trainer, pl_module, optimizer, self._params, measurement
         )
+        if measurement is not None and measurement.skipped_by_scaler:
+            # The AMP scaler skips this step (inf/NaN gradients) and lowers its scale: its job, not
+            # a measurement. Rules have seen it; nothing is logged unless they halted training.
+            if self.halted and trainer.is_global_zero:
+                log_metrics(trainer.loggers, extra, step)
+            return
+        if measurement is not None:
+            self.last = measurement
         if not trainer.is_global_zero:
             return
-        # A step the AMP scaler skips (inf/NaN gradients) is not logged: the scaler handles it.
-        if measurement is not None and probe is not None and not measurement.skipped_by_scaler:
+        if measurement is not None and probe is not None:
             measurement.metrics.update(extra)  # one log_metrics call per logger and step
             self._log(trainer, measurement, probe)
         elif extra:

@@ -126,3 +126,23 @@ def test_optimizer_unscaling_in_step_is_warned_about(tmp_path: Path) -> None:
     for key, value in expected.items():  # block figures and gains are still right
         if key.startswith(("grad_norm/", "grad_gain/", "grad_flow/")):
             assert callback.last.metrics[key] == pytest.approx(value, rel=1e-5, nan_ok=True), key  # type: ignore[union-attr]
+
+
+def test_step_skipped_by_the_scaler_is_not_a_measurement_with_default_rules(tmp_path: Path) -> None:
+    plugin = scaler_plugin(2.0**40, backoff_factor=2.0**-30)  # step 0 overflows fp16, as above
+    torch.manual_seed(0)
+    model = RefNet()
+    callback = GradientFlowCallback(log_every_n_steps=1)  # default rules: nonfinite -> halt
+    fit = trainer(tmp_path, [callback], max_steps=1, plugins=[plugin])
+    fit.fit(model)
+    assert fit.precision_plugin.scaler.get_scale() == 2.0**10  # the scaler did skip step 0
+    assert not callback.halted  # the scaler's job, not a halt
+    assert callback.last is None  # nothing was measured
+    assert [a.action for a in callback.alerts] == ["none"]  # but the trip is on record
+    path = tmp_path / "csv" / "version_0" / "metrics.csv"
+    logged: set[str] = set()
+    if path.exists():
+        with open(path) as handle:
+            for row in csv.DictReader(handle):
+                logged |= {key for key, value in row.items() if key.startswith("grad") and value}
+    assert logged == set()
