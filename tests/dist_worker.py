@@ -35,7 +35,7 @@ from torch import Tensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from models import BlockNet
+from models import BlockNet, fully_shard_blocks
 
 from lightning_gradwatch import GradientFlowCallback
 from lightning_gradwatch.probe import CALLS
@@ -114,14 +114,8 @@ class Recorder(BlockNet):
         }
 
     def configure_model(self) -> None:
-        if not self.fsdp:
-            return
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = self.device_mesh["data_parallel"]
-        for block in self.blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(self, mesh=mesh)
+        if self.fsdp:
+            fully_shard_blocks(self)
 
     def _measured(self) -> bool:
         return self.trainer.global_step % LOG_EVERY == 0

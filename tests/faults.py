@@ -128,3 +128,39 @@ class RankFault(Callback):
         if trainer.global_rank == self.rank and trainer.global_step == self.step:
             grad = pl_module.blocks[1].linear.weight.grad  # type: ignore[index,union-attr]
             grad[0, 0] = float("inf")
+
+
+def ddp_trainer(out_dir: str, callbacks: list[Callback], max_steps: int) -> pl.Trainer:
+    """A 2-process CPU DDP Trainer (gloo) logging to CSV under ``out_dir``."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=CSVLogger(out_dir, name="csv", version=0),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=out_dir,
+    )
+
+
+def make_trainer(tmp_path: Any, callbacks: list[Any], max_steps: int, **kwargs: Any) -> pl.Trainer:
+    """A one-process CPU Trainer logging to ``tmp_path/csv/version_0/metrics.csv``."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    return pl.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=CSVLogger(str(tmp_path), name="csv", version=0),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=1000,
+        default_root_dir=str(tmp_path),
+        **kwargs,
+    )

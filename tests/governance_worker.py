@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from faults import FaultNet, RankFault, snapshot
+from faults import FaultNet, RankFault, ddp_trainer, snapshot
 
 from lightning_gradwatch import GradientFlowCallback, Rule
 
@@ -48,18 +48,7 @@ def ddp(out_dir: str) -> None:
             Rule("grad_norm/blocks.0", max=0.0, action="warn", name="block0"),
         ],
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_steps=10,
-        callbacks=[RankFault(rank=1, step=FAULT_STEP), callback],
-        logger=CSVLogger(out_dir, name="csv", version=0),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=out_dir,
-    )
+    trainer = ddp_trainer(out_dir, [RankFault(rank=1, step=FAULT_STEP), callback], max_steps=10)
     trainer.fit(model)
     record = {
         "rank": trainer.global_rank,

@@ -85,3 +85,13 @@ class BlockNet(pl.LightningModule):
         x = torch.randn(self.n_samples, 4, generator=generator)
         y = x.sum(dim=1, keepdim=True).sin()
         return DataLoader(TensorDataset(x, y), batch_size=self.batch_size)
+
+
+def fully_shard_blocks(module: pl.LightningModule) -> None:
+    """FSDP2 in ``configure_model``: shard every block of ``module.blocks``, then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = module.device_mesh["data_parallel"]
+    for block in module.blocks:  # type: ignore[union-attr]
+        fully_shard(block, mesh=mesh)
+    fully_shard(module, mesh=mesh)

@@ -14,9 +14,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from dist_worker import DEPTH, WIDTH
-from reference import RefNet, assert_metrics_equal
+from reference import RefNet, assert_metrics_equal, ref_norm
 from torch import Tensor, nn
 
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -63,3 +64,16 @@ def assert_figures_equal(
         actual = {k: v for k, v in actual.items() if k != key}
         expected = {k: v for k, v in expected.items() if k != key}
     assert_metrics_equal(actual, expected, rel=rel)
+
+
+def assert_full_gradient_norms(
+    measured: Mapping[str, float], full_grads: Mapping[str, Tensor], norm_type: str
+) -> None:
+    """The total and per-parameter norms in ``measured`` are those of the full gradients."""
+    assert measured["grad_norm_total"] == pytest.approx(
+        ref_norm(list(full_grads.values()), norm_type), rel=1e-5
+    )
+    for name, grad in full_grads.items():
+        assert measured[f"grad_param_norm/{name}"] == pytest.approx(
+            ref_norm(grad, norm_type), rel=1e-5, abs=1e-12
+        ), name

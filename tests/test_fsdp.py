@@ -19,8 +19,13 @@ from dist_worker import DEPTH, NORM_TYPES
 from lightning.pytorch.plugins import Precision
 from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
 from models import BlockNet
-from parallel import assert_figures_equal, global_batch_reference, run_worker
-from reference import ref_metrics, ref_norm, trainer
+from parallel import (
+    assert_figures_equal,
+    assert_full_gradient_norms,
+    global_batch_reference,
+    run_worker,
+)
+from reference import ref_metrics, trainer
 
 from lightning_gradwatch import GradientFlowCallback
 from lightning_gradwatch.strategies import check_strategy
@@ -47,14 +52,9 @@ def test_fsdp2_param_norms_equal_full_gradient_norms(fsdp_run: list[dict[str, An
         torch.testing.assert_close(full_grads, fsdp_run[1]["grads"][step])
         for norm_type in NORM_TYPES:
             for record in fsdp_run:
-                measured = record["measured"][norm_type][step]
-                assert measured["grad_norm_total"] == pytest.approx(
-                    ref_norm(list(full_grads.values()), norm_type), rel=1e-5
+                assert_full_gradient_norms(
+                    record["measured"][norm_type][step], full_grads, norm_type
                 )
-                for name, grad in full_grads.items():
-                    assert measured[f"grad_param_norm/{name}"] == pytest.approx(
-                        ref_norm(grad, norm_type), rel=1e-5, abs=1e-12
-                    ), name
 
 
 def test_fsdp2_all_figures_equal_single_process_on_global_batch(

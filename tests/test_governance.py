@@ -12,8 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from faults import FaultNet, same_weights
-from lightning.pytorch.loggers import CSVLogger
+from faults import FaultNet, make_trainer, same_weights
 from lightning.pytorch.plugins import MixedPrecision
 from models import BlockNet
 from torch import Tensor
@@ -21,21 +20,6 @@ from torch import Tensor
 from lightning_gradwatch import GradientFlowCallback, Rule
 from lightning_gradwatch.alerts import read_alerts
 from lightning_gradwatch.norms import Category
-
-
-def make_trainer(tmp_path: Path, callbacks: list[Any], max_steps: int, **kwargs: Any) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        callbacks=callbacks,
-        logger=CSVLogger(str(tmp_path), name="csv", version=0),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        log_every_n_steps=1000,
-        default_root_dir=str(tmp_path),
-        **kwargs,
-    )
 
 
 def csv_rows(tmp_path: Path) -> list[dict[str, str]]:

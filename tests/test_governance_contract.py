@@ -19,9 +19,16 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
-from faults import FaultNet, NaNBackward, RankFault, same_weights, snapshot
+from faults import (
+    FaultNet,
+    NaNBackward,
+    RankFault,
+    ddp_trainer,
+    make_trainer,
+    same_weights,
+    snapshot,
+)
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger
 from models import Block, BlockNet
 from torch import Tensor
 
@@ -33,17 +40,7 @@ from lightning_gradwatch.diagnosis import locate_nonfinite
 def fit(
     tmp_path: Path, model: pl.LightningModule, callback: GradientFlowCallback, steps: int
 ) -> Any:
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        callbacks=[callback],
-        logger=CSVLogger(str(tmp_path), name="csv", version=0),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        log_every_n_steps=1000,
-        default_root_dir=str(tmp_path),
-    )
+    trainer = make_trainer(tmp_path, [callback], max_steps=steps)
     trainer.fit(model)
     return trainer
 
@@ -244,18 +241,8 @@ def ddp_skip_worker(out_dir: str) -> None:
     pl.seed_everything(0, verbose=False)
     model = FaultNet(n_samples=128, batch_size=8)
     callback = GradientFlowCallback(log_every_n_steps=50, rules=[Rule("nonfinite", action="skip")])
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_steps=6,
-        callbacks=[RankFault(rank=1, step=DDP_FAULT_STEP), callback],
-        logger=CSVLogger(out_dir, name="csv", version=0),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=out_dir,
-    )
+    callbacks = [RankFault(rank=1, step=DDP_FAULT_STEP), callback]
+    trainer = ddp_trainer(out_dir, callbacks, max_steps=6)
     trainer.fit(model)
     record = {
         "global_step": trainer.global_step,

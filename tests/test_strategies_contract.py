@@ -32,8 +32,8 @@ import torch
 from lightning.fabric.plugins.environments.lightning import find_free_network_port
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
-from models import BlockNet
-from parallel import assert_figures_equal
+from models import BlockNet, fully_shard_blocks
+from parallel import assert_figures_equal, assert_full_gradient_norms
 from reference import ref_metrics, ref_norm, trainer
 from torch import Tensor, nn
 from torch._dynamo.utils import counters
@@ -71,14 +71,8 @@ class ShardedDataNet(BlockNet):
         return DataLoader(TensorDataset(x[rank::world], y[rank::world]), batch_size=MICRO)
 
     def configure_model(self) -> None:
-        if not self.fsdp:
-            return
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = self.device_mesh["data_parallel"]
-        for block in self.blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(self, mesh=mesh)
+        if self.fsdp:
+            fully_shard_blocks(self)
 
     def on_train_start(self) -> None:
         self.record["weights"] = {n: _full(p) for n, p in self.named_parameters()}
@@ -230,14 +224,7 @@ def test_fsdp2_logs_full_gradient_norms_and_global_batch_figures(tmp_path: Path)
     # The per-parameter and total norms are those of full_tensor() in the module's own hook.
     for index, (step, logged) in enumerate(logged_rows(tmp_path)):
         norm_type = NORM_TYPES[index % len(NORM_TYPES)]
-        grads = rank0["grads"][step]
-        assert logged["grad_norm_total"] == pytest.approx(
-            ref_norm(list(grads.values()), norm_type), rel=1e-5
-        )
-        for name, grad in grads.items():
-            assert logged[f"grad_param_norm/{name}"] == pytest.approx(
-                ref_norm(grad, norm_type), rel=1e-5, abs=1e-12
-            ), name
+        assert_full_gradient_norms(logged, rank0["grads"][step], norm_type)
 
 
 # -- torch.compile ---------------------------------------------------------------------------------
