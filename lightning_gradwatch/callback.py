@@ -17,12 +17,19 @@ from torch.optim import Optimizer
 from lightning_gradwatch.alerts import Alert
 from lightning_gradwatch.blocks import resolve_blocks, validate_blocks_spec
 from lightning_gradwatch.diagnosis import FirstStepReport
-from lightning_gradwatch.distributed import reduce_packed
+from lightning_gradwatch.distributed import reduce_packed, reduce_stat_partials
 from lightning_gradwatch.enforcement import RuleEnforcer
 from lightning_gradwatch.figures import TensorBoardPictures
 from lightning_gradwatch.governance import Rule, validate_rules
-from lightning_gradwatch.measurement import GradientMeasurement, MeasurementSpec, pack, unpack
-from lightning_gradwatch.norms import validate_norm_type
+from lightning_gradwatch.measurement import (
+    GradientMeasurement,
+    MeasurementSpec,
+    local_tensor,
+    pack,
+    stats_slice,
+    unpack,
+)
+from lightning_gradwatch.norms import grad_stat_partials, stat_partials_finite, validate_norm_type
 from lightning_gradwatch.probe import GradientProbe
 from lightning_gradwatch.sinks import log_histograms, log_metrics
 from lightning_gradwatch.strategies import check_strategy, data_parallel_size, loss_scale
@@ -298,15 +305,27 @@ class GradientFlowCallback(Callback):
         grads: list[Tensor] = [p.grad for _, p in with_grad]  # type: ignore[misc]
         scale = loss_scale(trainer)
         packed = pack(probe.buffer, grads, self.spec, scale=scale)
+        sharded = any(hasattr(g, "to_local") for g in grads)
         packed = reduce_packed(
             packed,
             num_blocks=len(probe),
             num_params=len(grads),
             norm_type=self.spec.norm_type,
-            sharded_params=any(hasattr(g, "to_local") for g in grads),
+            sharded_params=sharded,
             grad_stats=self.spec.grad_stats,
         )
         values = packed.tolist()  # the one device-to-host copy of this step
+        where = stats_slice(len(probe), len(grads))
+        if (
+            self.spec.grad_stats
+            and self.spec.measure_params
+            and not stat_partials_finite(values[where])
+        ):
+            # A NaN/Inf somewhere, which the cheap statistics pass cannot count: count exactly, at
+            # the price of one more pass and host copy on such steps only. Every rank sees the same
+            # combined sum, so every rank takes this branch (and its collective) or none does.
+            exact = grad_stat_partials([local_tensor(g) for g in grads], self.spec.large_threshold)
+            values[where] = (reduce_stat_partials(exact) if sharded else exact).tolist()
         measurement = unpack(
             values,
             step=step,

@@ -18,9 +18,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_gradwatch.norms import NormType, combine_partials, combine_stat_partials
-
-N_STAT_PARTIALS = 8
+from lightning_gradwatch.norms import (
+    N_STAT_PARTIALS,
+    NormType,
+    combine_partials,
+    combine_stat_partials,
+)
 
 
 def is_distributed() -> bool:
@@ -59,3 +62,14 @@ def reduce_packed(
                 stacked[:, start : start + N_STAT_PARTIALS]
             )
     return out
+
+
+def reduce_stat_partials(row: Tensor) -> Tensor:
+    """Combine one :func:`~lightning_gradwatch.norms.grad_stat_partials` row over every rank (each
+    holding a shard of the gradients) with one ``all_gather``; unchanged outside a multi-process
+    run."""
+    if not is_distributed():
+        return row
+    gathered = [torch.empty_like(row) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, row.contiguous())
+    return combine_stat_partials(torch.stack(gathered))

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from lightning_gradwatch.norms import (
     GRAD_STAT_KEYS,
+    N_STAT_PARTIALS,
     Category,
     NormType,
     classify_gain,
@@ -34,7 +35,6 @@ from lightning_gradwatch.norms import (
 from lightning_gradwatch.probe import CALLS, NUMEL, PARTIAL
 
 ParamFilter = Union[bool, str, Sequence[str]]
-N_STAT_PARTIALS = 8
 
 
 def local_tensor(tensor: Tensor) -> Tensor:
@@ -128,7 +128,9 @@ def pack(
     parts = [block_buffer.reshape(-1).double()]
     parts.append(foreach_partial_norms(local, spec.norm_type).to(device).double())
     if spec.grad_stats and spec.measure_params:
-        parts.append(grad_stat_partials(local, spec.large_threshold).to(device))
+        # The cheap pass: the caller checks `stat_partials_finite` on the host (see `stats_slice`).
+        stats = grad_stat_partials(local, spec.large_threshold, assume_finite=True)
+        parts.append(stats.to(device))
     scale_value = (
         torch.ones(1, dtype=torch.float64, device=device)
         if scale is None
@@ -136,6 +138,12 @@ def pack(
     )
     parts.append(scale_value)
     return torch.cat(parts)
+
+
+def stats_slice(num_blocks: int, num_params: int) -> slice:
+    """Where :func:`pack` puts the :func:`~lightning_gradwatch.norms.grad_stat_partials` row."""
+    start = 3 * num_blocks + num_params
+    return slice(start, start + N_STAT_PARTIALS)
 
 
 def unpack(
@@ -168,7 +176,7 @@ def unpack(
     }
     total_norm = _total_norm(partials, param_numels, spec.norm_type)
     grad_stats = (
-        finalize_grad_stats(values[3 * n + m : 3 * n + m + N_STAT_PARTIALS])
+        finalize_grad_stats(values[stats_slice(n, m)])
         if spec.grad_stats and spec.measure_params
         else {}
     )

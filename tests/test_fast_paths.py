@@ -19,6 +19,7 @@ from lightning_gradwatch.norms import (
     finalize_grad_stats,
     foreach_partial_norms,
     grad_stat_partials,
+    stat_partials_finite,
 )
 from lightning_gradwatch.sinks import _log_tensorboard_scalars, log_metrics
 
@@ -52,6 +53,36 @@ def test_grad_stats_leave_gradients_untouched_and_match_reference(
     expected = ref_grad_stats(grads, 1.0)
     for key in GRAD_STAT_KEYS:
         assert stats[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-9, nan_ok=True), key
+
+
+@pytest.mark.parametrize("chunk", [None, 7, 30])
+@pytest.mark.parametrize("case", range(3))
+def test_cheap_finite_stats_pass_matches_reference_or_says_it_cannot(
+    case: int, chunk: Optional[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if chunk is not None:
+        monkeypatch.setattr(norms, "CPU_STAT_CHUNK", chunk)
+    grads = _grads()[case]
+    before = [g.clone() for g in grads]
+    partials = grad_stat_partials(grads, 1.0, assume_finite=True).tolist()
+    for grad, copy in zip(grads, before):
+        assert torch.equal(grad.isnan(), copy.isnan())
+        assert torch.equal(grad.nan_to_num(), copy.nan_to_num())
+    has_nonfinite = not all(bool(torch.isfinite(g).all()) for g in grads)
+    assert stat_partials_finite(partials) is not has_nonfinite
+    if not has_nonfinite:  # trusted: every figure equals the reference (zeros included)
+        stats = finalize_grad_stats(partials)
+        expected = ref_grad_stats(grads, 1.0)
+        assert expected["zero_fraction"] > 0 or case == 0
+        for key in GRAD_STAT_KEYS:
+            assert stats[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-9), key
+
+
+def test_an_overflowing_sum_of_squares_is_not_trusted() -> None:
+    huge = [torch.full((4,), 3e38)]  # finite, but its square overflows float32
+    assert not stat_partials_finite(grad_stat_partials(huge, 1.0, assume_finite=True).tolist())
+    exact = finalize_grad_stats(grad_stat_partials(huge, 1.0).tolist())
+    assert exact["nonfinite_count"] == 0 and exact["large_fraction"] == 1.0
 
 
 @pytest.mark.parametrize("norm_type", ["l2", "l1", "linf", "mean"])
