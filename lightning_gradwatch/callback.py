@@ -249,7 +249,7 @@ class GradientFlowCallback(Callback):
         if measurement is not None and measurement.skipped_by_scaler:
             # The AMP scaler skips this step (inf/NaN gradients) and lowers its scale: its job, not
             # a measurement. Rules have seen it; nothing is logged unless they halted training.
-            if self.halted and trainer.is_global_zero:
+            if extra and self.halted and trainer.is_global_zero:
                 log_metrics(trainer.loggers, extra, step)
             return
         if measurement is not None:
