@@ -50,8 +50,10 @@ class GradientFlowCallback(Callback):
     output (from tensor hooks during that step's backward, combined over all micro-batches of the
     step) and every parameter gradient (in ``on_before_optimizer_step``: after accumulation and AMP
     unscaling, before clipping), computes everything batched on the device, copies it to the host
-    once, and writes it to every logger of the Trainer with ``log_metrics`` at that step.
-    Unmeasured steps cost nothing: the hooks return at once.
+    once (twice when a NaN/Inf makes the ``grad_stats/`` figures be counted again), and writes it
+    to every logger of the Trainer at that step, one write per logger (``log_metrics``; for a plain
+    ``TensorBoardLogger`` one event holding every scalar). On unmeasured steps the hooks return at
+    once; only rules checked every step (``rules``, the default one included) cost anything there.
 
     Logged keys (``<block>`` is the block's qualified name in the LightningModule, e.g. ``blocks.3``):
 
@@ -67,35 +69,39 @@ class GradientFlowCallback(Callback):
       ``large_fraction``, ``nonfinite_count`` over all parameter-gradient elements.
 
     Args:
-        blocks: ``"auto"`` (the longest ``ModuleList``/``Sequential`` of same-class modules not
-            inside another one's blocks), a
+        blocks: ``"auto"`` (default: the longest ``ModuleList``/``Sequential`` of same-class
+            modules not inside another one's blocks), a
             dotted attribute path to a container (``"model.transformer.h"``), a list of qualified
             module names, or a callable ``pl_module -> [(name, module), ...]``.
-        log_every_n_steps: measure and log every n optimizer steps.
-        norm_type: ``"l2"``, ``"l1"``, ``"linf"`` or ``"mean"`` (mean absolute value).
+        log_every_n_steps: measure and log every n optimizer steps (default 50).
+        norm_type: ``"l2"`` (default), ``"l1"``, ``"linf"`` or ``"mean"`` (mean absolute value).
         log_param_norms: ``False`` (default), ``True`` for every parameter, or a glob pattern / list
             of patterns over parameter names (``"*.weight"``).
-        log_grad_stats: log the ``grad_stats/`` figures.
-        log_histograms: add TensorBoard histograms of block-output and parameter gradients.
-        large_threshold: ``grad_stats/large_fraction`` counts elements with ``|g| >`` this.
-        eps: norms at or below ``eps`` count as zero (a gain into them is ``inf``: vanishing).
-        damping_threshold: gains below this are "damping".
-        amplifying_threshold: gains above this are "amplifying".
-        require_logger: raise at fit start when the Trainer has no logger.
+        log_grad_stats: log the ``grad_stats/`` figures (default ``True``).
+        log_histograms: add TensorBoard histograms of block-output and parameter gradients
+            (default ``False``).
+        large_threshold: ``grad_stats/large_fraction`` counts elements with ``|g| >`` this
+            (default 1.0).
+        eps: norms at or below ``eps`` count as zero (a gain into them is ``inf``: vanishing;
+            default 1e-30).
+        damping_threshold: gains below this are "damping" (default 0.5).
+        amplifying_threshold: gains above this are "amplifying" (default 2.0).
+        require_logger: raise at fit start when the Trainer has no logger (default ``True``).
+        figure_every_n_steps: every this many *measured* steps, log a gradient-flow heatmap image
+            (blocks x the last 200 measured steps: log10 norm, and log-gain on a diverging map) to
+            TensorBoard (needs matplotlib: ``lightning-gradwatch[plots]``); ``None`` (default): off.
+            A custom-scalars layout (all norms in one chart, all gains in another) is written at fit
+            start whenever a TensorBoardLogger is present.
         rules: :class:`~lightning_gradwatch.governance.Rule` objects that warn, clip, skip or halt
-            (``None``: ``[Rule("nonfinite", action="halt")]``; ``[]``: none). Rules on
+            (``None``, the default: ``[Rule("nonfinite", action="halt")]``; ``[]``: none). Rules on
             ``grad_norm_total`` and ``nonfinite`` run every ``check_every_n_steps`` optimizer steps
             (one batched norm pass and one host copy, about the cost of ``clip_grad_norm_``, plus
             one boolean all-reduce per check in multi-process runs; measured steps reuse the
             measurement), rules on block metrics on measured steps (no extra cost).
-        check_every_n_steps: cadence of the every-step rules.
-        alerts_path: the JSONL audit trail (default ``gradwatch_alerts.jsonl`` in the first
-            logger's ``log_dir``, else in ``trainer.default_root_dir``).
-        figure_every_n_steps: every this many *measured* steps, log a gradient-flow heatmap image
-            (blocks x the last 200 measured steps: log10 norm, and log-gain on a diverging map) to
-            TensorBoard (needs matplotlib: ``lightning-gradwatch[plots]``); ``None``: off. A
-            custom-scalars layout (all norms in one chart, all gains in another) is written at fit
-            start whenever a TensorBoardLogger is present.
+        check_every_n_steps: cadence of the every-step rules (default 1).
+        alerts_path: the JSONL audit trail, a ``str`` or ``os.PathLike`` (``None``, the default:
+            ``gradwatch_alerts.jsonl`` in the first logger's ``log_dir``, else in
+            ``trainer.default_root_dir``).
 
     Attributes:
         alerts: every :class:`~lightning_gradwatch.alerts.Alert` of this run (on every rank).

@@ -70,8 +70,9 @@ def locate_nonfinite(
     (``chained[j + 1]``: nothing but block ``j + 1`` lies between the two outputs); else it arrived
     at ``j``'s output from outside the watched blocks' internals, and ``j`` is named. Without block
     norms (unmeasured steps, no hooks) the block closest to the output that owns a parameter with a
-    non-finite gradient is named (a NaN made by the very first operation of block ``k``'s backward,
-    which leaves ``k``'s parameters finite, is then reported as block ``k - 1``).
+    non-finite gradient is named (a NaN made by the very last operation of block ``k``'s backward,
+    at its input before any of its parameters, which leaves ``k``'s parameters finite, is then
+    reported as block ``k - 1``).
     """
     params = list(nonfinite_params)
     bad_param_blocks = {block_of(name, block_names) for name in params} - {None}

@@ -36,8 +36,9 @@ class Rule:
     """A condition on one gradient metric and what to do when it holds.
 
     A rule *trips* at a step when its metric's value is below ``min``, above ``max``, more than
-    ``zscore`` standard deviations above the mean of its rolling ``window`` of past values, or not
-    finite (a NaN is never "within bounds"). ``metric="nonfinite"`` trips on any NaN/Inf in a parameter
+    ``zscore`` standard deviations above the mean of its rolling ``window`` of past values, or NaN
+    (a NaN is never "within bounds"; an infinite value trips a ``zscore`` rule, and a ``min`` /
+    ``max`` bound only on the side it crosses). ``metric="nonfinite"`` trips on any NaN/Inf in a parameter
     gradient or a watched block's output gradient and needs no bound. After ``patience`` consecutive
     trips the rule acts: ``warn`` (record and warn), ``clip`` (scale all gradients by norm to
     ``clip_to``, or clamp them to ``[-clip_to, clip_to]`` with ``clip_mode="value"``), ``skip`` (set
@@ -62,19 +63,24 @@ class Rule:
     batch, so thresholds do not depend on the number of ranks).
 
     Args:
-        metric: logged key, ``*`` pattern over logged keys, or ``"nonfinite"``.
-        min: trip when the value is below this.
-        max: trip when the value is above this.
-        zscore: trip when ``(value - mean) / std > zscore`` over the window (spikes upwards).
-        window: number of past accepted values (steps where the rule did not trip) in the window.
-        warmup: values needed in the window before ``zscore`` may trip (default ``min(window, 20)``).
-        patience: consecutive trips before acting (default 1; for ``nonfinite`` under an enabled
-            GradScaler :data:`SCALER_NONFINITE_PATIENCE`).
-        action: ``"warn"``, ``"clip"``, ``"skip"`` or ``"halt"``.
-        clip_to: target of ``clip``: maximum total norm, or maximum absolute value.
-        clip_mode: ``"norm"`` (like ``clip_grad_norm_``) or ``"value"`` (like ``clip_grad_value_``).
-        name: name in alerts and in the ``grad_alerts/<name>`` counter (default: ``metric``, then
-            ``<metric>#2``, ... for further unnamed rules on the same metric).
+        metric: logged key, ``*`` pattern over logged keys, or ``"nonfinite"`` (required).
+        min: trip when the value is below this (default ``None``: no lower bound).
+        max: trip when the value is above this (default ``None``: no upper bound).
+        zscore: trip when ``(value - mean) / std > zscore`` over the window (spikes upwards;
+            population std; default ``None``: off).
+        window: number of past accepted values (steps where the rule did not trip) in the window
+            (default 100, at least 2).
+        warmup: values needed in the window before ``zscore`` may trip (default ``None``:
+            ``min(window, 20)``).
+        patience: consecutive trips before acting (default ``None``: 1; for ``nonfinite`` under an
+            enabled GradScaler :data:`SCALER_NONFINITE_PATIENCE`, 10).
+        action: ``"warn"`` (default), ``"clip"``, ``"skip"`` or ``"halt"``.
+        clip_to: target of ``clip``: maximum total norm, or maximum absolute value (default
+            ``None``; required when ``action="clip"``).
+        clip_mode: ``"norm"`` (default, like ``clip_grad_norm_``) or ``"value"`` (like
+            ``clip_grad_value_``).
+        name: name in alerts and in the ``grad_alerts/<name>`` counter (default ``None``:
+            ``metric``, then ``<metric>#2``, ... for further unnamed rules on the same metric).
 
     Example::
 

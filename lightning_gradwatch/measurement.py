@@ -61,7 +61,8 @@ class GradientMeasurement:
             ``nonfinite_count`` over all parameter-gradient elements (empty when disabled).
         metrics: the flat dict handed to the loggers.
         skipped_by_scaler: the AMP GradScaler found inf/NaN parameter gradients and skips this
-            optimizer step (the scaler doing its job): the callback does not log it.
+            optimizer step (the scaler doing its job): the callback does not log it (unless a rule
+            halts training).
         chained: per block, whether its input was block ``i - 1``'s output tensor itself (nothing
             in between), as seen by the probe in this step's forward (empty: unknown).
     """

@@ -1,5 +1,6 @@
-"""Handing one measurement to the Trainer's loggers: one ``log_metrics`` call per logger and step
-(``self.log`` costs about 0.25 ms per key), plus TensorBoard histograms when asked for."""
+"""Handing one measurement to the Trainer's loggers: one write per logger and step (``log_metrics``,
+or one event holding every scalar for a plain ``TensorBoardLogger``; ``self.log`` costs about
+0.25 ms per key), plus TensorBoard histograms when asked for."""
 
 from __future__ import annotations
 
