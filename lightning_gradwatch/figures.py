@@ -278,6 +278,7 @@ class TensorBoardPictures:
         self._writers: list[Any] = []
         self._history: Optional[FlowHistory] = None
         self._measured = 0
+        self._eps = 1e-30
 
     def start(
         self,
@@ -290,6 +291,7 @@ class TensorBoardPictures:
         loggers = list(loggers)
         self._writers = tensorboard_writers(loggers)
         self._measured = 0
+        self._eps = 1e-30 if spec is None else spec.eps
         self._history = FlowHistory(len(block_names), self.history_size)
         if not self._writers:
             if loggers:
@@ -316,7 +318,7 @@ class TensorBoardPictures:
         if self._measured % self.figure_every_n_steps:
             return
         steps, norms = self._history.arrays()
-        figure = render_flow_heatmap(steps, measurement.block_names, norms)
+        figure = render_flow_heatmap(steps, measurement.block_names, norms, eps=self._eps)
         image = figure_to_array(figure)
         for writer in self._writers:
             writer.add_image(HEATMAP_TAG, image, measurement.step, dataformats="HWC")

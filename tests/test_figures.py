@@ -119,3 +119,17 @@ def test_flow_history_is_bounded_and_ordered() -> None:
 def test_figure_every_n_steps_is_validated(value: object, error: type) -> None:
     with pytest.raises(error, match="figure_every_n_steps"):
         GradientFlowCallback(figure_every_n_steps=value)  # type: ignore[arg-type]
+
+
+def test_heatmap_uses_the_callbacks_eps(tmp_path: Path) -> None:
+    """Norms at or below ``eps`` are drawn as missing: an ``eps`` above every norm blanks the
+    norms panel, so the picture of the same run must differ from the default-``eps`` one."""
+    pictures = {}
+    for eps in (1e-30, 1e6):
+        logger = TensorBoardLogger(tmp_path / str(eps), name="tb", version="")
+        pl.seed_everything(0, verbose=False)
+        callback = _fit(tmp_path / str(eps), 3, [logger], figure_every_n_steps=1, eps=eps)
+        (image,) = _accumulator(logger.log_dir).Images(HEATMAP_TAG)[-1:]
+        pictures[eps] = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)))
+        assert callback.last is not None
+    assert not np.array_equal(pictures[1e-30], pictures[1e6])

@@ -49,7 +49,7 @@ def write_run_pictures(
     steps, norms = steps[rows], norms[rows]
     paths = [out / name for name in PICTURES]
     _save(_norms_figure(steps, names, norms, run.name), paths[0])
-    _save(render_flow_heatmap(steps, names, norms, title=run.name), paths[1])
+    _save(render_flow_heatmap(steps, names, norms, title=run.name, eps=report.eps), paths[1])
     _save(_total_figure(run, report, max_points), paths[2])
     return paths
 

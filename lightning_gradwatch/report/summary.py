@@ -75,6 +75,7 @@ class RunReport:
     alerts: list[dict[str, Any]] = field(default_factory=list)
     damping_threshold: float = 0.5
     amplifying_threshold: float = 2.0
+    eps: float = 1e-30
     norm_type: str = "as logged"
 
 
@@ -153,6 +154,7 @@ def build_report(
         alerts=alerts,
         damping_threshold=damping_threshold,
         amplifying_threshold=amplifying_threshold,
+        eps=eps,
         norm_type=str(run.config.get("norm_type", "as logged")),
     )
 
