@@ -14,6 +14,7 @@ or a callable returning ``(name, module)`` pairs. The *primary tensor* of a bloc
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional, Union
 
@@ -92,10 +93,12 @@ def discover_blocks(root: nn.Module) -> BlockList:
 
     A container inside another one's blocks (attention heads in a ``ModuleList``, a block that is
     itself a ``Sequential`` of layers) is part of a block, not a candidate. Ties go to the container
-    met first (the shallowest in definition order).
+    met first (the shallowest in definition order), with a warning naming the others (an
+    encoder-decoder model has two stacks: name them with ``blocks=``).
     """
     best: Optional[tuple[str, nn.Module]] = None
     best_len = 1
+    tied: list[str] = []
     candidates: list[str] = []
     for name, module in root.named_modules():
         if not isinstance(module, (nn.ModuleList, nn.Sequential)):
@@ -107,13 +110,23 @@ def discover_blocks(root: nn.Module) -> BlockList:
             continue  # inside a block of an enclosing candidate
         candidates.append(name)
         if len(children) > best_len:
-            best, best_len = (name, module), len(children)
+            best, best_len, tied = (name, module), len(children), []
+        elif len(children) == best_len:
+            tied.append(name)
     if best is None:
         raise ValueError(
             "Could not find the model's blocks automatically: no nn.ModuleList or nn.Sequential "
             f"holds two or more modules of one class. {_HOW_TO_NAME}"
         )
     prefix, container = best
+    if tied:
+        warnings.warn(
+            f"blocks='auto' found {len(tied) + 1} containers of {best_len} same-class blocks: "
+            f"{[prefix, *tied]}; watching only {prefix!r}. To watch the others too, name them: "
+            f"blocks=[...qualified module names...] or blocks=callable(pl_module).",
+            UserWarning,
+            stacklevel=2,
+        )
     return [(_join(prefix, name), module) for name, module in container.named_children()]
 
 

@@ -91,6 +91,7 @@ class RuleEnforcer:
         self._new_step = False
         self._warned_zero_grad = False
         self._paused_clip_val: Optional[float] = None
+        self._matches_checked = False
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -100,6 +101,7 @@ class RuleEnforcer:
         self._checked_step = -1
         self._loss_nonfinite = None
         self._new_step = False
+        self._matches_checked = False
         if trainer.is_global_zero:
             self._sink = JsonlAlertSink(self.alerts_path or default_alerts_path(trainer))
 
@@ -172,6 +174,9 @@ class RuleEnforcer:
         # Per-parameter norms, not the total: with no gradient at all the total is NaN too.
         nonfinite = bool(nonfinite_params or measurement.nonfinite_blocks)
         checks = self.engine.evaluate(values, nonfinite=nonfinite, measured=measured)
+        if measured and not self._matches_checked:
+            self._matches_checked = True
+            self._warn_unmatched(checks, step)
         tripped, ranks, peer_values = self._agree(trainer, checks)
         scaler = scaler_enabled(trainer)
         decisions = self.engine.commit(
@@ -417,6 +422,26 @@ class RuleEnforcer:
         return alert
 
     # -- first measured step ---------------------------------------------------------------------
+
+    def _warn_unmatched(self, checks: Sequence[Check], step: int) -> None:
+        """A rule whose metric names no key of the first measured step can never trip: say so
+        once (a misspelt key or block name would otherwise guard nothing, silently)."""
+        matched = {check.index for check in checks}
+        blocks = ", ".join(self.block_names[:3]) + (", ..." if len(self.block_names) > 3 else "")
+        for index, rule in enumerate(self.engine.rules):
+            if rule.is_nonfinite or index in matched:
+                continue
+            hint = (
+                "Rules see the logged keys: per-parameter norms are logged for the parameters "
+                "that `log_param_norms` selects (default: none)."
+                if rule.metric.startswith(PARAM_KEY_PREFIX)
+                else f"Block keys look like 'grad_norm/<block>' with blocks {blocks}."
+            )
+            rank_zero_warn(
+                f"GradientFlowCallback: rule {self.engine.labels[index]!r} (metric "
+                f"{rule.metric!r}) matches none of the keys logged at step {step}, so it cannot "
+                f"trip. {hint}"
+            )
 
     def _report_first_step(self, measurement: GradientMeasurement, params: NamedParams) -> None:
         self.first_step_report = first_step_report(

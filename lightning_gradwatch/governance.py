@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from lightning_gradwatch.norms import GRAD_STAT_KEYS, SUMMARY_KEYS
+
 #: Actions in increasing strength; when several rules act at one step the strongest wins.
 ACTIONS: tuple[str, ...] = ("warn", "clip", "skip", "halt")
 CLIP_MODES: tuple[str, ...] = ("norm", "value")
@@ -29,6 +31,20 @@ TOTAL_NORM_KEY = "grad_norm_total"
 SCALER_NONFINITE_PATIENCE = 10
 #: Action recorded for a trip that did not act (patience not reached, or a GradScaler handles it).
 NO_ACTION = "none"
+#: Logged keys a rule may name exactly, and the prefixes of the per-block / per-parameter ones.
+KNOWN_KEYS: frozenset[str] = frozenset(
+    [TOTAL_NORM_KEY, "grad_norm_total_clipped"]
+    + [f"grad_flow/{key}" for key in (*SUMMARY_KEYS, "end_to_end_gain")]
+    + [f"grad_stats/{key}" for key in GRAD_STAT_KEYS]
+)
+KEY_PREFIXES: tuple[str, ...] = (
+    "grad_norm/",
+    "grad_gain/",
+    "grad_log_gain/",
+    "grad_param_norm/",
+    "grad_alerts/",
+)
+_GLOB_CHARS = frozenset("*?[")
 
 
 @dataclass
@@ -117,6 +133,12 @@ class Rule:
                 f"Rule `metric` must be a non-empty string (a logged key, a '*' pattern or "
                 f"'nonfinite'), got {self.metric!r}."
             )
+        if not (self.is_pattern or self.is_nonfinite or _is_known_key(self.metric)):
+            raise ValueError(
+                f"Rule `metric` {self.metric!r} is not a key the callback logs: use 'nonfinite', "
+                f"one of {sorted(KNOWN_KEYS)}, a key starting with one of {list(KEY_PREFIXES)} "
+                "followed by a block or parameter name, or a '*' pattern over them."
+            )
         if self.action not in ACTIONS:
             raise ValueError(
                 f"Rule `action` must be one of {list(ACTIONS)}, got {self.action!r} "
@@ -186,6 +208,11 @@ class Rule:
         return self.metric == NONFINITE
 
     @property
+    def is_pattern(self) -> bool:
+        """Whether ``metric`` is a glob pattern (``*``, ``?``, ``[...]``) rather than one key."""
+        return not _GLOB_CHARS.isdisjoint(self.metric)
+
+    @property
     def has_bound(self) -> bool:
         return self.min is not None or self.max is not None or self.zscore is not None
 
@@ -207,6 +234,12 @@ class Rule:
         if self.patience is not None:
             return self.patience
         return SCALER_NONFINITE_PATIENCE if (self.is_nonfinite and scaler_active) else 1
+
+
+def _is_known_key(metric: str) -> bool:
+    return metric in KNOWN_KEYS or any(
+        metric.startswith(prefix) and len(metric) > len(prefix) for prefix in KEY_PREFIXES
+    )
 
 
 def default_rules() -> list[Rule]:

@@ -240,7 +240,14 @@ def test_auto_discovery_prefers_the_longest_container_and_then_the_first() -> No
     model.long = nn.Sequential(*(nn.Linear(2, 2) for _ in range(3)))
     model.mixed = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2), nn.ReLU())
     model.twin = nn.ModuleList(nn.Linear(2, 2) for _ in range(3))
-    assert [name for name, _ in discover_blocks(model)] == ["long.0", "long.1", "long.2"]
+    with pytest.warns(UserWarning, match=r"\['long', 'twin'\]; watching only 'long'"):
+        assert [name for name, _ in discover_blocks(model)] == ["long.0", "long.1", "long.2"]
+
+
+def test_auto_discovery_without_a_tie_does_not_warn(recwarn: pytest.WarningsRecorder) -> None:
+    model = GPT2LMHeadModel()
+    discover_blocks(model)
+    assert not [w for w in recwarn if "blocks='auto'" in str(w.message)]
 
 
 def test_auto_discovery_error_tells_how_to_name_blocks() -> None:

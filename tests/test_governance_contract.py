@@ -284,3 +284,41 @@ def test_ddp_skip_when_one_rank_trips_skips_every_rank_and_training_goes_on(
 
 if __name__ == "__main__":  # the script's own directory is on sys.path: `faults` imports
     ddp_skip_worker(sys.argv[1])
+
+
+@pytest.mark.parametrize(
+    "metric", ["grad_norm_totl", "grad_stats/maximum", "grad_flow/mean", "loss", "grad_norm/"]
+)
+def test_rule_on_a_key_the_callback_never_logs_fails_at_construction(metric: str) -> None:
+    with pytest.raises(ValueError, match=r"Rule `metric` .* is not a key the callback logs"):
+        Rule(metric, max=1.0)
+
+
+def test_rule_whose_pattern_matches_nothing_is_warned_about_once(tmp_path: Path) -> None:
+    callback = GradientFlowCallback(
+        log_every_n_steps=1, rules=[Rule("grad_gian/*", max=0.0), Rule("grad_gain/*", max=1e9)]
+    )
+    with pytest.warns(UserWarning, match=r"rule 'grad_gian/\*' .*cannot trip") as record:
+        fit(tmp_path, FaultNet(), callback, steps=3)
+    unmatched = [w for w in record if "cannot trip" in str(w.message)]
+    assert len(unmatched) == 1  # once, not per step, and not for the rule that matches
+    assert callback.alerts == []
+
+
+@pytest.mark.parametrize("log_param_norms", [False, "*.bias"])
+def test_rule_on_parameter_norms_that_are_not_logged_is_warned_about(
+    tmp_path: Path, log_param_norms: Any
+) -> None:
+    weight = "blocks.1.linear.weight"
+    rule = Rule(f"grad_param_norm/{weight}", max=0.0, action="warn")
+    callback = GradientFlowCallback(
+        log_every_n_steps=1, log_param_norms=log_param_norms, rules=[rule]
+    )
+    with pytest.warns(UserWarning, match=r"cannot trip\. .*`log_param_norms` selects"):
+        fit(tmp_path, FaultNet(), callback, steps=2)
+    assert callback.alerts == []
+    # Logged, the same rule trips at every step and names the parameter.
+    callback = GradientFlowCallback(log_every_n_steps=1, log_param_norms=weight, rules=[rule])
+    fit(tmp_path / "logged", FaultNet(), callback, steps=2)
+    assert [a.step for a in callback.alerts] == [0, 1]
+    assert callback.alerts[0].params == [weight]
