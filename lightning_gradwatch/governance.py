@@ -64,7 +64,9 @@ class Rule:
 
     ``metric`` is a logged key (``grad_norm_total``, ``grad_norm/blocks.3``, ``grad_flow/max_gain``,
     ...), a ``*`` pattern over them (``grad_gain/*``: the rule trips when any matching key violates it;
-    windows are kept per key, patience per rule) or ``nonfinite``.
+    windows are kept per key, patience per rule) or ``nonfinite``. A single key the callback never
+    logs raises ``ValueError`` here; a rule matching no key of the first measured step is warned
+    about then.
 
     Cadence and cost: rules that can match ``grad_norm_total`` and ``nonfinite`` rules are checked on
     every ``check_every_n_steps``-th optimizer step with one batched norm pass over the parameter
