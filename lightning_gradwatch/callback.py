@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional, Union
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -175,6 +175,7 @@ class GradientFlowCallback(Callback):
         self._params: list[tuple[str, nn.Parameter]] = []
         self._armed_step = -1
         self._measured_step = -1
+        self._warned_histograms = False
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -352,6 +353,16 @@ class GradientFlowCallback(Callback):
         log_metrics(trainer.loggers, measurement.metrics, measurement.step)
         self._pictures.update(measurement)
         if self.log_histograms:
+            kept = any(g is not None for g in probe.grads)
+            measured = any(norm is not None for norm in measurement.block_norms)
+            if measured and not kept and not self._warned_histograms:
+                # Measured, yet no gradient kept: the tensor hooks ran inside torch.compile.
+                self._warned_histograms = True
+                rank_zero_warn(
+                    "GradientFlowCallback: log_histograms=True, but block-output gradients "
+                    "cannot be kept under torch.compile (it would break the graph): only "
+                    "parameter-gradient histograms are written."
+                )
             log_histograms(
                 trainer.loggers,
                 measurement.step,
