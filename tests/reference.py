@@ -6,11 +6,14 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import pytest
 import torch
+import yaml
+from lightning.pytorch.cli import LightningCLI
 from models import BlockNet, unwrap
 from torch import Tensor, nn
 
@@ -281,3 +284,13 @@ def csv_metrics(log_dir: str) -> dict[int, dict[str, float]]:
             values = {key: float(value) for key, value in row.items() if value != ""}
             rows.setdefault(step, {}).update(values)
     return rows
+
+
+def callback_from_cli_config(tmp_path: Any, config: dict[str, Any]) -> Any:
+    """The ``GradientFlowCallback`` that ``LightningCLI`` builds from ``config`` (a YAML dict with
+    a ``trainer.callbacks`` entry), written to ``tmp_path/config.yaml``; raises what the CLI raises."""
+    path = Path(tmp_path) / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = LightningCLI(BlockNet, args=["--config", str(path)], run=False)
+    [callback] = [c for c in cli.trainer.callbacks if type(c).__name__ == "GradientFlowCallback"]
+    return callback

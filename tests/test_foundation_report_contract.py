@@ -20,6 +20,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from models import BlockNet
+from reference import trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -31,17 +32,10 @@ from lightning_gradwatch.report.reader import read_logdir
 GRADWATCH = Path(sys.executable).with_name("gradwatch")
 
 
-def _trainer(loggers: list, callback: GradientFlowCallback, max_steps: int) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        logger=loggers,
-        callbacks=[callback],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        log_every_n_steps=1,
-    )
+def _trainer(
+    logger: TensorBoardLogger, callback: GradientFlowCallback, max_steps: int
+) -> pl.Trainer:
+    return trainer(logger.root_dir, [callback], max_steps=max_steps, logger=[logger])
 
 
 # -- "auto" with same-class containers inside the blocks --------------------------------------------
@@ -92,7 +86,7 @@ def test_auto_picks_the_block_container_not_the_heads_inside_a_block(tmp_path: P
     torch.manual_seed(0)
     logger = TensorBoardLogger(tmp_path, name="tb", version="", default_hp_metric=False)
     callback = GradientFlowCallback(log_every_n_steps=1, rules=[])
-    _trainer([logger], callback, max_steps=2).fit(HeadedGPT())
+    _trainer(logger, callback, max_steps=2).fit(HeadedGPT())
     blocks = ["transformer.h.0", "transformer.h.1", "transformer.h.2"]
     assert callback.block_names == blocks
     accumulator = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
@@ -151,7 +145,7 @@ def test_heatmap_in_event_file_grows_with_every_block(tmp_path: Path) -> None:
     for depth in (2, 3):
         logger = TensorBoardLogger(tmp_path, name=f"d{depth}", version="", default_hp_metric=False)
         callback = GradientFlowCallback(log_every_n_steps=1, figure_every_n_steps=1, rules=[])
-        _trainer([logger], callback, max_steps=1).fit(BlockNet(depth=depth, n_samples=16))
+        _trainer(logger, callback, max_steps=1).fit(BlockNet(depth=depth, n_samples=16))
         accumulator = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
         accumulator.Reload()
         (image,) = accumulator.Images(HEATMAP_TAG)
@@ -174,7 +168,7 @@ def sigmoid_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, l
     torch.manual_seed(0)
     logger = TensorBoardLogger(root, name="tb", default_hp_metric=False)
     callback = GradientFlowCallback(log_every_n_steps=2, rules=[])
-    _trainer([logger], callback, max_steps=6).fit(BlockNet(depth=5, activation="sigmoid"))
+    _trainer(logger, callback, max_steps=6).fit(BlockNet(depth=5, activation="sigmoid"))
     return root, Path(logger.log_dir), callback.block_names
 
 

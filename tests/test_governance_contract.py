@@ -18,7 +18,6 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-import yaml
 from faults import (
     FaultNet,
     NaNBackward,
@@ -28,8 +27,8 @@ from faults import (
     same_weights,
     snapshot,
 )
-from lightning.pytorch.cli import LightningCLI
 from models import Block, BlockNet
+from reference import callback_from_cli_config
 from torch import Tensor
 
 from lightning_gradwatch import GradientFlowCallback, Rule
@@ -98,10 +97,7 @@ def test_rules_from_yaml_with_class_path_entries(tmp_path: Path) -> None:
         },
     }
     config = {"trainer": {"accelerator": "cpu", "logger": False, "callbacks": [callback]}}
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    cli = LightningCLI(BlockNet, args=["--config", str(path)], run=False)
-    [built] = [c for c in cli.trainer.callbacks if isinstance(c, GradientFlowCallback)]
+    built = callback_from_cli_config(tmp_path, config)
     assert built.rules == [
         Rule("nonfinite", action="halt"),
         Rule("grad_gain/*", max=2.0, patience=3, action="warn"),

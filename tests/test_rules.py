@@ -11,9 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from lightning.pytorch.cli import LightningCLI
-from models import BlockNet
+from reference import callback_from_cli_config
 
 from lightning_gradwatch import GradientFlowCallback, Rule
 from lightning_gradwatch.diagnosis import locate_nonfinite
@@ -124,10 +122,7 @@ def test_rules_from_lightning_cli_yaml(tmp_path: Path) -> None:
             ],
         }
     }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    cli = LightningCLI(BlockNet, args=["--config", str(path)], run=False)
-    [callback] = [c for c in cli.trainer.callbacks if isinstance(c, GradientFlowCallback)]
+    callback = callback_from_cli_config(tmp_path, config)
     assert callback.rules == [
         Rule("nonfinite", action="halt"),
         Rule("grad_norm_total", max=5.0, action="clip", clip_to=1.0),
@@ -136,9 +131,8 @@ def test_rules_from_lightning_cli_yaml(tmp_path: Path) -> None:
     ]
     # A bad rule in YAML fails with the rule's own message.
     del config["trainer"]["callbacks"][0]["init_args"]["rules"][1]["clip_to"]  # type: ignore[index]
-    path.write_text(yaml.safe_dump(config))
     with pytest.raises((SystemExit, ValueError)):
-        LightningCLI(BlockNet, args=["--config", str(path)], run=False)
+        callback_from_cli_config(tmp_path, config)
 
 
 # -- engine --------------------------------------------------------------------------------------
