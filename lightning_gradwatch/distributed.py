@@ -43,9 +43,7 @@ def reduce_packed(
     ``all_gather`` and combine it. Returns ``packed`` unchanged outside a multi-process run."""
     if not is_distributed():
         return packed
-    gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, packed.contiguous())
-    stacked = torch.stack(gathered)  # (world, length)
+    stacked = _all_gather_stacked(packed)  # (world, length)
     out = packed.clone()
     blocks = stacked[:, : 3 * num_blocks].reshape(stacked.shape[0], num_blocks, 3)
     combined_blocks = blocks.sum(dim=0)
@@ -70,6 +68,11 @@ def reduce_stat_partials(row: Tensor) -> Tensor:
     run."""
     if not is_distributed():
         return row
-    gathered = [torch.empty_like(row) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, row.contiguous())
-    return combine_stat_partials(torch.stack(gathered))
+    return combine_stat_partials(_all_gather_stacked(row))
+
+
+def _all_gather_stacked(tensor: Tensor) -> Tensor:
+    """Every rank's ``tensor`` stacked along a new first dimension (one ``all_gather``)."""
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return torch.stack(gathered)

@@ -169,7 +169,8 @@ def grad_stat_partials(
 #: On CPU, gradients are copied into one reused buffer of this many float32 elements (1 MiB) and
 #: reduced chunk by chunk: each of the passes then reads cache instead of memory, and no
 #: gradient-sized buffer is allocated (the page faults of a fresh 25 MB copy cost more than a pass).
-#: 6.3 M parameters: about 15-20 instead of 33 ms.
+#: 6.3 M parameters (one thread, finite gradients): about 13 ms, against 30 ms for one flat copy
+#: reduced with ``count_nonzero``.
 CPU_STAT_CHUNK = 1 << 18
 
 
