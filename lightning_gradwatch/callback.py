@@ -21,6 +21,7 @@ from lightning_gradwatch.distributed import reduce_packed, reduce_stat_partials
 from lightning_gradwatch.enforcement import RuleEnforcer
 from lightning_gradwatch.figures import TensorBoardPictures
 from lightning_gradwatch.governance import Rule, validate_rules
+from lightning_gradwatch.keys import DEFAULT_EPS
 from lightning_gradwatch.measurement import (
     GradientMeasurement,
     MeasurementSpec,
@@ -83,7 +84,7 @@ class GradientFlowCallback(Callback):
         large_threshold: ``grad_stats/large_fraction`` counts elements with ``|g| >`` this
             (default 1.0).
         eps: norms at or below ``eps`` count as zero (a gain into them is ``inf``: vanishing;
-            default 1e-30).
+            default :data:`~lightning_gradwatch.keys.DEFAULT_EPS`, 1e-30).
         damping_threshold: gains below this are "damping" (default 0.5).
         amplifying_threshold: gains above this are "amplifying" (default 2.0).
         require_logger: raise at fit start when the Trainer has no logger (default ``True``).
@@ -132,7 +133,7 @@ class GradientFlowCallback(Callback):
         log_grad_stats: bool = True,
         log_histograms: bool = False,
         large_threshold: float = 1.0,
-        eps: float = 1e-30,
+        eps: float = DEFAULT_EPS,
         damping_threshold: float = 0.5,
         amplifying_threshold: float = 2.0,
         require_logger: bool = True,

@@ -32,13 +32,13 @@ from lightning_gradwatch.diagnosis import (
 from lightning_gradwatch.distributed import reduce_packed
 from lightning_gradwatch.governance import (
     NO_ACTION,
-    TOTAL_NORM_KEY,
     Check,
     Decision,
     Rule,
     RuleEngine,
     strongest,
 )
+from lightning_gradwatch.keys import CLIPPED_KEY, PARAM_NORM_PREFIX, TOTAL_NORM_KEY
 from lightning_gradwatch.measurement import (
     GradientMeasurement,
     MeasurementSpec,
@@ -49,10 +49,6 @@ from lightning_gradwatch.norms import finalize_norm, foreach_partial_norms
 from lightning_gradwatch.strategies import scaler_enabled
 
 NamedParams = Sequence[tuple[str, nn.Parameter]]
-#: Key logged at steps where a ``clip`` rule acted: the total norm after clipping.
-CLIPPED_KEY = "grad_norm_total_clipped"
-#: Prefix of per-parameter norm keys: a rule on them names the parameters in its alerts.
-PARAM_KEY_PREFIX = "grad_param_norm/"
 #: Manual optimization: how many first steps always get the missing-``zero_grad()`` check.
 ZERO_GRAD_CHECK_STEPS = 3
 
@@ -412,9 +408,9 @@ class RuleEnforcer:
         else:
             alert.block = alert.blocks[0] if alert.blocks else None
             alert.params = [
-                v.key[len(PARAM_KEY_PREFIX) :]
+                v.key[len(PARAM_NORM_PREFIX) :]
                 for v in check.violations
-                if v.key.startswith(PARAM_KEY_PREFIX)
+                if v.key.startswith(PARAM_NORM_PREFIX)
             ]
         alert.where = list(dict.fromkeys([*([alert.block] if alert.block else []), *alert.blocks]))
         alert.where += alert.params
@@ -434,7 +430,7 @@ class RuleEnforcer:
             hint = (
                 "Rules see the logged keys: per-parameter norms are logged for the parameters "
                 "that `log_param_norms` selects (default: none)."
-                if rule.metric.startswith(PARAM_KEY_PREFIX)
+                if rule.metric.startswith(PARAM_NORM_PREFIX)
                 else f"Block keys look like 'grad_norm/<block>' with blocks {blocks}."
             )
             rank_zero_warn(

@@ -16,6 +16,14 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_gradwatch.flow_arrays import log_gains_array
+from lightning_gradwatch.keys import (
+    DEFAULT_EPS,
+    TOTAL_NORM_KEY,
+    flow_key,
+    gain_key,
+    log_gain_key,
+    norm_key,
+)
 from lightning_gradwatch.measurement import GradientMeasurement, MeasurementSpec
 from lightning_gradwatch.sinks import tensorboard_writers
 
@@ -68,7 +76,7 @@ def render_flow_heatmap(
     block_names: Sequence[str],
     norms: np.ndarray,
     title: str = "Gradient flow",
-    eps: float = 1e-30,
+    eps: float = DEFAULT_EPS,
 ) -> Any:
     """A two-panel matplotlib ``Figure``: log10 of each block's output-gradient norm (blocks x
     measured steps) and the log-gain of every transition on a diverging map centred on 0 (blue:
@@ -174,14 +182,14 @@ def custom_scalars_layout(block_names: Sequence[str]) -> dict[str, dict[str, lis
     names = list(block_names)
     return {
         LAYOUT_CATEGORY: {
-            NORMS_CHART: ["Multiline", [f"grad_norm/{name}" for name in names]],
-            GAINS_CHART: ["Multiline", [f"grad_gain/{name}" for name in names[1:]]],
-            LOG_GAINS_CHART: ["Multiline", [f"grad_log_gain/{name}" for name in names[1:]]],
-            TOTAL_CHART: ["Multiline", ["grad_norm_total"]],
+            NORMS_CHART: ["Multiline", [norm_key(name) for name in names]],
+            GAINS_CHART: ["Multiline", [gain_key(name) for name in names[1:]]],
+            LOG_GAINS_CHART: ["Multiline", [log_gain_key(name) for name in names[1:]]],
+            TOTAL_CHART: ["Multiline", [TOTAL_NORM_KEY]],
             CATEGORIES_CHART: [
                 "Multiline",
                 [
-                    f"grad_flow/num_{c}"
+                    flow_key(f"num_{c}")
                     for c in ("amplifying", "damping", "healthy", "vanishing", "missing")
                 ],
             ],
@@ -278,7 +286,7 @@ class TensorBoardPictures:
         self._writers: list[Any] = []
         self._history: Optional[FlowHistory] = None
         self._measured = 0
-        self._eps = 1e-30
+        self._eps = DEFAULT_EPS
 
     def start(
         self,
@@ -291,7 +299,7 @@ class TensorBoardPictures:
         loggers = list(loggers)
         self._writers = tensorboard_writers(loggers)
         self._measured = 0
-        self._eps = 1e-30 if spec is None else spec.eps
+        self._eps = DEFAULT_EPS if spec is None else spec.eps
         self._history = FlowHistory(len(block_names), self.history_size)
         if not self._writers:
             if loggers:

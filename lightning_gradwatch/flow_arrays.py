@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from lightning_gradwatch.keys import DEFAULT_EPS
 from lightning_gradwatch.norms import Category
 
 
-def gains_array(norms: np.ndarray, eps: float = 1e-30) -> np.ndarray:
+def gains_array(norms: np.ndarray, eps: float = DEFAULT_EPS) -> np.ndarray:
     """``norm[..., i-1] / norm[..., i]`` along the last axis."""
     previous, current = norms[..., :-1], norms[..., 1:]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -23,7 +24,7 @@ def gains_array(norms: np.ndarray, eps: float = 1e-30) -> np.ndarray:
     return np.where(np.isnan(previous) | np.isnan(current), np.nan, gains)
 
 
-def log_gains_array(norms: np.ndarray, eps: float = 1e-30) -> np.ndarray:
+def log_gains_array(norms: np.ndarray, eps: float = DEFAULT_EPS) -> np.ndarray:
     """``log(norm[..., i-1]) - log(norm[..., i])``: ``+inf`` into a zero norm, ``-inf`` out of one."""
     previous, current = norms[..., :-1], norms[..., 1:]
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -16,34 +16,24 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from lightning_gradwatch.norms import GRAD_STAT_KEYS, SUMMARY_KEYS
+from lightning_gradwatch.keys import (
+    DEFAULT_EPS,
+    KEY_PREFIXES,
+    KNOWN_KEYS,
+    NONFINITE,
+    TOTAL_NORM_KEY,
+    alert_key,
+)
 
 #: Actions in increasing strength; when several rules act at one step the strongest wins.
 ACTIONS: tuple[str, ...] = ("warn", "clip", "skip", "halt")
 CLIP_MODES: tuple[str, ...] = ("norm", "value")
-#: The metric name of "any NaN or Inf in parameter or block-output gradients".
-NONFINITE = "nonfinite"
-#: Key checked on every ``check_every_n_steps``-th optimizer step (the others on measured steps).
-TOTAL_NORM_KEY = "grad_norm_total"
 #: ``patience`` of a ``nonfinite`` rule left at ``None`` while an enabled AMP GradScaler is active:
 #: the scaler skips a non-finite step and lowers its scale by itself, so only a run of non-finite steps
 #: means something is broken.
 SCALER_NONFINITE_PATIENCE = 10
 #: Action recorded for a trip that did not act (patience not reached, or a GradScaler handles it).
 NO_ACTION = "none"
-#: Logged keys a rule may name exactly, and the prefixes of the per-block / per-parameter ones.
-KNOWN_KEYS: frozenset[str] = frozenset(
-    [TOTAL_NORM_KEY, "grad_norm_total_clipped"]
-    + [f"grad_flow/{key}" for key in (*SUMMARY_KEYS, "end_to_end_gain")]
-    + [f"grad_stats/{key}" for key in GRAD_STAT_KEYS]
-)
-KEY_PREFIXES: tuple[str, ...] = (
-    "grad_norm/",
-    "grad_gain/",
-    "grad_log_gain/",
-    "grad_param_norm/",
-    "grad_alerts/",
-)
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -384,7 +374,7 @@ class RolledWindow:
         var = sum((v - mean) ** 2 for v in self.values) / n
         std = math.sqrt(var)
         # A constant window has std 0: anything above it is infinitely unusual, anything else is not.
-        floor = 1e-12 * max(abs(mean), 1e-30)
+        floor = 1e-12 * max(abs(mean), DEFAULT_EPS)
         if std <= floor:
             return math.inf if value - mean > floor else 0.0
         return (value - mean) / std
@@ -512,7 +502,7 @@ class RuleEngine:
 
     def counters(self) -> dict[str, float]:
         """``grad_alerts/<rule label>`` -> number of trips so far."""
-        return {f"grad_alerts/{label}": float(n) for label, n in zip(self.labels, self.counts)}
+        return {alert_key(label): float(n) for label, n in zip(self.labels, self.counts)}
 
     # -- state -----------------------------------------------------------------------------------
 

@@ -17,8 +17,19 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from lightning_gradwatch.norms import (
+from lightning_gradwatch.keys import (
+    DEFAULT_EPS,
+    END_TO_END_KEY,
     GRAD_STAT_KEYS,
+    TOTAL_NORM_KEY,
+    flow_key,
+    gain_key,
+    log_gain_key,
+    norm_key,
+    param_norm_key,
+    stats_key,
+)
+from lightning_gradwatch.norms import (
     N_STAT_PARTIALS,
     Category,
     NormType,
@@ -54,7 +65,7 @@ class GradientMeasurement:
         gains: ``block_norms[i-1] / block_norms[i]`` for ``i >= 1`` (keyed by block ``i``).
         log_gains: the log of each gain.
         categories: the :class:`~lightning_gradwatch.norms.Category` of each transition.
-        summary: the seed-001 summary keys plus ``end_to_end_gain``.
+        summary: the GradientGainMonitor summary keys plus ``end_to_end_gain``.
         total_norm: the norm over all parameter gradients.
         param_norms: per-parameter gradient norms.
         grad_stats: ``mean``, ``std``, ``min``, ``max``, ``zero_fraction``, ``large_fraction``,
@@ -97,7 +108,7 @@ class MeasurementSpec:
     """How to turn gradients into figures (the measuring arguments of the callback)."""
 
     norm_type: NormType = "l2"
-    eps: float = 1e-30
+    eps: float = DEFAULT_EPS
     damping_threshold: float = 0.5
     amplifying_threshold: float = 2.0
     large_threshold: float = 1.0
@@ -185,7 +196,7 @@ def unpack(
     log_gains = compute_log_gains(block_norms, spec.eps)
     lo, hi = spec.damping_threshold, spec.amplifying_threshold
     summary = summarize_gains(gains, log_gains, lo, hi)
-    summary["end_to_end_gain"] = end_to_end_gain(block_norms, spec.eps)
+    summary[END_TO_END_KEY] = end_to_end_gain(block_norms, spec.eps)
     measurement = GradientMeasurement(
         step=step,
         norm_type=spec.norm_type,
@@ -217,20 +228,20 @@ def to_metrics(measurement: GradientMeasurement, spec: MeasurementSpec) -> dict[
     names = measurement.block_names
     for name, norm in zip(names, measurement.block_norms):
         if norm is not None:
-            metrics[f"grad_norm/{name}"] = norm
+            metrics[norm_key(name)] = norm
     for name, gain, log_gain in zip(names[1:], measurement.gains, measurement.log_gains):
         if gain is not None and log_gain is not None:
-            metrics[f"grad_gain/{name}"] = gain
-            metrics[f"grad_log_gain/{name}"] = log_gain
+            metrics[gain_key(name)] = gain
+            metrics[log_gain_key(name)] = log_gain
     if spec.measure_params:
-        metrics["grad_norm_total"] = measurement.total_norm
+        metrics[TOTAL_NORM_KEY] = measurement.total_norm
     if spec.log_param_norms is not False:  # off by default: no walk over every parameter
         for name, norm in measurement.param_norms.items():
             if spec.logs_param(name):
-                metrics[f"grad_param_norm/{name}"] = norm
+                metrics[param_norm_key(name)] = norm
     for key, value in measurement.summary.items():
-        metrics[f"grad_flow/{key}"] = float(value)
+        metrics[flow_key(key)] = float(value)
     for key in GRAD_STAT_KEYS:
         if key in measurement.grad_stats:
-            metrics[f"grad_stats/{key}"] = measurement.grad_stats[key]
+            metrics[stats_key(key)] = measurement.grad_stats[key]
     return metrics

@@ -12,6 +12,7 @@ from typing import Optional
 
 from torch import nn
 
+from lightning_gradwatch.keys import DEFAULT_EPS
 from lightning_gradwatch.norms import (
     classify_gain,
     compute_gains,
@@ -64,7 +65,7 @@ class GradientGainMonitor:
         blocks: Iterable[nn.Module],
         norm_type: str = "l2",
         strict_single_backward: bool = True,
-        eps: float = 1e-30,
+        eps: float = DEFAULT_EPS,
         damping_threshold: float = 0.5,
         amplifying_threshold: float = 2.0,
     ) -> None:

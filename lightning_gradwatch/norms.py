@@ -18,33 +18,13 @@ import torch
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors
 
+from lightning_gradwatch.keys import DEFAULT_EPS, GRAD_STAT_KEYS
+
 NormType = Literal["l2", "l1", "linf", "mean"]
 NORM_TYPES: tuple[str, ...] = ("l2", "l1", "linf", "mean")
 
 _ORD = {"l2": 2.0, "l1": 1.0, "linf": math.inf, "mean": 1.0}
 
-SUMMARY_KEYS: tuple[str, ...] = (
-    "mean_gain",
-    "min_gain",
-    "max_gain",
-    "mean_log_gain",
-    "num_amplifying",
-    "num_damping",
-    "num_healthy",
-    "num_vanishing",
-    "num_missing",
-)
-
-#: Statistics over all parameter-gradient elements, in the order of :func:`grad_stat_partials`.
-GRAD_STAT_KEYS: tuple[str, ...] = (
-    "mean",
-    "std",
-    "min",
-    "max",
-    "zero_fraction",
-    "large_fraction",
-    "nonfinite_count",
-)
 #: Length of a :func:`grad_stat_partials` row: sum, sum of squares, min, max, zeros, large,
 #: non-finite, element count.
 N_STAT_PARTIALS = 8
@@ -313,7 +293,9 @@ def finalize_grad_stats(partials: Sequence[float]) -> dict[str, float]:
     }
 
 
-def compute_gains(norms: Sequence[Optional[float]], eps: float = 1e-30) -> list[Optional[float]]:
+def compute_gains(
+    norms: Sequence[Optional[float]], eps: float = DEFAULT_EPS
+) -> list[Optional[float]]:
     """Backward gains ``gamma_i = norm[i-1] / norm[i]`` for ``i = 1..n-1``.
 
     ``None`` where either norm is missing; ``inf`` where ``norm[i] <= eps`` (vanishing).
@@ -330,7 +312,7 @@ def compute_gains(norms: Sequence[Optional[float]], eps: float = 1e-30) -> list[
 
 
 def compute_log_gains(
-    norms: Sequence[Optional[float]], eps: float = 1e-30
+    norms: Sequence[Optional[float]], eps: float = DEFAULT_EPS
 ) -> list[Optional[float]]:
     """``log(norm[i-1]) - log(norm[i])``, computed in log space (no overflow of the ratio)."""
     log_gains: list[Optional[float]] = []
@@ -369,7 +351,7 @@ def summarize_gains(
     damping_threshold: float = 0.5,
     amplifying_threshold: float = 2.0,
 ) -> dict[str, float]:
-    """The seed-001 summary: ``SUMMARY_KEYS``. Means, minima and maxima use finite gains only
+    """The GradientGainMonitor summary: ``SUMMARY_KEYS``. Means, minima and maxima use finite gains only
     (NaN when there is none); counts are floats so every value can be logged as a scalar."""
     finite = [g for g in gains if g is not None and math.isfinite(g)]
     finite_logs = [g for g in log_gains if g is not None and math.isfinite(g)]
@@ -389,8 +371,8 @@ def summarize_gains(
     }
 
 
-def end_to_end_gain(norms: Sequence[Optional[float]], eps: float = 1e-30) -> float:
-    """First block's norm over the last block's (the seed-002 vanishing ratio); NaN if missing."""
+def end_to_end_gain(norms: Sequence[Optional[float]], eps: float = DEFAULT_EPS) -> float:
+    """First block's norm over the last block's (the vanishing ratio); NaN if missing."""
     if len(norms) < 2 or norms[0] is None or norms[-1] is None:
         return math.nan
     return compute_gains([norms[0], norms[-1]], eps)[0]  # type: ignore[return-value]

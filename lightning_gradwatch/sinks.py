@@ -10,11 +10,8 @@ from typing import Any, Optional
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from torch import Tensor
 
+from lightning_gradwatch.keys import HIST_BLOCK_PREFIX, HIST_PARAM_PREFIX
 from lightning_gradwatch.measurement import local_tensor
-
-#: Histogram tag prefixes: block-output gradients and parameter gradients.
-HIST_BLOCK_PREFIX = "grad_hist_block/"
-HIST_PARAM_PREFIX = "grad_hist_param/"
 
 
 def log_metrics(loggers: Iterable[Logger], metrics: Mapping[str, float], step: int) -> None:

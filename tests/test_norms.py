@@ -19,7 +19,7 @@ from reference import (
     ref_summary,
 )
 
-from lightning_gradwatch import norms
+from lightning_gradwatch import keys, norms
 from lightning_gradwatch.norms import (
     GRAD_STAT_KEYS,
     Category,
@@ -49,7 +49,7 @@ def _tensors() -> list[torch.Tensor]:
 
 def test_public_constants() -> None:
     assert norms.NORM_TYPES == NORM_TYPES
-    assert norms.SUMMARY_KEYS == SUMMARY_KEYS
+    assert keys.SUMMARY_KEYS == SUMMARY_KEYS
     assert GRAD_STAT_KEYS == STAT_KEYS
 
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
+from lightning_gradwatch.keys import DEFAULT_EPS
 from lightning_gradwatch.report.reader import ReportError, RunLog, read_logdir
 from lightning_gradwatch.report.summary import (
     RunReport,
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, default in (
         ("--damping-threshold", 0.5),
         ("--amplifying-threshold", 2.0),
-        ("--eps", 1e-30),
+        ("--eps", DEFAULT_EPS),
     ):
         report.add_argument(
             flag,

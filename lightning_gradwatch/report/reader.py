@@ -24,20 +24,26 @@ import numpy as np
 
 from lightning_gradwatch.alerts import ALERTS_FILENAME as ALERTS_FILE
 from lightning_gradwatch.alerts import read_alerts as read_alerts_file
+from lightning_gradwatch.keys import (
+    FLOW_PREFIX,
+    GAIN_PREFIX,
+    LOG_GAIN_PREFIX,
+    NORM_PREFIX,
+    PARAM_NORM_PREFIX,
+    STATS_PREFIX,
+)
+from lightning_gradwatch.keys import TOTAL_NORM_KEY as TOTAL_NORM_TAG
 
 EVENT_FILE_PATTERN = "events.out.tfevents.*"
 CSV_FILE = "metrics.csv"
 #: Prefixes of the tags the callback writes (README's metric table).
-NORM_PREFIX = "grad_norm/"
-GAIN_PREFIX = "grad_gain/"
-TOTAL_NORM_TAG = "grad_norm_total"
 GRADWATCH_PREFIXES = (
     NORM_PREFIX,
     GAIN_PREFIX,
-    "grad_log_gain/",
-    "grad_flow/",
-    "grad_stats/",
-    "grad_param_norm/",
+    LOG_GAIN_PREFIX,
+    FLOW_PREFIX,
+    STATS_PREFIX,
+    PARAM_NORM_PREFIX,
 )
 #: The tag under which TensorBoard stores a custom-scalars layout.
 LAYOUT_TAG = "custom_scalars__config__"

@@ -13,6 +13,7 @@ from typing import Any, Optional
 import numpy as np
 
 from lightning_gradwatch.flow_arrays import category_masks, gains_array
+from lightning_gradwatch.keys import DEFAULT_EPS
 from lightning_gradwatch.monitor import format_report
 from lightning_gradwatch.norms import (
     Category,
@@ -75,7 +76,7 @@ class RunReport:
     alerts: list[dict[str, Any]] = field(default_factory=list)
     damping_threshold: float = 0.5
     amplifying_threshold: float = 2.0
-    eps: float = 1e-30
+    eps: float = DEFAULT_EPS
     norm_type: str = "as logged"
 
 
@@ -93,7 +94,7 @@ def build_report(
     """
     damping_threshold = _setting(damping_threshold, run, "damping_threshold", 0.5)
     amplifying_threshold = _setting(amplifying_threshold, run, "amplifying_threshold", 2.0)
-    eps = _setting(eps, run, "eps", 1e-30)
+    eps = _setting(eps, run, "eps", DEFAULT_EPS)
     if not 0 < damping_threshold <= amplifying_threshold:
         raise ReportError(
             "damping threshold must be > 0 and <= the amplifying threshold, got "

@@ -1,0 +1,126 @@
+"""The vocabulary: every metric key and prefix the package logs, reads or lets a rule name, and the
+defaults that several modules share. Everyone who names a figure imports it from here, so a key is
+spelled once.
+
+Per-block keys are ``<prefix><block>`` (``grad_norm/blocks.3``), per-parameter keys
+``grad_param_norm/<param>``, summaries ``grad_flow/<stat>`` and statistics ``grad_stats/<stat>``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ALERTS_PREFIX",
+    "CLIPPED_KEY",
+    "DEFAULT_EPS",
+    "END_TO_END_KEY",
+    "FLOW_PREFIX",
+    "GAIN_PREFIX",
+    "GRAD_STAT_KEYS",
+    "HIST_BLOCK_PREFIX",
+    "HIST_PARAM_PREFIX",
+    "KEY_PREFIXES",
+    "KNOWN_KEYS",
+    "LOG_GAIN_PREFIX",
+    "NONFINITE",
+    "NORM_PREFIX",
+    "PARAM_NORM_PREFIX",
+    "STATS_PREFIX",
+    "SUMMARY_KEYS",
+    "TOTAL_NORM_KEY",
+    "alert_key",
+    "flow_key",
+    "gain_key",
+    "log_gain_key",
+    "norm_key",
+    "param_norm_key",
+    "stats_key",
+]
+
+#: Norms at or below this count as zero (a gain into them is ``inf``: vanishing).
+DEFAULT_EPS = 1e-30
+
+NORM_PREFIX = "grad_norm/"
+GAIN_PREFIX = "grad_gain/"
+LOG_GAIN_PREFIX = "grad_log_gain/"
+PARAM_NORM_PREFIX = "grad_param_norm/"
+FLOW_PREFIX = "grad_flow/"
+STATS_PREFIX = "grad_stats/"
+ALERTS_PREFIX = "grad_alerts/"
+#: TensorBoard histogram tags: block-output gradients and parameter gradients.
+HIST_BLOCK_PREFIX = "grad_hist_block/"
+HIST_PARAM_PREFIX = "grad_hist_param/"
+
+#: The norm over all parameter gradients (what ``clip_grad_norm_`` sees).
+TOTAL_NORM_KEY = "grad_norm_total"
+#: Logged at steps where a ``clip`` rule acted: the total norm after clipping.
+CLIPPED_KEY = "grad_norm_total_clipped"
+#: The metric name of "any NaN or Inf in parameter or block-output gradients" (rules only).
+NONFINITE = "nonfinite"
+
+#: ``grad_flow/<key>``: the GradientGainMonitor summary, then the end-to-end gain.
+SUMMARY_KEYS: tuple[str, ...] = (
+    "mean_gain",
+    "min_gain",
+    "max_gain",
+    "mean_log_gain",
+    "num_amplifying",
+    "num_damping",
+    "num_healthy",
+    "num_vanishing",
+    "num_missing",
+)
+END_TO_END_KEY = "end_to_end_gain"
+
+#: ``grad_stats/<key>``: statistics over all parameter-gradient elements, in logging order.
+GRAD_STAT_KEYS: tuple[str, ...] = (
+    "mean",
+    "std",
+    "min",
+    "max",
+    "zero_fraction",
+    "large_fraction",
+    "nonfinite_count",
+)
+
+#: Every logged key a rule may name exactly.
+KNOWN_KEYS: frozenset[str] = frozenset(
+    [TOTAL_NORM_KEY, CLIPPED_KEY]
+    + [FLOW_PREFIX + key for key in (*SUMMARY_KEYS, END_TO_END_KEY)]
+    + [STATS_PREFIX + key for key in GRAD_STAT_KEYS]
+)
+#: Prefixes of the per-block / per-parameter / per-rule keys a rule may name.
+KEY_PREFIXES: tuple[str, ...] = (
+    NORM_PREFIX,
+    GAIN_PREFIX,
+    LOG_GAIN_PREFIX,
+    PARAM_NORM_PREFIX,
+    ALERTS_PREFIX,
+)
+
+
+def norm_key(block: str) -> str:
+    return NORM_PREFIX + block
+
+
+def gain_key(block: str) -> str:
+    return GAIN_PREFIX + block
+
+
+def log_gain_key(block: str) -> str:
+    return LOG_GAIN_PREFIX + block
+
+
+def param_norm_key(param: str) -> str:
+    return PARAM_NORM_PREFIX + param
+
+
+def flow_key(stat: str) -> str:
+    return FLOW_PREFIX + stat
+
+
+def stats_key(stat: str) -> str:
+    return STATS_PREFIX + stat
+
+
+def alert_key(rule_label: str) -> str:
+    return ALERTS_PREFIX + rule_label
