@@ -72,6 +72,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_gradwatch import GradientFlowCallback
+from lightning_gradwatch._compat import foreach_norm
 
 try:  # governance lands separately; the variant is skipped without it
     from lightning_gradwatch import Rule
@@ -426,7 +427,7 @@ class FloorVariant(Variant, Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        norms = torch.stack(torch._foreach_norm(grads))
+        norms = torch.stack(list(foreach_norm(grads, 2.0)))
         self.values = (torch.cat([self.buffer, norms]) if self.blocks else norms).tolist()
 
     def detach(self, trainer: pl.Trainer, module: BenchModule) -> None:
