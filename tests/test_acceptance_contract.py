@@ -58,7 +58,7 @@ def test_package_layout_and_two_command_setup() -> None:
     meta = project["project"]
     assert meta["name"] == "lightning-gradwatch"
     deps = " ".join(meta["dependencies"])
-    for requirement in ("torch>=2.3", "lightning>=2.4", "torchmetrics", "tensorboard"):
+    for requirement in ("torch>=2.3", "lightning>=2.4", "tensorboard"):
         assert requirement in deps
     assert "matplotlib" not in deps  # an optional extra only
     assert any("matplotlib" in d for d in meta["optional-dependencies"]["plots"])
