@@ -18,7 +18,7 @@ Variants:
   every-step check (one ``_foreach_norm`` pass, one host copy). This is also what an unmeasured step
   costs with the default rules.
 * ``builtin``: Lightning's ``grad_norm(self, 2)`` + ``self.log_dict`` in ``on_before_optimizer_step``.
-* ``seed_hooks``: ``register_full_backward_hook`` on every ``nn.Linear`` + ``.item()`` per module.
+* ``backward_hooks``: ``register_full_backward_hook`` on every ``nn.Linear`` + ``.item()`` per module.
 * ``floor``: one ``torch._foreach_norm`` over the parameter gradients + one host copy.
 * ``floor_blocks``: the floor + the norm of each block output's gradient via tensor hooks.
 
@@ -29,7 +29,7 @@ Reported per variant: median step time (wall clock) and its min-max over rounds,
 difference to the baseline step of the same round (median, bootstrap 95 % CI), the ratio to the
 baseline, the same difference in process CPU time, and the variant's *own* time per step: wall time
 spent inside its Lightning hooks, forward hooks, tensor hooks and module backward hooks (measured by
-wrapping them; autograd's own machinery for full backward hooks is not in it, so ``seed_hooks`` own
+wrapping them; autograd's own machinery for full backward hooks is not in it, so ``backward_hooks`` own
 time is a lower bound).
 
 Usage::
@@ -366,10 +366,10 @@ class BuiltinVariant(Variant):
             results.reset()
 
 
-class SeedHooksVariant(Variant, Callback):
-    """Seed-000 style: a full backward hook on every Linear, ``.item()`` on each output gradient."""
+class BackwardHooksVariant(Variant, Callback):
+    """The naive way: a full backward hook on every Linear, ``.item()`` on each output gradient."""
 
-    name = "seed_hooks"
+    name = "backward_hooks"
 
     def __init__(self) -> None:
         self.callback = self
@@ -453,7 +453,7 @@ def make_variants() -> list[Variant]:
                 rules=[Rule("nonfinite", action="halt")],
             )
         )
-    variants += [BuiltinVariant(), SeedHooksVariant(), FloorVariant(False), FloorVariant(True)]
+    variants += [BuiltinVariant(), BackwardHooksVariant(), FloorVariant(False), FloorVariant(True)]
     return variants
 
 
@@ -786,7 +786,7 @@ LABELS = {
     "every50_unmeasured": "gradwatch every 50 (`rules=[]`, derived)",
     "every50_governance": "gradwatch every 50 (default rules, derived)",
     "builtin": "Lightning `grad_norm` + `self.log_dict`",
-    "seed_hooks": "per-Linear full backward hook + `.item()`",
+    "backward_hooks": "per-Linear full backward hook + `.item()`",
     "floor": "floor: one `_foreach_norm` + one copy",
     "floor_blocks": "floor + block-output tensor-hook norms",
 }
@@ -800,7 +800,7 @@ MEASURES = (
 
 
 def goals(model: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue 6's goals, each by own time and by the paired wall-clock and CPU-time differences
+    """The overhead goals, each by own time and by the paired wall-clock and CPU-time differences
     (a ratio whose denominator is not above zero, i.e. lost in the noise, is left out)."""
     s = model["stats"]
     out: list[dict[str, Any]] = []
@@ -913,7 +913,7 @@ def markdown(result: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "## Goals (issue 6)",
+        "## Goals",
         "",
         "| model | goal | value | limit | met | measured by |",
         "|---|---|---|---|---|---|",

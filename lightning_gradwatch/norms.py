@@ -370,7 +370,8 @@ def summarize_gains(
     damping_threshold: float = 0.5,
     amplifying_threshold: float = 2.0,
 ) -> dict[str, float]:
-    """The seed-001 summary: ``SUMMARY_KEYS``. Means, minima and maxima use finite gains only
+    """The gain summary (``SUMMARY_KEYS``, as ``GradientGainMonitor.summary_stats()`` gives it). Means,
+    minima and maxima use finite gains only
     (NaN when there is none); counts are floats so every value can be logged as a scalar."""
     finite = [g for g in gains if g is not None and math.isfinite(g)]
     finite_logs = [g for g in log_gains if g is not None and math.isfinite(g)]
@@ -391,7 +392,7 @@ def summarize_gains(
 
 
 def end_to_end_gain(norms: Sequence[Optional[float]], eps: float = 1e-30) -> float:
-    """First block's norm over the last block's (the seed-002 vanishing ratio); NaN if missing."""
+    """First block's norm over the last block's (the vanishing ratio); NaN if missing."""
     if len(norms) < 2 or norms[0] is None or norms[-1] is None:
         return math.nan
     return compute_gains([norms[0], norms[-1]], eps)[0]  # type: ignore[return-value]
