@@ -52,7 +52,9 @@ def main() -> None:
         for _ in range(args.calls):
             callback._measure(trainer, probe, 0)  # type: ignore[arg-type]
         times.append((time.thread_time() - start) / args.calls * 1e3)
-    print(f"measured step own time: best {min(times):.2f} ms, median {statistics.median(times):.2f} ms")
+    print(
+        f"measured step own time: best {min(times):.2f} ms, median {statistics.median(times):.2f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_gradwatch._compat import COMPILED_MODULE_ATTR
 from lightning_gradwatch.alerts import Alert
 from lightning_gradwatch.blocks import resolve_blocks, validate_blocks_spec
 from lightning_gradwatch.diagnosis import FirstStepReport
@@ -362,7 +363,7 @@ class GradientFlowCallback(Callback):
 def _eager_name(name: str) -> str:
     """``name`` without the ``_orig_mod`` components that ``torch.compile(module)`` wrappers add
     (``blocks.0._orig_mod.linear.weight`` -> ``blocks.0.linear.weight``)."""
-    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+    return ".".join(part for part in name.split(".") if part != COMPILED_MODULE_ATTR)
 
 
 def _check_param_filter(value: object) -> Union[bool, str, list[str]]:

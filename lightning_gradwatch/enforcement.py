@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_gradwatch._compat import foreach_mul_
 from lightning_gradwatch.alerts import ALERTS_FILENAME, Alert, JsonlAlertSink
 from lightning_gradwatch.diagnosis import (
     MANUAL_ZERO_GRAD_WARNING,
@@ -324,7 +325,7 @@ class RuleEnforcer:
             # The same coefficient as clip_grad_norm_, from the total already on the host.
             coef = min(by_norm) / (total + 1e-6)
             if coef < 1.0:
-                torch._foreach_mul_(grads, coef)  # type: ignore[arg-type]
+                foreach_mul_(grads, coef)  # type: ignore[arg-type]
                 return total * coef
             return total
         return self._total_norm(params)

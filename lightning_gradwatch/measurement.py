@@ -59,7 +59,7 @@ class GradientMeasurement:
         gains: ``block_norms[i-1] / block_norms[i]`` for ``i >= 1`` (keyed by block ``i``).
         log_gains: the log of each gain.
         categories: the :class:`~lightning_gradwatch.norms.Category` of each transition.
-        summary: the GradientGainMonitor summary keys plus ``end_to_end_gain``.
+        summary: the gain summary keys (``SUMMARY_KEYS``) plus ``end_to_end_gain``.
         total_norm: the norm over all parameter gradients.
         param_norms: per-parameter gradient norms.
         grad_stats: ``mean``, ``std``, ``min``, ``max``, ``zero_fraction``, ``large_fraction``,

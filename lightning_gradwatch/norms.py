@@ -16,8 +16,8 @@ from typing import Literal, Optional
 
 import torch
 from torch import Tensor
-from torch._utils import _flatten_dense_tensors
 
+from lightning_gradwatch._compat import flatten_dense_tensors, foreach_norm
 from lightning_gradwatch.keys import DEFAULT_EPS, GRAD_STAT_KEYS
 
 NormType = Literal["l2", "l1", "linf", "mean"]
@@ -103,8 +103,8 @@ def foreach_partial_norms(grads: Sequence[Tensor], norm_type: NormType) -> Tenso
 def _foreach_norm(tensors: list[Tensor], ord: float, dtype: torch.dtype) -> Sequence[Tensor]:
     # Low-precision gradients overflow their own dtype when squared and summed: accumulate in fp32.
     if dtype in (torch.float16, torch.bfloat16):
-        return torch._foreach_norm(tensors, ord, dtype=torch.float32)
-    return torch._foreach_norm(tensors, ord)
+        return foreach_norm(tensors, ord, dtype=torch.float32)
+    return foreach_norm(tensors, ord)
 
 
 def combine_partials(partials: Tensor, norm_type: NormType, dim: int = 0) -> Tensor:
@@ -191,7 +191,7 @@ def _flat_copy(tensors: list[Tensor]) -> Tensor:
     if len(tensors) == 1:  # flatten_dense_tensors would return a view of the only tensor
         return tensors[0].reshape(-1).clone()
     # One C++ call instead of one Python-level reshape per tensor (1,000 tensors: 0.6 vs 2.5 ms).
-    return _flatten_dense_tensors(tensors)
+    return flatten_dense_tensors(tensors)
 
 
 def _stat_row(flat: Tensor, scratch: Tensor, large_threshold: float) -> Tensor:
@@ -351,7 +351,8 @@ def summarize_gains(
     damping_threshold: float = 0.5,
     amplifying_threshold: float = 2.0,
 ) -> dict[str, float]:
-    """The GradientGainMonitor summary: ``SUMMARY_KEYS``. Means, minima and maxima use finite gains only
+    """The gain summary (``SUMMARY_KEYS``, as ``GradientGainMonitor.summary_stats()`` gives it). Means,
+    minima and maxima use finite gains only
     (NaN when there is none); counts are floats so every value can be logged as a scalar."""
     finite = [g for g in gains if g is not None and math.isfinite(g)]
     finite_logs = [g for g in log_gains if g is not None and math.isfinite(g)]
