@@ -18,6 +18,11 @@ import torch
 from torch import Tensor
 
 from lightning_gradwatch.distributed import ReductionPlan, param_partials, reduce_block_rows
+from lightning_gradwatch.grad_stats import (
+    N_STAT_PARTIALS,
+    finalize_grad_stats,
+    stat_partials_finite,
+)
 from lightning_gradwatch.keys import (
     DEFAULT_EPS,
     END_TO_END_KEY,
@@ -31,16 +36,13 @@ from lightning_gradwatch.keys import (
     stats_key,
 )
 from lightning_gradwatch.norms import (
-    N_STAT_PARTIALS,
     Category,
     NormType,
     classify_gain,
     compute_gains,
     compute_log_gains,
     end_to_end_gain,
-    finalize_grad_stats,
     finalize_norm,
-    stat_partials_finite,
     summarize_gains,
 )
 from lightning_gradwatch.probe import CALLS, NUMEL, PARTIAL
