@@ -72,6 +72,8 @@ class GradientMeasurement:
             halts training).
         chained: per block, whether its input was block ``i - 1``'s output tensor itself (nothing
             in between), as seen by the probe in this step's forward (empty: unknown).
+        optimizer: with several optimizers, the name of the one stepping (its parameters and
+            blocks are what was measured); ``None`` with one.
     """
 
     step: int
@@ -88,6 +90,7 @@ class GradientMeasurement:
     metrics: dict[str, float] = field(default_factory=dict)
     skipped_by_scaler: bool = False
     chained: list[bool] = field(default_factory=list)
+    optimizer: Optional[str] = None
 
     @property
     def nonfinite_blocks(self) -> list[str]:
