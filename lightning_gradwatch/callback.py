@@ -17,19 +17,23 @@ from torch.optim import Optimizer
 from lightning_gradwatch.alerts import Alert
 from lightning_gradwatch.blocks import resolve_blocks, validate_blocks_spec
 from lightning_gradwatch.diagnosis import FirstStepReport
-from lightning_gradwatch.distributed import reduce_packed, reduce_stat_partials
+from lightning_gradwatch.distributed import (
+    ReductionPlan,
+    param_partials,
+    plan_reduction,
+    reduce_block_rows,
+)
 from lightning_gradwatch.enforcement import RuleEnforcer
 from lightning_gradwatch.figures import TensorBoardPictures
 from lightning_gradwatch.governance import Rule, validate_rules
 from lightning_gradwatch.measurement import (
     GradientMeasurement,
     MeasurementSpec,
-    local_tensor,
     pack,
     stats_slice,
     unpack,
 )
-from lightning_gradwatch.norms import grad_stat_partials, stat_partials_finite, validate_norm_type
+from lightning_gradwatch.norms import stat_partials_finite, validate_norm_type
 from lightning_gradwatch.probe import GradientProbe
 from lightning_gradwatch.sinks import log_histograms, log_metrics
 from lightning_gradwatch.strategies import check_strategy, data_parallel_size, loss_scale
@@ -173,6 +177,7 @@ class GradientFlowCallback(Callback):
         self.block_names: list[str] = []
         self._probe: Optional[GradientProbe] = None
         self._params: list[tuple[str, nn.Parameter]] = []
+        self._plan = ReductionPlan()
         self._armed_step = -1
         self._measured_step = -1
         self._warned_histograms = False
@@ -198,6 +203,7 @@ class GradientFlowCallback(Callback):
             for n, p in pl_module.named_parameters()
             if p.requires_grad and self.spec.measure_params
         ]
+        self._plan = plan_reduction(trainer)
         self._armed_step = self._measured_step = -1
         self._enforcer.setup(trainer, self.block_names)
         rank_zero_info(
@@ -311,28 +317,18 @@ class GradientFlowCallback(Callback):
         with_grad = [(name, p) for name, p in self._params if p.grad is not None]
         grads: list[Tensor] = [p.grad for _, p in with_grad]  # type: ignore[misc]
         scale = loss_scale(trainer)
-        packed = pack(probe.buffer, grads, self.spec, scale=scale)
-        sharded = any(hasattr(g, "to_local") for g in grads)
-        packed = reduce_packed(
-            packed,
-            num_blocks=len(probe),
-            num_params=len(grads),
-            norm_type=self.spec.norm_type,
-            sharded_params=sharded,
-            grad_stats=self.spec.grad_stats,
-        )
-        values = packed.tolist()  # the one device-to-host copy of this step
+        stats = self.spec.grad_stats and self.spec.measure_params
+        rows = reduce_block_rows(probe.buffer, self.spec.norm_type, self._plan)
+        # The cheap statistics pass: `stat_partials_finite` is checked on the host below.
+        partials, stat_row = self._param_partials(grads, stats, assume_finite=True)
+        values = pack(rows, partials, stat_row, scale=scale).tolist()  # the one host copy
         where = stats_slice(len(probe), len(grads))
-        if (
-            self.spec.grad_stats
-            and self.spec.measure_params
-            and not stat_partials_finite(values[where])
-        ):
+        if stats and not stat_partials_finite(values[where]):
             # A NaN/Inf somewhere, which the cheap statistics pass cannot count: count exactly, at
             # the price of one more pass and host copy on such steps only. Every rank sees the same
-            # combined sum, so every rank takes this branch (and its collective) or none does.
-            exact = grad_stat_partials([local_tensor(g) for g in grads], self.spec.large_threshold)
-            values[where] = (reduce_stat_partials(exact) if sharded else exact).tolist()
+            # combined sum, so every rank takes this branch (and its collectives) or none does.
+            _, exact = self._param_partials(grads, stats, assume_finite=False)
+            values[where] = exact.tolist()  # type: ignore[union-attr]
         measurement = unpack(
             values,
             step=step,
@@ -346,6 +342,17 @@ class GradientFlowCallback(Callback):
         # The scaler skips the step exactly when an unscaled parameter gradient is inf/NaN.
         measurement.skipped_by_scaler = scale is not None and not _all_finite(measurement)
         return measurement
+
+    def _param_partials(
+        self, grads: list[Tensor], stats: bool, assume_finite: bool
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        return param_partials(
+            grads,
+            self.spec.norm_type,
+            stats=stats,
+            large_threshold=self.spec.large_threshold,
+            assume_finite=assume_finite,
+        )
 
     def _log(
         self, trainer: pl.Trainer, measurement: GradientMeasurement, probe: GradientProbe

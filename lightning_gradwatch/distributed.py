@@ -1,78 +1,292 @@
-"""Combining one step's packed figures across ranks in a single collective.
+"""How figures combine across ranks, layout by layout: each figure is reduced over exactly the ranks
+that hold different parts of it, never over ranks that hold copies.
 
-Block-output gradients differ per rank (each rank back-propagates its own micro-batch): their partials
-are combined over ranks (L2: the sum of squares, so the global norm is the square root of the sum of
-every rank's squared norm; L1 and mean: sums of absolute values and of element counts; L-inf: the
-maximum). Dividing by the number of data-parallel ranks, so that the figures are those of the
-objective the strategy optimizes (see :mod:`lightning_gradwatch.strategies`), happens on the host in
-:func:`lightning_gradwatch.measurement.unpack`.
+**Parameter figures** (:func:`param_partials`) follow the gradients' DTensor placements. A plain
+tensor gradient (single device, DDP: already all-reduced) is complete on every rank and stays local.
+A DTensor gradient is split over the mesh dims on which torch's own norm of it is partial
+(``_NormPartial`` / ``Partial(max)``: ``Shard`` and ``_StridedShard``) and copied over the others
+(``Replicate``): its partials are combined over the first kind only. Under TP + FSDP2 a weight that
+TP splits is reduced over the data-parallel *and* the TP dim, a LayerNorm or bias that TP leaves
+replicated over the data-parallel dim only; under HSDP every gradient over the shard dim only. A
+``Partial`` (pending-sum) gradient, or a placement whose norm torch cannot keep partial, is first
+redistributed to ``Replicate`` on those dims (one collective per such gradient, with a warning), so
+its figures are exact too.
 
-Parameter gradients are either replicated (DDP: already all-reduced, so every rank holds the same
-values and the local figures are taken) or sharded (FSDP2 DTensor: each rank holds a shard, and the
-partials are combined like block partials, giving the norms of the full gradients).
+**Block outputs** (:func:`reduce_block_rows`): a block's output gradient differs only between ranks
+that hold different samples, so rows are combined over the data-parallel ranks. Under tensor
+parallelism the rows of the TP ranks of one data-parallel rank are gathered in the same collective
+(one ``all_gather`` over the world, read as a ``(data parallel, tensor parallel)`` grid): a block
+whose row is identical on every TP rank holds a replicated activation and is counted once; otherwise
+its activation is split over the TP ranks (sequence parallelism) and the rows are summed. Block
+outputs that are DTensors are measured from their local values by the probe and go through the same
+rule. (A sequence-parallel block whose shards happen to give bit-identical rows on every TP rank
+would be counted once: not a case that occurs with real gradients.) Dividing by the number of
+data-parallel replicas happens on the host (:func:`lightning_gradwatch.measurement.unpack`).
+
+**Cost**, collectives per measured step (blocks + parameters) and per every-step rule check
+(parameters only), each a small ``all_gather``; no per-parameter or per-block collective, no host
+sync here (the caller copies the result to the host once):
+
+=======================  ================  ===================
+layout                   measured step     every-step check
+=======================  ================  ===================
+single process           0                 0
+DDP (any node count)     1                 0
+FSDP2 (1-D)              2                 1
+HSDP (replicate, shard)  2                 1
+TP + FSDP2               3 (world, dp, tp)  2 (dp, tp)
+=======================  ================  ===================
+
+One ``all_gather`` per distinct process group over which some gradient is split (parameters whose
+gradients are split over several dims are reduced one dim after the other), plus one for the block
+rows. Each gathers ``group size x payload`` floats (payload: blocks x 3, or parameters + 8 per
+placement group).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from lightning_gradwatch.norms import (
-    N_STAT_PARTIALS,
     NormType,
     combine_partials,
     combine_stat_partials,
+    foreach_partial_norms,
+    grad_stat_partials,
 )
+from lightning_gradwatch.probe import PARTIAL
+
+__all__ = [
+    "ReductionPlan",
+    "is_distributed",
+    "param_partials",
+    "plan_reduction",
+    "reduce_block_rows",
+]
+
+#: The process groups a gradient's partials are combined over, in mesh-dim order (empty: local).
+Groups = tuple[Any, ...]
 
 
 def is_distributed() -> bool:
+    """Whether this is a multi-process run with an initialized default process group."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def reduce_packed(
-    packed: Tensor,
-    *,
-    num_blocks: int,
-    num_params: int,
-    norm_type: NormType,
-    sharded_params: bool,
-    grad_stats: bool,
-) -> Tensor:
-    """Gather ``packed`` (see :func:`lightning_gradwatch.measurement.pack`) from every rank with one
-    ``all_gather`` and combine it. Returns ``packed`` unchanged outside a multi-process run."""
+@dataclass(frozen=True)
+class ReductionPlan:
+    """Where block-output rows are combined, decided once at fit start (see :func:`plan_reduction`).
+
+    Attributes:
+        group: the process group the rows are gathered over (``None``: nothing to reduce).
+        data_parallel_size: ranks holding different samples (what the figures are divided by).
+        tensor_parallel_size: ranks of one data-parallel rank holding one model (1: no TP).
+        grid: gather index of each ``(data parallel, tensor parallel)`` cell, row-major, when the
+            mesh is not laid out in rank order (``None``: rank order).
+    """
+
+    group: Optional[Any] = None
+    data_parallel_size: int = 1
+    tensor_parallel_size: int = 1
+    grid: Optional[Tensor] = field(default=None, compare=False)
+
+
+def plan_reduction(trainer: pl.Trainer) -> ReductionPlan:
+    """The :class:`ReductionPlan` of ``trainer``'s strategy (a plan that does nothing in one process).
+
+    ``ModelParallelStrategy``: the rows are combined over its ``data_parallel`` mesh dim and, when
+    ``tensor_parallel`` has several ranks, deduplicated over that dim. Every other strategy (DDP on
+    any number of nodes, FSDP1, DeepSpeed) treats every rank as data-parallel.
+    """
     if not is_distributed():
-        return packed
-    stacked = _all_gather_stacked(packed)  # (world, length)
-    out = packed.clone()
-    blocks = stacked[:, : 3 * num_blocks].reshape(stacked.shape[0], num_blocks, 3)
-    combined_blocks = blocks.sum(dim=0)
-    combined_blocks[:, 0] = combine_partials(blocks[:, :, 0], norm_type, dim=0)
-    out[: 3 * num_blocks] = combined_blocks.reshape(-1)
-    if sharded_params:
-        start = 3 * num_blocks
-        out[start : start + num_params] = combine_partials(
-            stacked[:, start : start + num_params], norm_type, dim=0
-        )
-        if grad_stats:
-            start += num_params
-            out[start : start + N_STAT_PARTIALS] = combine_stat_partials(
-                stacked[:, start : start + N_STAT_PARTIALS]
-            )
+        return ReductionPlan()
+    world = dist.get_world_size()
+    mesh = getattr(trainer.strategy, "_device_mesh", None)
+    names = getattr(mesh, "mesh_dim_names", None) or ()
+    if mesh is None or "data_parallel" not in names or "tensor_parallel" not in names:
+        return ReductionPlan(group=dist.group.WORLD, data_parallel_size=world)
+    data, tensor = mesh["data_parallel"].size(), mesh["tensor_parallel"].size()
+    if tensor == 1:
+        return ReductionPlan(group=mesh["data_parallel"].get_group(), data_parallel_size=data)
+    cells = mesh.mesh.flatten()  # the global rank of each (dp, tp) cell
+    in_order = cells.tolist() == list(range(world))
+    grid = None if in_order else cells.to(device=trainer.strategy.root_device, dtype=torch.long)
+    return ReductionPlan(dist.group.WORLD, data, tensor, grid)
+
+
+def reduce_block_rows(rows: Tensor, norm_type: NormType, plan: ReductionPlan) -> Tensor:
+    """Combine the probe's ``(n, 3)`` rows ``[partial, numel, calls]`` over the data-parallel ranks,
+    counting a block replicated on the TP ranks once (one ``all_gather``; float64 result)."""
+    rows = rows.double()
+    if plan.group is None:
+        return rows
+    gathered = _all_gather(rows, plan.group)  # (ranks, n, 3)
+    tensor = plan.tensor_parallel_size
+    if tensor > 1:
+        if plan.grid is not None:
+            gathered = gathered.index_select(0, plan.grid)
+        grid = gathered.reshape(-1, tensor, *rows.shape)  # (dp, tp, n, 3)
+        # Replicated on the TP ranks: every TP rank holds the very same row (partial and numel).
+        same = (grid == grid[:, :1]).all(dim=-1).all(dim=1)  # (dp, n)
+        gathered = torch.where(same.unsqueeze(-1), grid[:, 0], _combine_rows(grid, norm_type, 1))
+    return _combine_rows(gathered, norm_type, 0)
+
+
+def _combine_rows(rows: Tensor, norm_type: NormType, dim: int) -> Tensor:
+    """Sum rows along ``dim``, the partial column by its own rule (sum, or max for L-inf)."""
+    out = rows.sum(dim=dim)
+    out[..., PARTIAL] = combine_partials(rows.select(-1, PARTIAL), norm_type, dim=dim)
     return out
 
 
-def reduce_stat_partials(row: Tensor) -> Tensor:
-    """Combine one :func:`~lightning_gradwatch.norms.grad_stat_partials` row over every rank (each
-    holding a shard of the gradients) with one ``all_gather``; unchanged outside a multi-process
-    run."""
-    if not is_distributed():
-        return row
-    return combine_stat_partials(_all_gather_stacked(row))
+def param_partials(
+    grads: Sequence[Tensor],
+    norm_type: NormType,
+    *,
+    stats: bool,
+    large_threshold: float,
+    assume_finite: bool,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """The partials of the *full* gradients, combined over exactly the dims they are split on.
+
+    Returns the per-gradient partial norms (see
+    :func:`~lightning_gradwatch.norms.foreach_partial_norms`; float64, in the order of ``grads``) and,
+    when ``stats``, the :func:`~lightning_gradwatch.norms.grad_stat_partials` row over every element
+    of every full gradient. Plain tensors are taken as they are (complete on every rank). One
+    ``all_gather`` per process group some gradient is split over; no host sync.
+    """
+    split = [_split_over(grad) for grad in grads]
+    by_groups: dict[Groups, list[int]] = {}
+    for index, (_, groups) in enumerate(split):
+        by_groups.setdefault(groups, []).append(index)
+    parts: list[_Part] = []
+    for groups, indices in by_groups.items():
+        local = [split[i][0] for i in indices]
+        parts.append(_Part(foreach_partial_norms(local, norm_type).double(), norm_type, groups))
+        if stats:
+            row = grad_stat_partials(local, large_threshold, assume_finite=assume_finite)
+            parts.append(_Part(row, "stats", groups))
+    _reduce_parts(parts)
+    norms, rows = parts[:: 2 if stats else 1], parts[1::2] if stats else []
+    if len(norms) == 1:
+        partials = norms[0].value
+    elif not norms:  # no gradient at all
+        partials = torch.zeros(0, dtype=torch.float64)
+    else:  # back in the caller's order, without an index tensor (a host-to-device copy)
+        scalars: list[Tensor] = [torch.zeros(())] * len(grads)
+        for part, indices in zip(norms, by_groups.values()):
+            for index, value in zip(indices, part.value.unbind()):
+                scalars[index] = value
+        partials = torch.stack(scalars)
+    if not stats:
+        return partials, None
+    if not rows:
+        return partials, grad_stat_partials([], large_threshold)
+    stat_row = (
+        rows[0].value
+        if len(rows) == 1
+        else combine_stat_partials(torch.stack([part.value for part in rows]))
+    )
+    return partials, stat_row
 
 
-def _all_gather_stacked(tensor: Tensor) -> Tensor:
-    """Every rank's ``tensor`` stacked along a new first dimension (one ``all_gather``)."""
-    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, tensor.contiguous())
+@dataclass
+class _Part:
+    """A vector to combine over ``groups``; ``kind`` is a norm type or ``"stats"``."""
+
+    value: Tensor
+    kind: str
+    groups: Groups
+
+
+def _combiner(kind: str) -> Callable[[Tensor], Tensor]:
+    if kind == "stats":  # torch has no reduction for this mix of sums, minima and maxima
+        return combine_stat_partials
+    return lambda stacked: combine_partials(stacked, kind, dim=0)  # type: ignore[arg-type]
+
+
+def _reduce_parts(parts: Sequence[_Part]) -> None:
+    """Combine every part over each of its groups in place: one ``all_gather`` per distinct group,
+    in the order the groups first appear (the same on every rank: the same parameters, the same
+    placements), so every rank calls the same collectives in the same order."""
+    order: list[Any] = []
+    for part in parts:
+        order.extend(group for group in part.groups if group not in order)
+    for group in order:
+        members = [part for part in parts if group in part.groups]
+        stacked = _all_gather(torch.cat([part.value for part in members]), group)
+        start = 0
+        for part in members:
+            width = part.value.numel()
+            part.value = _combiner(part.kind)(stacked[:, start : start + width])
+            start += width
+
+
+def _all_gather(tensor: Tensor, group: Any) -> Tensor:
+    """Every rank's ``tensor`` in ``group``, stacked along a new first dim (group rank order)."""
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, tensor.contiguous(), group=group)
     return torch.stack(gathered)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What one DTensor layout needs: the mesh dims its norm is partial on, and the placements to
+    redistribute to first when the local values alone cannot give exact figures."""
+
+    dims: tuple[int, ...]
+    redistribute: Optional[tuple[Any, ...]]
+
+
+#: One entry per (mesh, placements) seen: a few per model.
+_LAYOUTS: dict[tuple[Any, tuple[Any, ...]], _Layout] = {}
+
+
+def _split_over(grad: Tensor) -> tuple[Tensor, Groups]:
+    """The local values of ``grad`` and the process groups to combine its partials over."""
+    placements = getattr(grad, "placements", None)
+    if placements is None:  # a plain tensor: the whole gradient (DDP already all-reduced it)
+        return grad, ()
+    mesh = grad.device_mesh  # type: ignore[attr-defined]
+    layout = _layout(grad)
+    if layout.redistribute is not None:
+        grad = grad.redistribute(mesh, layout.redistribute)  # type: ignore[attr-defined]
+    groups = tuple(mesh.get_group(dim) for dim in layout.dims if mesh.size(dim) > 1)
+    return grad.to_local(), groups  # type: ignore[attr-defined]
+
+
+def _layout(grad: Any) -> _Layout:
+    """Ask torch, once per layout, where the norm of such a DTensor is partial: its sharding rules
+    (``Shard``, ``_StridedShard``, ... -> ``_NormPartial``) rather than a copy of them here."""
+    from torch.distributed.tensor import Replicate
+
+    mesh, placements = grad.device_mesh, tuple(grad.placements)
+    layout = _LAYOUTS.get((mesh, placements))
+    if layout is not None:
+        return layout
+    # A pending sum has no local norm: make it a copy first (a collective, on every rank alike).
+    target = tuple(Replicate() if p.is_partial() else p for p in placements)
+    probe = grad if target == placements else grad.redistribute(mesh, target)
+    norm = torch.linalg.vector_norm(probe.detach())
+    dims = tuple(i for i, p in enumerate(norm.placements) if p.is_partial())
+    # Split, yet torch gathered it to take the norm: the local values alone are not enough either.
+    target = tuple(
+        p if p.is_replicate() or i in dims else Replicate() for i, p in enumerate(target)
+    )
+    layout = _Layout(dims, None if target == placements else target)
+    if layout.redistribute is not None:
+        rank_zero_warn(
+            f"GradientFlowCallback: a gradient with placements {placements} cannot be measured "
+            f"from its local values; it is redistributed to {target} first (one collective per "
+            "such gradient each time the figures are taken)."
+        )
+    _LAYOUTS[(mesh, placements)] = layout
+    return layout

@@ -29,7 +29,7 @@ from lightning_gradwatch.diagnosis import (
     holds_stale_gradients,
     locate_nonfinite,
 )
-from lightning_gradwatch.distributed import reduce_packed
+from lightning_gradwatch.distributed import param_partials
 from lightning_gradwatch.governance import (
     NO_ACTION,
     TOTAL_NORM_KEY,
@@ -42,10 +42,9 @@ from lightning_gradwatch.governance import (
 from lightning_gradwatch.measurement import (
     GradientMeasurement,
     MeasurementSpec,
-    local_tensor,
     unpack,
 )
-from lightning_gradwatch.norms import finalize_norm, foreach_partial_norms
+from lightning_gradwatch.norms import finalize_norm
 from lightning_gradwatch.strategies import scaler_enabled
 
 NamedParams = Sequence[tuple[str, nn.Parameter]]
@@ -224,16 +223,7 @@ class RuleEnforcer:
         grads: list[Tensor] = [p.grad for _, p in with_grad]  # type: ignore[misc]
         spec = dataclasses.replace(self.spec, grad_stats=False, log_param_norms=False)
         # Not `pack`: no block rows, no statistics, no loss scale; just the partials, as they come.
-        partials = foreach_partial_norms([local_tensor(g) for g in grads], spec.norm_type)
-        if any(hasattr(g, "to_local") for g in grads):  # sharded (FSDP2): combine the shards
-            partials = reduce_packed(
-                partials,
-                num_blocks=0,
-                num_params=len(grads),
-                norm_type=self.spec.norm_type,
-                sharded_params=True,
-                grad_stats=False,
-            )
+        partials = self._partials(grads)
         return unpack(
             [*partials.tolist(), 1.0],  # `unpack` reads the loss scale last: none here
             step=step,
@@ -353,11 +343,23 @@ class RuleEnforcer:
         return self._total_norm(grads)  # type: ignore[arg-type]
 
     def _total_norm(self, grads: list[Tensor]) -> float:
-        partials = foreach_partial_norms(grads, self.spec.norm_type)
-        numel = float(sum(g.numel() for g in grads))
+        """The total norm of the full gradients (the same on every rank: clip steps are agreed)."""
+        partials = self._partials(grads)
+        numel = float(sum(g.numel() for g in grads))  # a DTensor's numel is the full gradient's
         if self.spec.norm_type == "linf":
             return float(partials.max())
         return finalize_norm(float(partials.sum()), numel, self.spec.norm_type)
+
+    def _partials(self, grads: Sequence[Tensor]) -> Tensor:
+        """Partial norms of the full gradients (:func:`~lightning_gradwatch.distributed.param_partials`)."""
+        partials, _ = param_partials(
+            grads,
+            self.spec.norm_type,
+            stats=False,
+            large_threshold=self.spec.large_threshold,
+            assume_finite=True,
+        )
+        return partials
 
     def _save_halt_checkpoint(self, trainer: pl.Trainer, step: int) -> str:
         """Save the weights before the bad update; called on every rank (rank 0 writes)."""

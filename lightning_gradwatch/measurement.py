@@ -28,8 +28,6 @@ from lightning_gradwatch.norms import (
     end_to_end_gain,
     finalize_grad_stats,
     finalize_norm,
-    foreach_partial_norms,
-    grad_stat_partials,
     summarize_gains,
 )
 from lightning_gradwatch.probe import CALLS, NUMEL, PARTIAL
@@ -118,20 +116,20 @@ class MeasurementSpec:
 
 
 def pack(
-    block_buffer: Tensor,
-    param_grads: Sequence[Tensor],
-    spec: MeasurementSpec,
+    block_rows: Tensor,
+    param_partials: Tensor,
+    stat_row: Optional[Tensor],
     scale: Optional[Tensor] = None,
 ) -> Tensor:
-    """All device-side figures of one step in one float64 vector (no host sync)."""
-    device = block_buffer.device
-    local = [local_tensor(grad) for grad in param_grads]
-    parts = [block_buffer.reshape(-1).double()]
-    parts.append(foreach_partial_norms(local, spec.norm_type).to(device).double())
-    if spec.grad_stats and spec.measure_params:
-        # The cheap pass: the caller checks `stat_partials_finite` on the host (see `stats_slice`).
-        stats = grad_stat_partials(local, spec.large_threshold, assume_finite=True)
-        parts.append(stats.to(device))
+    """All device-side figures of one step in one float64 vector (no host sync).
+
+    ``block_rows`` and ``param_partials`` (and ``stat_row``, when the statistics are measured) are
+    already combined across ranks (see :mod:`lightning_gradwatch.distributed`).
+    """
+    device = block_rows.device
+    parts = [block_rows.reshape(-1).double(), param_partials.to(device).double()]
+    if stat_row is not None:
+        parts.append(stat_row.to(device).double())
     scale_value = (
         torch.ones(1, dtype=torch.float64, device=device)
         if scale is None

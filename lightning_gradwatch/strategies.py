@@ -3,8 +3,9 @@
 Three facts shape a measurement:
 
 * **Where parameter gradients live.** ``p.grad`` holds the full gradient under single-device and
-  DDP (already all-reduced), and a DTensor shard under FSDP2 (``ModelParallelStrategy``), whose
-  partials are combined across ranks. Under FSDP1 (``FSDPStrategy``, sharded) ``p.grad`` is a view
+  DDP (already all-reduced), and a DTensor under ``ModelParallelStrategy`` (FSDP2, HSDP, tensor
+  parallelism), whose partials are combined over the mesh dims it is split on (see
+  :mod:`lightning_gradwatch.distributed`). Under FSDP1 (``FSDPStrategy``, sharded) ``p.grad`` is a view
   into a flat shard that may be missing on some ranks, and DeepSpeed keeps gradients in its own
   partitioned buffers: there the parameter figures are *not measured* (a warning says so) instead of
   being silently wrong.
@@ -81,14 +82,6 @@ def check_strategy(trainer: pl.Trainer) -> StrategySupport:
             "slice, or None on ranks that hold none of it): grad_norm_total, grad_param_norm/* and "
             "grad_stats/* are not measured; block-output figures are. Use ModelParallelStrategy with "
             "fully_shard (FSDP2) to measure parameter gradients too."
-        )
-    tensor_parallel = getattr(strategy, "_tensor_parallel_size", 1)
-    if isinstance(tensor_parallel, int) and tensor_parallel > 1:
-        reasons.append(
-            f"tensor_parallel_size={tensor_parallel}: block-output gradients are combined over all "
-            "ranks as if each held different samples, so with tensor parallelism (replicated "
-            "activations) block norms are too large by up to sqrt(tensor_parallel_size) for L2; "
-            "gains are unaffected."
         )
     if scaler_enabled(trainer) and any(
         getattr(optimizer, "_step_supports_amp_scaling", False) for optimizer in trainer.optimizers
