@@ -27,20 +27,27 @@ data-parallel replicas happens on the host (:func:`lightning_gradwatch.measureme
 (parameters only), each a small ``all_gather``; no per-parameter or per-block collective, no host
 sync here (the caller copies the result to the host once):
 
-=======================  ================  ===================
-layout                   measured step     every-step check
-=======================  ================  ===================
-single process           0                 0
-DDP (any node count)     1                 0
-FSDP2 (1-D)              2                 1
-HSDP (replicate, shard)  2                 1
-TP + FSDP2               3 (world, dp, tp)  2 (dp, tp)
-=======================  ================  ===================
+=======================  =================  ================
+layout                   measured step      every-step check
+=======================  =================  ================
+single process           0                  0
+DDP (any node count)     1 (world)          0
+FSDP2 (1-D)              2 (dp, dp)         1 (dp)
+HSDP (replicate, shard)  2 (shard, dp)      1 (shard)
+TP + FSDP2               3 (dp, tp, world)  2 (dp, tp)
+=======================  =================  ================
 
 One ``all_gather`` per distinct process group over which some gradient is split (parameters whose
 gradients are split over several dims are reduced one dim after the other), plus one for the block
 rows. Each gathers ``group size x payload`` floats (payload: blocks x 3, or parameters + 8 per
-placement group).
+placement group). A step whose gradients hold a NaN/Inf repeats the parameter gathers once (the
+exact ``grad_stats`` recount).
+
+Why not torch's own reductions: ``.full_tensor()`` of each parameter's norm (or
+``get_total_norm`` per mesh, as torchtitan's ``clip_grad_norm_`` does) costs a collective per
+parameter or per mesh and norm, gives no per-parameter figures in one go and has nothing for the
+``grad_stats`` mix of sums, minima and maxima. So torch decides *where* (the placements of its norm,
+asked once per layout), and this module batches *how*.
 """
 
 from __future__ import annotations
@@ -109,9 +116,12 @@ def plan_reduction(trainer: pl.Trainer) -> ReductionPlan:
     if not is_distributed():
         return ReductionPlan()
     world = dist.get_world_size()
-    mesh = getattr(trainer.strategy, "_device_mesh", None)
+    try:  # ModelParallelStrategy's (data_parallel, tensor_parallel) mesh; other strategies: none
+        mesh = trainer.strategy.device_mesh  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):
+        mesh = None
     names = getattr(mesh, "mesh_dim_names", None) or ()
-    if mesh is None or "data_parallel" not in names or "tensor_parallel" not in names:
+    if "data_parallel" not in names or "tensor_parallel" not in names:
         return ReductionPlan(group=dist.group.WORLD, data_parallel_size=world)
     data, tensor = mesh["data_parallel"].size(), mesh["tensor_parallel"].size()
     if tensor == 1:
@@ -239,15 +249,18 @@ def _all_gather(tensor: Tensor, group: Any) -> Tensor:
 
 @dataclass(frozen=True)
 class _Layout:
-    """What one DTensor layout needs: the mesh dims its norm is partial on, and the placements to
-    redistribute to first when the local values alone cannot give exact figures."""
+    """What one DTensor layout needs: the process groups of the mesh dims its norm is partial on,
+    and the placements to redistribute to first when the local values alone cannot give exact
+    figures. Keeps its mesh alive, so the mesh's ``id`` in the cache key stays its own."""
 
-    dims: tuple[int, ...]
+    mesh: Any
+    groups: Groups
     redistribute: Optional[tuple[Any, ...]]
 
 
-#: One entry per (mesh, placements) seen: a few per model.
-_LAYOUTS: dict[tuple[Any, tuple[Any, ...]], _Layout] = {}
+#: One entry per (mesh, placements) seen: a few per model. Keyed by the mesh's identity, not its
+#: equality: two meshes over the same ranks may hold different process groups.
+_LAYOUTS: dict[tuple[int, tuple[Any, ...]], _Layout] = {}
 
 
 def _split_over(grad: Tensor) -> tuple[Tensor, Groups]:
@@ -255,12 +268,12 @@ def _split_over(grad: Tensor) -> tuple[Tensor, Groups]:
     placements = getattr(grad, "placements", None)
     if placements is None:  # a plain tensor: the whole gradient (DDP already all-reduced it)
         return grad, ()
-    mesh = grad.device_mesh  # type: ignore[attr-defined]
-    layout = _layout(grad)
+    layout = _LAYOUTS.get((id(grad.device_mesh), placements))  # type: ignore[attr-defined]
+    if layout is None:
+        layout = _layout(grad)
     if layout.redistribute is not None:
-        grad = grad.redistribute(mesh, layout.redistribute)  # type: ignore[attr-defined]
-    groups = tuple(mesh.get_group(dim) for dim in layout.dims if mesh.size(dim) > 1)
-    return grad.to_local(), groups  # type: ignore[attr-defined]
+        grad = grad.redistribute(layout.mesh, layout.redistribute)  # type: ignore[attr-defined]
+    return grad.to_local(), layout.groups  # type: ignore[attr-defined]
 
 
 def _layout(grad: Any) -> _Layout:
@@ -269,24 +282,22 @@ def _layout(grad: Any) -> _Layout:
     from torch.distributed.tensor import Replicate
 
     mesh, placements = grad.device_mesh, tuple(grad.placements)
-    layout = _LAYOUTS.get((mesh, placements))
-    if layout is not None:
-        return layout
     # A pending sum has no local norm: make it a copy first (a collective, on every rank alike).
     target = tuple(Replicate() if p.is_partial() else p for p in placements)
     probe = grad if target == placements else grad.redistribute(mesh, target)
     norm = torch.linalg.vector_norm(probe.detach())
-    dims = tuple(i for i, p in enumerate(norm.placements) if p.is_partial())
+    dims = [i for i, p in enumerate(norm.placements) if p.is_partial()]
     # Split, yet torch gathered it to take the norm: the local values alone are not enough either.
     target = tuple(
         p if p.is_replicate() or i in dims else Replicate() for i, p in enumerate(target)
     )
-    layout = _Layout(dims, None if target == placements else target)
+    groups = tuple(mesh.get_group(dim) for dim in dims if mesh.size(dim) > 1)
+    layout = _Layout(mesh, groups, None if target == placements else target)
     if layout.redistribute is not None:
         rank_zero_warn(
             f"GradientFlowCallback: a gradient with placements {placements} cannot be measured "
             f"from its local values; it is redistributed to {target} first (one collective per "
             "such gradient each time the figures are taken)."
         )
-    _LAYOUTS[(mesh, placements)] = layout
+    _LAYOUTS[(id(mesh), grad.placements)] = layout
     return layout
