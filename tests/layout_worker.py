@@ -46,6 +46,7 @@ from models import BlockNet
 
 import lightning_gradwatch.distributed as distributed
 from lightning_gradwatch import GradientFlowCallback, Rule
+from lightning_gradwatch.probe import _local_values
 
 DEPTH, WIDTH, GLOBAL_BATCH = 3, 8, 16
 LOG_EVERY, MAX_STEPS = 2, 4
@@ -160,6 +161,8 @@ def placement_cases(mesh: Any) -> dict[str, Any]:
     local = torch.randn(0 if empty else 1, generator=torch.Generator().manual_seed(7))
     grads.append(DTensor.from_local(local, mesh, (Replicate(), Shard(0)), shape=(1,), stride=(1,)))
     record: dict[str, Any] = {"full": [g.full_tensor() for g in grads], "partials": {}}
+    # As block-output gradients: what the probe measures of them (a pending sum: the full value).
+    record["block_values"] = [(_local_values(g), g.to_local()) for g in grads[:3]]
     for norm_type in NORM_TYPES:
         partials, stats = distributed.param_partials(
             grads, norm_type, stats=True, large_threshold=1.0, assume_finite=False

@@ -143,6 +143,11 @@ def test_any_placement_is_exact(tp_run: list[dict[str, Any]]) -> None:
                 assert norm == pytest.approx(ref_norm(grad, norm_type), rel=1e-5)
         stats = finalize_grad_stats(cases["stats"])
         assert stats == pytest.approx(ref_grad_stats(cases["full"]), rel=1e-5)
+        split, pending, replicated = cases["block_values"]
+        torch.testing.assert_close(split[0], split[1])  # the local shard
+        columns = cases["full"][1].tensor_split(2, dim=1)  # split over dp, pending over tp
+        torch.testing.assert_close(pending[0], columns[record["dp_rank"]])
+        torch.testing.assert_close(replicated[0], cases["full"][2])
 
 
 def test_hsdp_is_exact(hsdp_run: list[dict[str, Any]]) -> None:
