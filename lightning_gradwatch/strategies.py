@@ -83,6 +83,16 @@ def check_strategy(trainer: pl.Trainer) -> StrategySupport:
             "grad_stats/* are not measured; block-output figures are. Use ModelParallelStrategy with "
             "fully_shard (FSDP2) to measure parameter gradients too."
         )
+    plain = _plain_parameters(trainer) if "ModelParallelStrategy" in names else []
+    if plain:
+        shown = ", ".join(plain[:5]) + (", ..." if len(plain) > 5 else "")
+        reasons.append(
+            f"ModelParallelStrategy with {data_parallel_size(trainer)} data-parallel ranks, but "
+            f"{len(plain)} trainable parameter(s) are plain tensors, not DTensors ({shown}): "
+            "nothing synchronizes their gradients over the data-parallel ranks (expert weights "
+            "held per rank, modules left out of fully_shard), so their figures are this rank's "
+            "only and grad_norm_total is not the global one. Apply fully_shard to them."
+        )
     if scaler_enabled(trainer) and any(
         getattr(optimizer, "_step_supports_amp_scaling", False) for optimizer in trainer.optimizers
     ):
@@ -122,6 +132,18 @@ def scaler_enabled(trainer: pl.Trainer) -> bool:
     """Whether an enabled AMP GradScaler scales the loss (and handles non-finite steps) in this run."""
     scaler: Any = getattr(trainer.precision_plugin, "scaler", None)
     return scaler is not None and bool(getattr(scaler, "is_enabled", lambda: False)())
+
+
+def _plain_parameters(trainer: pl.Trainer) -> list[str]:
+    """Trainable non-DTensor parameters of a model trained with several data-parallel ranks."""
+    module = trainer.lightning_module
+    if module is None or data_parallel_size(trainer) <= 1:
+        return []
+    return [
+        name
+        for name, p in module.named_parameters()
+        if p.requires_grad and not hasattr(p, "placements")
+    ]
 
 
 def _fsdp1_sharding(strategy: Any) -> str:

@@ -1,17 +1,21 @@
 """In-process checks of :mod:`lightning_gradwatch.distributed`: the single-process plan does nothing,
 plain gradients stay local, and the block-row rule under tensor parallelism (replicated rows once,
-sequence-split rows summed) on rows as an ``all_gather`` would return them. The multi-process runs
-are in ``test_layouts.py``."""
+sequence-split rows summed) on rows as an ``all_gather`` would return them; the warning for
+parameters no strategy synchronizes. The multi-process runs are in ``test_layouts.py``."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+from lightning.pytorch.plugins import Precision
+from models import BlockNet
 from reference import trainer
 
 import lightning_gradwatch.distributed as distributed
+import lightning_gradwatch.strategies as strategies
 from lightning_gradwatch.distributed import (
     ReductionPlan,
     param_partials,
@@ -69,3 +73,26 @@ def test_rows_follow_the_mesh_order(monkeypatch: pytest.MonkeyPatch) -> None:
     plan = ReductionPlan(object(), 2, 2, grid=torch.tensor([0, 2, 1, 3]))
     out = reduce_block_rows(in_order[0], "l2", plan)  # type: ignore[arg-type]
     assert out[0, 0].item() == 5.0 and out[1, 0].item() == 13.5
+
+
+class ModelParallelStrategy:
+    """Carries the class name ``check_strategy`` recognises; two data-parallel ranks."""
+
+    def __init__(self) -> None:
+        self.distributed_sampler_kwargs = {"num_replicas": 2, "rank": 0}
+
+
+def test_plain_parameters_under_model_parallel_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parameters left out of fully_shard (or expert weights held per rank) have gradients no one
+    synchronizes: their figures cannot be the global ones, and the warning names them."""
+    monkeypatch.setattr(strategies, "is_distributed", lambda: True)
+    fit = SimpleNamespace(
+        strategy=ModelParallelStrategy(),
+        lightning_module=BlockNet(depth=2),
+        precision="32-true",
+        precision_plugin=Precision(),
+        optimizers=[],
+    )
+    with pytest.warns(UserWarning, match=r"plain tensors.*\(stem.weight, stem.bias, blocks.0"):
+        support = strategies.check_strategy(fit)  # type: ignore[arg-type]
+    assert support.params and "fully_shard" in support.reasons[0]
