@@ -171,7 +171,9 @@ def param_partials(
     :func:`~lightning_gradwatch.norms.foreach_partial_norms`; float64, in the order of ``grads``) and,
     when ``stats``, the :func:`~lightning_gradwatch.norms.grad_stat_partials` row over every element
     of every full gradient. Plain tensors are taken as they are (complete on every rank). One
-    ``all_gather`` per process group some gradient is split over; no host sync.
+    ``all_gather`` per process group some gradient is split over; no host sync. ``grads`` must list
+    the same parameters on every rank, as FSDP2 gives every rank a shard (possibly empty) of each
+    gradient: the collectives follow from their placements.
     """
     split = [_split_over(grad) for grad in grads]
     by_groups: dict[Groups, list[int]] = {}
