@@ -104,18 +104,6 @@ def grad_scaler_scale(scaler: Any) -> Optional[Tensor]:
 # --------------------------------------------------------------------------------------------------
 
 
-def tensor_parallel_size(strategy: Any) -> int:
-    """``ModelParallelStrategy``'s tensor-parallel size (``strategy._tensor_parallel_size``; 1 for
-    every other strategy).
-
-    Why private: the strategy exposes the size only through its device mesh, which exists after
-    setup; the callback decides what is measurable at fit start from the (resolved) constructor
-    argument.
-    """
-    size = getattr(strategy, "_tensor_parallel_size", 1)
-    return size if isinstance(size, int) else 1
-
-
 def tensorboard_prefixed(logger: Any, metrics: Mapping[str, float]) -> Mapping[str, Any]:
     """``metrics`` with a ``TensorBoardLogger``'s ``prefix`` applied exactly as its ``log_metrics``
     does (``lightning.fabric.utilities.logger._add_prefix`` with ``logger._prefix``).

@@ -168,7 +168,7 @@ class RuleEnforcer:
         self._checked_step = step
         if measurement is None:
             named_grads = [(name, p.grad) for name, p in params if p.grad is not None]
-            measurement = measure_params(named_grads, self.spec, self.plan, step=step)  # type: ignore[arg-type]
+            measurement = measure_params(named_grads, self.spec, step=step)  # type: ignore[arg-type]
         # Unmeasured steps know the total norm only (no block figures): nothing else may match.
         values = dict(measurement.metrics) if measured else {TOTAL_NORM_KEY: measurement.total_norm}
         if not measurement.param_norms:  # no parameter has a gradient: there is no total norm
@@ -333,7 +333,7 @@ class RuleEnforcer:
     def _total_norm(self, params: NamedParams) -> float:
         """The total norm of the gradients as they are now (combined across ranks)."""
         named_grads = [(name, p.grad) for name, p in params if p.grad is not None]
-        return measure_params(named_grads, self.spec, self.plan, step=-1).total_norm  # type: ignore[arg-type]
+        return measure_params(named_grads, self.spec, step=-1).total_norm  # type: ignore[arg-type]
 
     def _save_halt_checkpoint(self, trainer: pl.Trainer, step: int) -> str:
         """Save the weights before the bad update; called on every rank (rank 0 writes)."""

@@ -214,7 +214,6 @@ def measure(
     partials, stat_row = param_partials(
         grads,
         spec.norm_type,
-        plan,
         stats=stats,
         large_threshold=spec.large_threshold,
         assume_finite=True,  # the cheap pass: recounted below where it cannot be trusted
@@ -224,7 +223,11 @@ def measure(
         # A NaN/Inf somewhere, which the cheap statistics pass cannot count: count exactly. Every
         # rank sees the same combined sum, so every rank takes this branch (and its collective).
         _, exact = param_partials(
-            grads, spec.norm_type, plan, stats=True, large_threshold=spec.large_threshold
+            grads,
+            spec.norm_type,
+            stats=True,
+            large_threshold=spec.large_threshold,
+            assume_finite=False,
         )
         values[layout.grad_stats] = exact.tolist()  # type: ignore[union-attr]
     measurement = build_measurement(
@@ -245,7 +248,6 @@ def measure(
 def measure_params(
     named_grads: Sequence[tuple[str, Tensor]],
     spec: MeasurementSpec,
-    plan: ReductionPlan,
     *,
     step: int,
 ) -> GradientMeasurement:
@@ -253,7 +255,9 @@ def measure_params(
     and per-parameter norms in one batched pass and one host copy (no block rows, no statistics)."""
     grads = [grad for _, grad in named_grads]
     layout = Layout(0, len(grads))
-    partials, _ = param_partials(grads, spec.norm_type, plan)
+    partials, _ = param_partials(
+        grads, spec.norm_type, stats=False, large_threshold=spec.large_threshold, assume_finite=True
+    )
     values = layout.pack(partials.new_zeros(0, 3), partials, None, None).tolist()
     return build_measurement(
         values,

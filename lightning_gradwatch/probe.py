@@ -9,6 +9,7 @@ backward, in every checkpointing mode. Nothing here logs or syncs with the host.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Any, Callable, Optional
 
@@ -18,6 +19,13 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_gradwatch.blocks import BlockList, primary_tensor
 from lightning_gradwatch.norms import NormType, combines_by_max, partial_norm
+
+#: DTensor, where torch has distributed support (``isinstance`` against it: no graph break).
+_DTENSOR: tuple[type, ...] = ()
+if torch.distributed.is_available():
+    from torch.distributed.tensor import DTensor
+
+    _DTENSOR = (DTensor,)
 
 #: Columns of the probe buffer.
 PARTIAL, NUMEL, CALLS = 0, 1, 2
@@ -149,6 +157,8 @@ class GradientProbe:
                         "strict_single_backward=False (e.g. for gradient accumulation)."
                     )
                 self._fired[index] = True
+            if isinstance(grad, _DTENSOR):
+                grad = _local_values(grad)
             partial = partial_norm(grad, self.norm_type)
             if partial.device != row.device:
                 partial = partial.to(row.device)
@@ -170,6 +180,28 @@ class GradientProbe:
             return None
 
         return tensor_hook
+
+
+def _local_values(grad: Tensor) -> Tensor:
+    """A DTensor output gradient's local values (the rows of the tensor-parallel ranks are then
+    combined by :func:`lightning_gradwatch.distributed.reduce_block_rows`).
+
+    A pending sum (``Partial``) has no local norm: it is redistributed to ``Replicate`` first, one
+    collective per such block and backward, with a warning.
+    """
+    from torch.distributed.tensor import Replicate
+
+    placements = grad.placements  # type: ignore[attr-defined]
+    if any(p.is_partial() for p in placements):
+        warnings.warn(
+            "GradientFlowCallback: a block output's gradient is a DTensor with a Partial "
+            f"placement ({tuple(placements)}): it is redistributed to Replicate to be measured "
+            "exactly (one collective per such block and backward).",
+            stacklevel=2,
+        )
+        target = [Replicate() if p.is_partial() else p for p in placements]
+        grad = grad.redistribute(grad.device_mesh, target)  # type: ignore[attr-defined]
+    return grad.to_local()  # type: ignore[attr-defined]
 
 
 def _device_of(modules: list[nn.Module]) -> torch.device:

@@ -3,8 +3,9 @@
 Three facts shape a measurement:
 
 * **Where parameter gradients live.** ``p.grad`` holds the full gradient under single-device and
-  DDP (already all-reduced), and a DTensor shard under FSDP2 (``ModelParallelStrategy``), whose
-  partials are combined across ranks. Under FSDP1 (``FSDPStrategy``, sharded) ``p.grad`` is a view
+  DDP (already all-reduced), and a DTensor under ``ModelParallelStrategy`` (FSDP2, HSDP, tensor
+  parallelism), whose partials are combined over the mesh dims it is split on (see
+  :mod:`lightning_gradwatch.distributed`). Under FSDP1 (``FSDPStrategy``, sharded) ``p.grad`` is a view
   into a flat shard that may be missing on some ranks, and DeepSpeed keeps gradients in its own
   partitioned buffers: there the parameter figures are *not measured* (a warning says so) instead of
   being silently wrong.
@@ -32,8 +33,8 @@ from torch import Tensor
 from lightning_gradwatch._compat import (
     grad_scaler_scale,
     optimizer_unscales_in_step,
-    tensor_parallel_size,
 )
+from lightning_gradwatch.distributed import plan_reduction
 
 #: FSDP1 sharding strategies under which ``p.grad`` holds the full gradient on every rank.
 _FSDP1_UNSHARDED = ("NO_SHARD",)
@@ -86,13 +87,15 @@ def check_strategy(trainer: pl.Trainer) -> StrategySupport:
             "grad_stats/* are not measured; block-output figures are. Use ModelParallelStrategy with "
             "fully_shard (FSDP2) to measure parameter gradients too."
         )
-    tensor_parallel = tensor_parallel_size(strategy)
-    if tensor_parallel > 1:
+    plain = _plain_parameters(trainer) if "ModelParallelStrategy" in names else []
+    if plain:
+        shown = ", ".join(plain[:5]) + (", ..." if len(plain) > 5 else "")
         reasons.append(
-            f"tensor_parallel_size={tensor_parallel}: block-output gradients are combined over all "
-            "ranks as if each held different samples, so with tensor parallelism (replicated "
-            "activations) block norms are too large by up to sqrt(tensor_parallel_size) for L2; "
-            "gains are unaffected."
+            f"ModelParallelStrategy with {plan_reduction(trainer).data_parallel_size} data-parallel ranks, but "
+            f"{len(plain)} trainable parameter(s) are plain tensors, not DTensors ({shown}): "
+            "nothing synchronizes their gradients over the data-parallel ranks (expert weights "
+            "held per rank, modules left out of fully_shard), so their figures are this rank's "
+            "only and grad_norm_total is not the global one. Apply fully_shard to them."
         )
     if scaler_enabled(trainer) and any(
         optimizer_unscales_in_step(optimizer) for optimizer in trainer.optimizers
@@ -123,6 +126,18 @@ def scaler_enabled(trainer: pl.Trainer) -> bool:
     """Whether an enabled AMP GradScaler scales the loss (and handles non-finite steps) in this run."""
     scaler: Any = getattr(trainer.precision_plugin, "scaler", None)
     return scaler is not None and bool(getattr(scaler, "is_enabled", lambda: False)())
+
+
+def _plain_parameters(trainer: pl.Trainer) -> list[str]:
+    """Trainable non-DTensor parameters of a model trained with several data-parallel ranks."""
+    module = trainer.lightning_module
+    if module is None or plan_reduction(trainer).data_parallel_size <= 1:
+        return []
+    return [
+        name
+        for name, p in module.named_parameters()
+        if p.requires_grad and not hasattr(p, "placements")
+    ]
 
 
 def _fsdp1_sharding(strategy: Any) -> str:

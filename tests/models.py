@@ -31,6 +31,20 @@ class Block(nn.Module):
         return h
 
 
+class MLPBlock(nn.Module):
+    """Residual MLP block ``norm(x + down(tanh(up(x))))``: ``up``/``down`` take column-/row-wise
+    tensor parallelism, while the LayerNorm and ``down``'s bias stay replicated on the TP ranks."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(width, 2 * width)
+        self.down = nn.Linear(2 * width, width)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x + self.down(torch.tanh(self.up(x))))
+
+
 class ModelOutput(dict):
     """A HuggingFace-style output: an ordered mapping whose fields are also attributes."""
 
@@ -47,7 +61,8 @@ def unwrap(x: Any) -> Tensor:
 
 
 class BlockNet(pl.LightningModule):
-    """``stem -> blocks -> head`` regression net with a ModuleList of identical blocks."""
+    """``stem -> blocks -> head`` regression net with a ModuleList of identical blocks
+    (:class:`Block`, or :class:`MLPBlock` with ``block="mlp"``)."""
 
     def __init__(
         self,
@@ -58,10 +73,14 @@ class BlockNet(pl.LightningModule):
         lr: float = 0.05,
         n_samples: int = 64,
         batch_size: int = 16,
+        block: str = "linear",
     ) -> None:
         super().__init__()
         self.stem = nn.Linear(4, width)
-        self.blocks = nn.ModuleList(Block(width, activation, output) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            MLPBlock(width) if block == "mlp" else Block(width, activation, output)
+            for _ in range(depth)
+        )
         self.head = nn.Linear(width, 1)
         self.lr = lr
         self.n_samples = n_samples

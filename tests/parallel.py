@@ -24,24 +24,32 @@ WORKER = Path(__file__).with_name("dist_worker.py")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_worker(scenario: str, out_dir: Path, timeout: float = 170) -> list[dict[str, Any]]:
-    """Run the 2-process ``scenario`` and return each rank's record (rank 0 first)."""
+def run_worker(
+    scenario: str, out_dir: Path, timeout: float = 170, *, script: Path = WORKER, ranks: int = 2
+) -> list[dict[str, Any]]:
+    """Run ``script``'s multi-process ``scenario`` and return each rank's record (rank 0 first)."""
     process = subprocess.run(
-        [sys.executable, str(WORKER), scenario, str(out_dir)],
+        [sys.executable, str(script), scenario, str(out_dir)],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=ROOT,
     )
     assert process.returncode == 0, process.stdout[-4000:] + process.stderr[-4000:]
-    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    return load_records(out_dir, ranks)
+
+
+def load_records(out_dir: Path, ranks: int) -> list[dict[str, Any]]:
+    """The ``rank<r>.pt`` records a worker saved, rank 0 first."""
+    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(ranks)]
 
 
 def global_batch_reference(
-    records: list[dict[str, Any]], step: int
+    records: list[dict[str, Any]], step: int, **options: Any
 ) -> tuple[list[Tensor], dict[str, Tensor]]:
-    """Block-output and parameter gradients of one process on step ``step``'s global batch."""
-    model = RefNet(depth=DEPTH, width=WIDTH)
+    """Block-output and parameter gradients of one process on step ``step``'s global batch
+    (``records``: one per data-parallel rank; ``options``: ``RefNet`` arguments)."""
+    model = RefNet(**{"depth": DEPTH, "width": WIDTH, **options})
     model.load_state_dict(records[0]["weights"][step])
     batches = [batch for record in records for batch in record["batches"][step]]
     x = torch.cat([x for x, _ in batches])

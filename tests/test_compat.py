@@ -109,16 +109,6 @@ def test_grad_scaler_scale_is_a_tensor() -> None:
     )
 
 
-def test_model_parallel_strategy_tensor_parallel_size() -> None:
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)
-    assert _compat.tensor_parallel_size(strategy) == 2, broken(
-        "ModelParallelStrategy._tensor_parallel_size", "does not hold the tensor_parallel_size"
-    )
-    assert _compat.tensor_parallel_size(pl.strategies.SingleDeviceStrategy("cpu")) == 1
-
-
 @pytest.mark.parametrize("prefix", ["", "train"])
 def test_tensorboard_single_event_matches_log_metrics(tmp_path: Path, prefix: str) -> None:
     """Keys written through the file writer are those ``log_metrics`` writes, prefix included."""
