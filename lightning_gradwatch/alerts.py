@@ -1,4 +1,5 @@
-"""Alert records and the JSONL audit trail.
+"""Alert records: the one builder that turns a decision into a complete :class:`Alert`, and the
+JSONL audit trail.
 
 Each alert is one JSON object on one line, appended, flushed and ``os.fsync``-ed before the next, so
 a crash (even ``SIGKILL``) loses no alert written before it. Only one process writes: rank 0, with the
@@ -10,9 +11,18 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+from lightning_gradwatch.keys import NONFINITE, PARAM_NORM_PREFIX
+
+if TYPE_CHECKING:  # types only: the records stay importable without the engine
+    from lightning_gradwatch.diagnosis import NonFiniteReport
+    from lightning_gradwatch.governance.engine import Check, Decision
+
+__all__ = ["ALERTS_FILENAME", "Alert", "JsonlAlertSink", "build_alert", "read_alerts"]
 
 #: File name of the audit trail inside the logger's ``log_dir`` (else ``trainer.default_root_dir``).
 ALERTS_FILENAME = "gradwatch_alerts.jsonl"
@@ -49,6 +59,8 @@ class Alert:
         loss_nonfinite: whether the loss was already NaN/Inf (non-finite alerts).
         checkpoint: path of the checkpoint saved by ``halt`` (also under the key
             ``checkpoint_path`` in :meth:`to_dict` and the JSONL line).
+        clip_to: what a ``clip`` action clipped to: the total norm (an adaptive clip: the rule's
+            threshold at that step), or the absolute value with ``clip_mode="value"``.
         message: a one-line human summary.
     """
 
@@ -73,6 +85,7 @@ class Alert:
     zscore: Optional[float] = None
     loss_nonfinite: Optional[bool] = None
     checkpoint: Optional[str] = None
+    clip_to: Optional[float] = None
     message: str = ""
     time: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
 
@@ -91,6 +104,124 @@ class Alert:
     def to_json(self) -> str:
         """One line of strict JSON (NaN and Inf become the strings ``"nan"``, ``"inf"``, ``"-inf"``)."""
         return json.dumps(_strict(self.to_dict()), sort_keys=True, allow_nan=False)
+
+
+def build_alert(
+    decision: Decision,
+    *,
+    label: str,
+    epoch: int,
+    rank: int,
+    block_names: Sequence[str],
+    report: Optional[NonFiniteReport] = None,
+    scaler: bool = False,
+    step_action: Optional[str] = None,
+    checkpoint: Optional[str] = None,
+    peer_value: float = math.nan,
+) -> Alert:
+    """The complete :class:`Alert` of one decision.
+
+    Args:
+        decision: the agreed trip.
+        label: the rule's name.
+        epoch: the current epoch.
+        rank: this rank (recorded where the rule did not trip on any named rank).
+        block_names: the watched blocks, in forward order.
+        report: where a non-finite gradient started, if one was seen.
+        scaler: whether an enabled AMP GradScaler handles non-finite steps.
+        step_action: the strongest action taken at this step, by any rule.
+        checkpoint: the halt checkpoint written at this step, if any.
+        peer_value: the value a tripping rank saw (when this rank's own check did not trip).
+    """
+    what = _what(decision, peer_value)
+    nonfinite = report if what["condition"] == NONFINITE else None
+    halt_checkpoint = checkpoint if decision.action == "halt" else None
+    ranks = list(decision.ranks)
+    summary = nonfinite.message() if nonfinite else _describe(what)
+    done = _outcome(decision, what["condition"], scaler, step_action, halt_checkpoint)
+    on = f" on rank(s) {ranks}" if ranks else ""
+    return Alert(
+        step=decision.step,
+        epoch=epoch,
+        rank=ranks[0] if ranks else rank,
+        ranks=ranks,
+        rule=label,
+        rule_repr=repr(decision.rule),
+        action=decision.action,
+        consecutive=decision.consecutive,
+        patience=decision.patience,
+        checkpoint=halt_checkpoint,
+        clip_to=decision.clip_to if decision.action == "clip" else None,
+        message=f"GradientFlowCallback: rule {label!r} tripped at step {decision.step}{on}: "
+        f"{summary}; {done}.",
+        **what,
+        **_where(decision.check, block_names, nonfinite),
+    )
+
+
+def _what(decision: Decision, peer_value: float) -> dict[str, Any]:
+    """``metric``, ``value``, ``threshold``, ``condition``, ``zscore`` and ``keys`` of an alert:
+    the worst violating key on this rank, else (it tripped on another rank) the rule's metric."""
+    rule, worst = decision.rule, decision.check.worst
+    return {
+        "metric": worst.key if worst else rule.metric,
+        "value": worst.value if worst else peer_value,
+        "threshold": worst.threshold if worst else None,
+        "condition": worst.condition if worst else (NONFINITE if rule.is_nonfinite else ""),
+        "zscore": worst.zscore if worst else None,
+        "keys": {v.key: v.value for v in decision.check.violations},
+    }
+
+
+def _where(
+    check: Check, block_names: Sequence[str], report: Optional[NonFiniteReport]
+) -> dict[str, Any]:
+    """``block``, ``blocks``, ``params``, ``where`` and ``loss_nonfinite`` of an alert."""
+    loss_nonfinite = None
+    if report is not None:
+        block, blocks, params = report.block, list(report.blocks), list(report.params)
+        loss_nonfinite = report.loss_nonfinite
+    else:
+        keys = [v.key for v in check.violations]
+        blocks = [b for b in block_names if any(key.endswith("/" + b) for key in keys)]
+        params = [k[len(PARAM_NORM_PREFIX) :] for k in keys if k.startswith(PARAM_NORM_PREFIX)]
+        block = blocks[0] if blocks else None
+    where = list(dict.fromkeys([*([block] if block else []), *blocks])) + params
+    return {
+        "block": block,
+        "blocks": blocks,
+        "params": params,
+        "where": where,
+        "loss_nonfinite": loss_nonfinite,
+    }
+
+
+def _describe(what: dict[str, Any]) -> str:
+    text = f"{what['metric']} = {what['value']:.6g} ({what['condition']} {what['threshold']})"
+    return text + (f", z = {what['zscore']:.3g}" if what["zscore"] is not None else "")
+
+
+def _outcome(
+    decision: Decision,
+    condition: str,
+    scaler: bool,
+    step_action: Optional[str],
+    checkpoint: Optional[str],
+) -> str:
+    if not decision.acts:
+        if scaler and condition == NONFINITE:
+            return "recorded; the AMP GradScaler skips this step"
+        if decision.consecutive >= decision.patience:  # a clip with nothing finite to clip
+            return "recorded; not clipped (a non-finite total norm cannot be clipped)"
+        return f"recorded, not acting yet ({decision.consecutive}/{decision.patience} consecutive)"
+    if decision.action == "halt":
+        return f"training halted, weights before the update saved to {checkpoint}"
+    if decision.action == "skip" or step_action in ("skip", "halt"):
+        return "optimizer step skipped (no weight changed)"
+    if decision.action == "clip":
+        what = "total norm" if decision.rule.clip_mode == "norm" else "absolute value"
+        return f"gradients clipped to {what} {decision.clip_to:.6g}"
+    return "warning"
 
 
 def _strict(value: Any) -> Any:
