@@ -97,7 +97,7 @@ def main() -> int:
         log_every_n_steps=10,
         rules=[
             Rule("nonfinite", action="halt"),
-            Rule("grad_norm_total/Adam", max=5.0, action="clip", clip_to=5.0, name="clip_disc"),
+            Rule("grad_norm_total/Adam", max=2.0, action="clip", clip_to=2.0, name="clip_disc"),
         ],
     )
     model = GAN()

@@ -25,7 +25,7 @@ from lightning_gradwatch.governance.enforcer import RuleEnforcer
 from lightning_gradwatch.keys import DEFAULT_EPS, TOTAL_NORM_KEY, total_norm_key
 from lightning_gradwatch.measurement import GradientMeasurement, MeasurementSpec, measure
 from lightning_gradwatch.norms import validate_norm_type
-from lightning_gradwatch.optimizers import OptimizerSteps, optimizer_names
+from lightning_gradwatch.optimizers import OptimizerSteps, check_optimizer_names, optimizer_names
 from lightning_gradwatch.probe import GradientProbe
 from lightning_gradwatch.sinks import log_histograms, log_metrics
 from lightning_gradwatch.strategies import check_strategy, loss_scale
@@ -69,7 +69,9 @@ class GradientFlowCallback(Callback):
             modules not inside another one's blocks), a
             dotted attribute path to a container (``"model.transformer.h"``), a list of qualified
             module names, or a callable ``pl_module -> [(name, module), ...]``.
-        log_every_n_steps: measure and log every n optimizer steps (default 50).
+        log_every_n_steps: measure and log every n optimizer steps (default 50). With several
+            optimizers (manual optimization) each one is measured at its first step at or after
+            every multiple of n, over its own parameters and blocks.
         norm_type: ``"l2"`` (default), ``"l1"``, ``"linf"`` or ``"mean"`` (mean absolute value).
         log_param_norms: ``False`` (default), ``True`` for every parameter, or a glob pattern / list
             of patterns over parameter names (``"*.weight"``).
@@ -215,8 +217,10 @@ class GradientFlowCallback(Callback):
         self, trainer: pl.Trainer, blocks: list[tuple[str, nn.Module]]
     ) -> Optional[OptimizerSteps]:
         if len(trainer.optimizers) < 2 or self._probe is None:
+            check_optimizer_names(self.rules, [])
             return None
         names = optimizer_names(trainer.optimizers, trainer.lr_scheduler_configs)
+        check_optimizer_names(self.rules, names)
         steps = OptimizerSteps(
             trainer.optimizers, names, blocks, self._params, self._probe.buffer.device
         )
@@ -252,8 +256,11 @@ class GradientFlowCallback(Callback):
     ) -> None:
         step = trainer.global_step
         # Several optimizers step within one batch: arm when any of them may be measured.
-        steps = range(step, step + (len(self._steps) if self._steps is not None else 1))
-        measured = any(self.is_measured_step(s) for s in steps)
+        measured = (
+            self.is_measured_step(step)
+            if self._steps is None
+            else self._steps.may_be_due(step, self.log_every_n_steps)
+        )
         if self._probe is None or step == self._armed_step or not measured:
             return
         # First micro-batch of a measured step: start from zero and keep the probe armed until the
@@ -270,12 +277,19 @@ class GradientFlowCallback(Callback):
         k = self._steps.index(optimizer) if self._steps is not None else 0
         params = self._steps.params[k] if self._steps is not None else self._params
         measurement = None
-        if probe is not None and self._is_armed_for(step, probe) and step != self._measured_step:
+        if probe is not None and self._is_armed_for(step, probe, k) and step != self._measured_step:
             self._measured_step = step
             measurement = self._measure(trainer, probe, step, k)
+        if self._steps is not None:
+            self._steps.stepped(k, step)
         # Rules see the pre-clip figures; they may clip, drop the gradients or stop training.
         extra = self._enforcer.on_before_optimizer_step(
-            trainer, pl_module, optimizer, params, measurement
+            trainer,
+            pl_module,
+            optimizer,
+            params,
+            measurement,
+            *((k, self._steps.names[k]) if self._steps is not None else ()),
         )
         if measurement is not None and measurement.skipped_by_scaler:
             # The AMP scaler skips this step (inf/NaN gradients) and lowers its scale: its job, not
@@ -309,7 +323,8 @@ class GradientFlowCallback(Callback):
     ) -> None:
         if self._steps is not None and self._probe is not None and self._probe.armed:
             self._steps.forget_zeroed(self._probe.buffer)
-        self._enforcer.on_before_backward(trainer, pl_module, loss, self._params)
+        groups = self._steps.params if self._steps is not None else None
+        self._enforcer.on_before_backward(trainer, pl_module, loss, self._params, groups)
 
     @property
     def norm_type(self) -> str:
@@ -334,10 +349,10 @@ class GradientFlowCallback(Callback):
         measured step."""
         return self._enforcer.first_step_report
 
-    def _is_armed_for(self, step: int, probe: GradientProbe) -> bool:
+    def _is_armed_for(self, step: int, probe: GradientProbe, k: int) -> bool:
         if self._steps is None:  # one optimizer: armed from the first micro-batch of the step
             return step == self._armed_step
-        return probe.armed and self.is_measured_step(step)
+        return probe.armed and self._steps.due(k, step, self.log_every_n_steps)
 
     def _measure(
         self, trainer: pl.Trainer, probe: GradientProbe, step: int, k: int = 0

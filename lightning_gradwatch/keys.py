@@ -43,6 +43,8 @@ __all__ = [
     "norm_key",
     "param_norm_key",
     "stats_key",
+    "for_optimizer",
+    "optimizer_of",
     "total_norm_key",
 ]
 
@@ -123,9 +125,29 @@ KEY_PREFIXES: tuple[str, ...] = (
 )
 
 
+def for_optimizer(key: str, optimizer: Optional[str]) -> str:
+    """``key`` as logged for one optimizer's step in runs with several optimizers
+    (``grad_norm_total/Adam-1``, ``grad_norm_total_clipped/Adam-1``); ``key`` itself with one."""
+    return key if optimizer is None else f"{key}/{optimizer}"
+
+
 def total_norm_key(optimizer: Optional[str] = None) -> str:
     """``grad_norm_total``, or ``grad_norm_total/<optimizer>`` in runs with several optimizers."""
-    return TOTAL_NORM_KEY if optimizer is None else f"{TOTAL_NORM_KEY}/{optimizer}"
+    return for_optimizer(TOTAL_NORM_KEY, optimizer)
+
+
+def optimizer_of(key: str) -> Optional[str]:
+    """The optimizer a per-optimizer total-norm key names (``grad_norm_total/Adam-1`` ->
+    ``Adam-1``), else ``None``."""
+    head = TOTAL_NORM_KEY + "/"
+    return key[len(head) :] if key.startswith(head) and len(key) > len(head) else None
+
+
+def _with_suffix(key: str, suffix: str) -> str:
+    """``key`` + ``suffix``, the suffix before a per-optimizer part (``grad_norm_total/Adam`` ->
+    ``grad_norm_total_max/Adam``)."""
+    optimizer = optimizer_of(key)
+    return for_optimizer(TOTAL_NORM_KEY + suffix, optimizer) if optimizer else key + suffix
 
 
 def norm_key(block: str) -> str:
@@ -159,15 +181,15 @@ def alert_key(rule_label: str) -> str:
 def interval_max_key(key: str) -> str:
     """The largest value of every-step figure ``key`` since the previous measured step
     (``grad_norm_total_max``, ``gradwatch/loss_max``)."""
-    return key + _INTERVAL_MAX
+    return _with_suffix(key, _INTERVAL_MAX)
 
 
 def interval_mean_key(key: str) -> str:
     """The mean of every-step figure ``key`` since the previous measured step."""
-    return key + _INTERVAL_MEAN
+    return _with_suffix(key, _INTERVAL_MEAN)
 
 
 def clip_threshold_key(metric: str) -> str:
     """The threshold an adaptive clip rule on ``metric`` had in force at a step
     (``grad_norm_total_clip_threshold``)."""
-    return metric + _CLIP_THRESHOLD
+    return _with_suffix(metric, _CLIP_THRESHOLD)

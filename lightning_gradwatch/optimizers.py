@@ -19,7 +19,15 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-__all__ = ["BlockOwnership", "OptimizerSteps", "block_owners", "optimizer_names"]
+from lightning_gradwatch.keys import TOTAL_NORM_KEY, optimizer_of
+
+__all__ = [
+    "BlockOwnership",
+    "OptimizerSteps",
+    "block_owners",
+    "check_optimizer_names",
+    "optimizer_names",
+]
 
 
 def optimizer_names(
@@ -57,6 +65,24 @@ def optimizer_names(
         if key not in names:
             names[key] = name_of(optimizer, None)
     return [names[key] for key in ids]
+
+
+def check_optimizer_names(rules: Sequence[Any], names: Sequence[str]) -> None:
+    """Raise ``ValueError`` for a rule on ``grad_norm_total/<name>`` naming no optimizer of the run
+    (``names`` is empty with a single optimizer: its total is ``grad_norm_total``)."""
+    for rule in rules:
+        name = optimizer_of(rule.metric)
+        if name is None or rule.is_pattern or name in names:
+            continue
+        known = (
+            f"the optimizers are {list(names)}"
+            if names
+            else f"this run has one optimizer, whose total is {TOTAL_NORM_KEY!r}"
+        )
+        raise ValueError(
+            f"Rule `metric` {rule.metric!r} names an optimizer {name!r} that this run does not have: "
+            f"{known} (named as LearningRateMonitor names them)."
+        )
 
 
 class BlockOwnership:
@@ -159,9 +185,26 @@ class OptimizerSteps:
             torch.tensor(indices, dtype=torch.long, device=device) for indices in self.blocks
         ]
         self._ids = [id(getattr(o, "optimizer", o)) for o in optimizers]
+        #: The global step of each optimizer's latest step (-1: none yet).
+        self.last = [-1] * len(optimizers)
 
     def __len__(self) -> int:
         return len(self.optimizers)
+
+    def due(self, k: int, step: int, every: int) -> bool:
+        """Whether optimizer ``k``'s step at global step ``step`` is measured: its first step at or
+        after each multiple of ``every``, so every optimizer is measured once per interval whatever
+        the order they step in (with ``every=1``: every step)."""
+        return step // every > self.last[k] // every
+
+    def may_be_due(self, step: int, every: int) -> bool:
+        """Whether a batch starting at global step ``step`` may hold a measured step (each
+        optimizer steps at most once per batch in the usual loop; more steps only widen this)."""
+        end = step + len(self) - 1
+        return any(end // every > last // every for last in self.last)
+
+    def stepped(self, k: int, step: int) -> None:
+        self.last[k] = step
 
     def index(self, optimizer: Any) -> int:
         """The position of ``optimizer`` (or the optimizer it wraps) among the Trainer's."""

@@ -95,3 +95,20 @@ def test_ex06_lightning_cli(tmp_path: Path) -> None:
     run = tmp_path / "ex06_lightning_cli" / "sigmoid_cli"
     assert list(run.glob("events.out.tfevents.*"))
     assert (run / "report" / "report.html").is_file()
+
+
+def test_ex08_gan(tmp_path: Path) -> None:
+    out = _run("ex08_gan.py", tmp_path)
+    assert "[ex08] 20 optimizer steps" in out
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "ex08_gan" / "gan")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"grad_norm_total/Adam", "grad_norm_total/Adam-1", "grad_norm/gen.0"} <= tags
+    assert "grad_norm_total" not in tags
+    steps = {
+        key: [e.step for e in events.Scalars(key)]
+        for key in ("grad_norm/gen.0", "grad_norm/disc.0")
+    }
+    assert all(step % 2 == 1 for step in steps["grad_norm/gen.0"])  # the generator's steps
+    assert all(step % 2 == 0 for step in steps["grad_norm/disc.0"])

@@ -27,6 +27,7 @@ from lightning_gradwatch.governance.agreement import Agreement, agree
 from lightning_gradwatch.governance.engine import Check, Decision, RuleEngine, strongest
 from lightning_gradwatch.governance.intervals import IntervalAggregates
 from lightning_gradwatch.governance.notices import (
+    StaleGradientWatch,
     report_first_step,
     stale_gradients_warning,
     warn_unmatched,
@@ -34,7 +35,7 @@ from lightning_gradwatch.governance.notices import (
 from lightning_gradwatch.governance.readings import has_nonfinite, nonfinite_report, rule_values
 from lightning_gradwatch.governance.rules import NO_ACTION, Rule
 from lightning_gradwatch.governance.step_loss import StepLoss
-from lightning_gradwatch.keys import CLIPPED_KEY, LOSS_KEY, TOTAL_NORM_KEY
+from lightning_gradwatch.keys import CLIPPED_KEY, LOSS_KEY, for_optimizer, total_norm_key
 from lightning_gradwatch.measurement import GradientMeasurement, MeasurementSpec, measure_params
 from lightning_gradwatch.strategies import scaler_enabled
 
@@ -71,6 +72,11 @@ class RuleEnforcer:
         self._checked_step = -1
         self._new_step = False
         self._warned_zero_grad = False
+        #: Several optimizers: the stepping one's name (its keys), the zero_grad watch, and the
+        #: optimizers whose first measured step was reported.
+        self._optimizer: Optional[str] = None
+        self._stale = StaleGradientWatch()
+        self._reported: set[Optional[str]] = set()
         self._matches_checked = False
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -88,6 +94,7 @@ class RuleEnforcer:
         self._checked_step = -1
         self._new_step = False
         self._matches_checked = False
+        self._stale, self._reported = StaleGradientWatch(), set()
         if trainer.is_global_zero:
             self._sink = JsonlAlertSink(self.alerts_path or default_alerts_path(trainer))
 
@@ -102,11 +109,21 @@ class RuleEnforcer:
     # -- backward --------------------------------------------------------------------------------
 
     def on_before_backward(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor, params: NamedParams
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        loss: Tensor,
+        params: NamedParams,
+        groups: Optional[Sequence[NamedParams]] = None,
     ) -> None:
+        """Before a backward: keep the loss; in manual optimization, look for gradients left from
+        the previous step (``groups``: each optimizer's parameters, with several optimizers)."""
         if self.engine.rules and isinstance(loss, Tensor):
             self._loss.add(trainer, loss)  # stays on the device until the step's host copy
-        if self._new_step and not pl_module.automatic_optimization:
+        if groups is not None:
+            if not pl_module.automatic_optimization:
+                self._stale.before_backward(groups)
+        elif self._new_step and not pl_module.automatic_optimization:
             self._new_step = False
             if not self._warned_zero_grad:
                 warning = stale_gradients_warning(trainer.global_step, params)
@@ -128,13 +145,26 @@ class RuleEnforcer:
         optimizer: Optimizer,
         params: NamedParams,
         measurement: Optional[GradientMeasurement],
+        optimizer_index: Optional[int] = None,
+        optimizer_name: Optional[str] = None,
     ) -> dict[str, float]:
-        """Check the rules at this step and act. Returns the keys to log at this step."""
+        """Check the rules at this step and act. Returns the keys to log at this step.
+
+        With several optimizers, ``params`` are the stepping optimizer's (rules act on them only),
+        ``optimizer_index`` / ``optimizer_name`` say which one it is (its keys end in the name).
+        """
         step = trainer.global_step
         self._new_step = True
+        self._optimizer = optimizer_name
         measured = measurement is not None
-        if measurement is not None and self.first_step_report is None:
-            self.first_step_report = report_first_step(measurement, params)
+        if optimizer_index is not None and not pl_module.automatic_optimization:
+            warning = self._stale.at_step(optimizer_index, optimizer_name or "", step)
+            if warning is not None:
+                rank_zero_warn(warning)
+        if measurement is not None and measurement.optimizer not in self._reported:
+            self._reported.add(measurement.optimizer)
+            report = report_first_step(measurement, params)
+            self.first_step_report = self.first_step_report or report
         if self._stopping:
             self._actions.skip(trainer, optimizer, params)
             return {}
@@ -145,9 +175,9 @@ class RuleEnforcer:
             measurement = self._measure_params(trainer, params, step)
         checks, agreement, decisions = self._decide(trainer, measurement, measured)
         extra = self._act(trainer, optimizer, params, decisions, measurement, agreement)
-        if not measured and CLIPPED_KEY in extra:
+        if not measured and for_optimizer(CLIPPED_KEY, self._optimizer) in extra:
             # Log the pre-clip total next to the clipped one (measured steps log it anyway).
-            extra[TOTAL_NORM_KEY] = measurement.total_norm
+            extra[total_norm_key(self._optimizer)] = measurement.total_norm
         self._aggregate(measurement)
         return {**extra, **self._governance_keys(measurement, checks, measured, bool(decisions))}
 
@@ -172,7 +202,7 @@ class RuleEnforcer:
         self, trainer: pl.Trainer, measurement: GradientMeasurement, measured: bool
     ) -> tuple[list[Check], Agreement, list[Decision]]:
         """Evaluate, agree across ranks, commit: the same decisions on every rank."""
-        values = rule_values(measurement, measured)
+        values = rule_values(measurement, measured, total_norm_key(self._optimizer))
         nonfinite = has_nonfinite(measurement, measured, self.spec.measure_params)
         checks = self.engine.evaluate(values, nonfinite=nonfinite, measured=measured)
         if measured and not self._matches_checked:
@@ -214,7 +244,9 @@ class RuleEnforcer:
         extra: dict[str, float] = {}
         checkpoint = None
         if action == "clip":
-            extra[CLIPPED_KEY] = self._clip(params, decisions, total)
+            extra[for_optimizer(CLIPPED_KEY, self._optimizer)] = self._clip(
+                params, decisions, total
+            )
         elif action in ("skip", "halt"):
             if action == "halt":
                 directory = os.path.dirname(self.sink_path or "") or trainer.default_root_dir
@@ -283,7 +315,7 @@ class RuleEnforcer:
         if not self.engine.needs_every_step:
             return
         if measurement.param_norms:
-            self._interval.add(TOTAL_NORM_KEY, measurement.total_norm)
+            self._interval.add(total_norm_key(self._optimizer), measurement.total_norm)
         if self.engine.reads_loss and measurement.loss is not None:
             self._interval.add(LOSS_KEY, measurement.loss)
 

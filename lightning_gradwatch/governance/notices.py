@@ -22,6 +22,7 @@ from lightning_gradwatch.measurement import GradientMeasurement
 __all__ = [
     "ZERO_GRAD_CHECK_STEPS",
     "report_first_step",
+    "StaleGradientWatch",
     "stale_gradients_warning",
     "warn_unmatched",
 ]
@@ -77,3 +78,45 @@ def stale_gradients_warning(step: int, params: NamedParams) -> Optional[str]:
     if not holds_stale_gradients(grads):  # type: ignore[arg-type]
         return None
     return MANUAL_ZERO_GRAD_WARNING.format(step=step)
+
+
+class StaleGradientWatch:
+    """Manual optimization with several optimizers: each optimizer's gradients must have been
+    zeroed (``None`` or all zero) at some backward since its previous step, else ``zero_grad()``
+    looks missing for it. Only that optimizer's parameters and the backward passes that fed its
+    step count: a generator's gradients, still there while the discriminator steps, are no alarm.
+
+    Checked during the first :data:`ZERO_GRAD_CHECK_STEPS` steps of each optimizer (one batched
+    norm pass and one host copy per optimizer and backward there), then never again.
+    """
+
+    def __init__(self) -> None:
+        self._zeroed: dict[int, bool] = {}
+        self._steps: dict[int, int] = {}
+        self.warned = False
+
+    def before_backward(self, groups: Sequence[NamedParams]) -> None:
+        """Note which optimizers' gradients are zeroed as this backward starts."""
+        if self.warned:
+            return
+        for k, params in enumerate(groups):
+            if self._steps.get(k, 0) > ZERO_GRAD_CHECK_STEPS or self._zeroed.get(k):
+                continue
+            grads = [p.grad for _, p in params if p.grad is not None]
+            self._zeroed[k] = not holds_stale_gradients(grads)  # type: ignore[arg-type]
+
+    def at_step(self, k: int, name: str, step: int) -> Optional[str]:
+        """Optimizer ``k`` steps: the warning to give, if its gradients were never zeroed since
+        its previous step."""
+        count = self._steps.get(k, 0)
+        self._steps[k] = count + 1
+        zeroed, self._zeroed[k] = self._zeroed.get(k, False), False
+        if self.warned or count == 0 or count > ZERO_GRAD_CHECK_STEPS or zeroed:
+            return None
+        self.warned = True
+        return (
+            f"GradientFlowCallback: optimizer {name!r} stepped at step {step} on gradients not "
+            "zeroed since its previous step: `zero_grad()` looks missing for it in your manual "
+            f"optimization loop (call its `zero_grad()` before each backward that feeds it), so "
+            "its gradients accumulate across steps."
+        )

@@ -14,12 +14,14 @@ from lightning_gradwatch.measurement import GradientMeasurement
 __all__ = ["has_nonfinite", "nonfinite_report", "rule_values"]
 
 
-def rule_values(measurement: GradientMeasurement, measured: bool) -> dict[str, float]:
-    """The logged figures (an unmeasured step knows the total norm only, so nothing else may match
-    there) and ``"loss"``."""
-    values = dict(measurement.metrics) if measured else {TOTAL_NORM_KEY: measurement.total_norm}
+def rule_values(
+    measurement: GradientMeasurement, measured: bool, total_key: str = TOTAL_NORM_KEY
+) -> dict[str, float]:
+    """The logged figures (an unmeasured step knows the total norm only, under ``total_key``, so
+    nothing else may match there) and ``"loss"``."""
+    values = dict(measurement.metrics) if measured else {total_key: measurement.total_norm}
     if not measurement.param_norms:  # no parameter has a gradient: there is no total norm
-        values.pop(TOTAL_NORM_KEY, None)
+        values.pop(total_key, None)
     if measurement.loss is not None:
         values[LOSS] = measurement.loss
     return values

@@ -20,6 +20,7 @@ from lightning_gradwatch.keys import (
     clip_threshold_key,
     interval_max_key,
     interval_mean_key,
+    optimizer_of,
 )
 from lightning_gradwatch.validation import (
     check_choice,
@@ -203,7 +204,7 @@ class Rule:
                 "adaptive clip of 'grad_norm_total' to the rule's own threshold)."
             )
         adaptive = "an adaptive clip (`action` 'clip' without `clip_to`)"
-        if self.metric not in ADAPTIVE_CLIP_METRICS:
+        if self.metric not in ADAPTIVE_CLIP_METRICS and optimizer_of(self.metric) is None:
             raise ValueError(
                 f"{adaptive} clips the total norm to the rule's own threshold, so `metric` must be "
                 f"one of {list(ADAPTIVE_CLIP_METRICS)}, got {self.metric!r}. Set `clip_to` to clip "
@@ -250,12 +251,19 @@ class Rule:
         match logged keys only: the loss is watched by rules that name it."""
         if self.is_nonfinite or key == LOSS:
             return key == self.metric == LOSS
+        if self.metric == TOTAL_NORM_KEY and optimizer_of(key) is not None:
+            return True  # several optimizers: a rule on the total watches each one's
         return fnmatch.fnmatchcase(key, self.metric)
 
     @property
     def checks_every_step(self) -> bool:
         """Whether the rule runs on every check step (else on measured steps only)."""
-        return self.is_nonfinite or self.metric == LOSS or self.matches(TOTAL_NORM_KEY)
+        return (
+            self.is_nonfinite
+            or self.metric == LOSS
+            or self.matches(TOTAL_NORM_KEY)
+            or optimizer_of(self.metric) is not None
+        )
 
     def effective_patience(self, scaler_active: bool) -> int:
         if self.patience is not None:
@@ -287,6 +295,7 @@ def _check_metric(metric: Any) -> None:
         )
     known = metric in (NONFINITE, LOSS) or metric in KNOWN_KEYS
     prefixed = any(metric.startswith(p) and len(metric) > len(p) for p in KEY_PREFIXES)
+    prefixed = prefixed or optimizer_of(metric) is not None
     if not (known or prefixed or not _GLOB_CHARS.isdisjoint(metric)):
         raise ValueError(
             f"Rule `metric` {metric!r} is not a key the callback logs: use 'nonfinite', 'loss', "
