@@ -9,13 +9,15 @@ discriminator's, configured first) and ``grad_norm_total/Adam-1`` (the generator
 Lightning's ``LearningRateMonitor`` gives them; gains and the flow summary stay within one network.
 A clip rule on ``grad_norm_total/Adam`` clips the discriminator only.
 
-Run: ``python examples/ex08_gan.py [--root runs] [--fast]``, then ``tensorboard --logdir runs``.
+Run: ``python examples/ex08_gan.py [--root runs] [--fast]``, then ``tensorboard --logdir runs``;
+``charts.png`` beside the logs shows the same charts (per-optimizer totals, block norms).
 """
 
 from __future__ import annotations
 
 import math
 import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -24,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradwatch import GradientFlowCallback, Rule
+from lightning_gradwatch.report.reader import read_logdir
 
 LATENT = 8
 
@@ -88,6 +91,32 @@ class GAN(pl.LightningModule):
         ]
 
 
+def plot_charts(log_dir: Path) -> Path:
+    """The run's TensorBoard charts as one PNG (read back from the event file): each optimizer's
+    total norm with the discriminator's clipped one, and the block-output norms of both networks."""
+    from matplotlib.figure import Figure
+
+    (run,) = read_logdir(log_dir)
+    figure = Figure(figsize=(10, 3.6), layout="constrained")
+    totals, blocks = figure.subplots(1, 2)
+    for tag, label in (
+        ("grad_norm_total/Adam", "discriminator (Adam)"),
+        ("grad_norm_total/Adam-1", "generator (Adam-1)"),
+        ("grad_norm_total_clipped/Adam", "discriminator after clip"),
+    ):
+        series = run.scalars[tag]
+        totals.plot(series.steps, series.values, ".", ms=3, label=label)
+    totals.set(title="grad_norm_total/<optimizer>", xlabel="global step", yscale="log")
+    for tag in sorted(t for t in run.scalars if t.startswith("grad_norm/")):
+        blocks.plot(run.scalars[tag].steps, run.scalars[tag].values, lw=1, label=tag[10:])
+    blocks.set(title="grad_norm/<block>", xlabel="global step", yscale="log")
+    for axes in (totals, blocks):
+        axes.legend(fontsize=7)
+    path = log_dir / "charts.png"
+    figure.savefig(path, dpi=110)
+    return path
+
+
 def main() -> int:
     args = example_args(__doc__.splitlines()[0], default_root="runs")
     steps = 20 if args.fast else 1200  # optimizer steps: two per batch
@@ -103,6 +132,7 @@ def main() -> int:
     model = GAN()
     logger = tensorboard_logger(args.root, "ex08_gan", "gan")
     trainer = train(model, callback, logger, max_steps=steps)
+    charts = plot_charts(Path(logger.log_dir))
     assert callback.last is not None
     sample = model.gen(torch.randn(2048, LATENT)).detach()
     radius = sample.norm(dim=1)
@@ -110,7 +140,7 @@ def main() -> int:
     print(
         f"[ex08] {trainer.global_step} optimizer steps; generated points: radius "
         f"{radius.mean():.2f} +- {radius.std():.2f} (target 2.00); discriminator clipped at "
-        f"{clips} step(s); logs in {logger.log_dir}"
+        f"{clips} step(s); logs in {logger.log_dir}, charts in {charts}"
     )
     return 0
 

@@ -182,7 +182,7 @@ def _run_name(root: Path, path: Path) -> str:
 
 
 def _is_gradwatch(tag: str) -> bool:
-    return tag == TOTAL_NORM_TAG or tag.startswith(GRADWATCH_PREFIXES)
+    return tag.startswith(TOTAL_NORM_TAG) or tag.startswith(GRADWATCH_PREFIXES)
 
 
 def _series(steps: np.ndarray, values: np.ndarray) -> Series:
