@@ -32,14 +32,14 @@ layout                   measured step      every-step check
 =======================  =================  ================
 single process           0                  0
 DDP (any node count)     1 (world)          0
-FSDP2 (1-D)              2 (dp, dp)         1 (dp)
+FSDP2 (1-D)              1 (dp)             1 (dp)
 HSDP (replicate, shard)  2 (shard, dp)      1 (shard)
 TP + FSDP2               3 (dp, tp, world)  2 (dp, tp)
 =======================  =================  ================
 
 One ``all_gather`` per distinct process group over which some gradient is split (parameters whose
 gradients are split over several dims are reduced one dim after the other), plus one for the block
-rows. Each gathers ``group size x payload`` floats (payload: blocks x 3, or parameters + 8 per
+rows unless they ride in a parameter gather over the same group (:func:`reduce_step`: no TP). Each gathers ``group size x payload`` floats (payload: blocks x 3, or parameters + 8 per
 placement group). A step whose gradients hold a NaN/Inf repeats the parameter gathers once (the
 exact ``grad_stats`` recount).
 
@@ -77,8 +77,11 @@ __all__ = [
     "param_partials",
     "plan_reduction",
     "reduce_block_rows",
+    "reduce_step",
 ]
 
+#: ``_Part.kind`` prefix of block rows riding in a parameter gather (the norm type follows).
+_ROWS = "rows:"
 #: The process groups a gradient's partials are combined over, in mesh-dim order (empty: local).
 Groups = tuple[Any, ...]
 
@@ -138,6 +141,37 @@ def plan_reduction(trainer: pl.Trainer) -> ReductionPlan:
     return ReductionPlan(dist.group.WORLD, data, tensor, grid)
 
 
+def reduce_step(
+    block_rows: Tensor,
+    grads: Sequence[Tensor],
+    norm_type: NormType,
+    plan: ReductionPlan,
+    *,
+    stats: bool,
+    large_threshold: float,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """One measured step's block rows (:func:`reduce_block_rows`) and parameter figures
+    (:func:`param_partials`, the cheap statistics pass) with the fewest gathers: without tensor
+    parallelism the rows ride in the gather of a parameter group that is the same process group
+    (1-D FSDP2: one gather for everything; DDP: one, for the rows)."""
+    if plan.group is None or plan.tensor_parallel_size > 1:
+        rows = reduce_block_rows(block_rows, norm_type, plan)
+        partials, stat_row = param_partials(
+            grads, norm_type, stats=stats, large_threshold=large_threshold, assume_finite=True
+        )
+        return rows, partials, stat_row
+    rider = _Part(block_rows.double().reshape(-1), _ROWS + norm_type, (plan.group,))
+    partials, stat_row = param_partials(
+        grads,
+        norm_type,
+        stats=stats,
+        large_threshold=large_threshold,
+        assume_finite=True,
+        riders=[rider],
+    )
+    return rider.value.reshape(block_rows.shape), partials, stat_row
+
+
 def reduce_block_rows(rows: Tensor, norm_type: NormType, plan: ReductionPlan) -> Tensor:
     """Combine the probe's ``(n, 3)`` rows ``[partial, numel, calls]`` over the data-parallel ranks,
     counting a block replicated on the TP ranks once (one ``all_gather``; float64 result)."""
@@ -170,6 +204,7 @@ def param_partials(
     stats: bool,
     large_threshold: float,
     assume_finite: bool,
+    riders: Sequence[_Part] = (),
 ) -> tuple[Tensor, Optional[Tensor]]:
     """The partials of the *full* gradients, combined over exactly the dims they are split on.
 
@@ -179,7 +214,8 @@ def param_partials(
     of every full gradient. Plain tensors are taken as they are (complete on every rank). One
     ``all_gather`` per process group some gradient is split over; no host sync. ``grads`` must list
     the same parameters on every rank, as FSDP2 gives every rank a shard (possibly empty) of each
-    gradient: the collectives follow from their placements.
+    gradient: the collectives follow from their placements. ``riders`` are combined in the same
+    gathers (see :func:`reduce_step`).
     """
     split = [_split_over(grad) for grad in grads]
     by_groups: dict[Groups, list[int]] = {}
@@ -192,7 +228,7 @@ def param_partials(
         if stats:
             row = grad_stat_partials(local, large_threshold, assume_finite=assume_finite)
             parts.append(_Part(row, "stats", groups))
-    _reduce_parts(parts)
+    _reduce_parts([*parts, *riders])
     norms, rows = parts[:: 2 if stats else 1], parts[1::2] if stats else []
     if len(norms) == 1:
         partials = norms[0].value
@@ -228,6 +264,13 @@ class _Part:
 def _combiner(kind: str) -> Callable[[Tensor], Tensor]:
     if kind == "stats":  # torch has no reduction for this mix of sums, minima and maxima
         return combine_stat_partials
+    if kind.startswith(_ROWS):  # block rows, flattened: (ranks, n * 3)
+        norm_type = kind[len(_ROWS) :]
+        return lambda stacked: _combine_rows(
+            stacked.reshape(len(stacked), -1, 3),
+            norm_type,  # type: ignore[arg-type]
+            0,
+        ).reshape(-1)
     return lambda stacked: combine_partials(stacked, kind, dim=0)  # type: ignore[arg-type]
 
 

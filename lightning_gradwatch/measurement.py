@@ -17,7 +17,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from lightning_gradwatch.distributed import ReductionPlan, param_partials, reduce_block_rows
+from lightning_gradwatch.distributed import ReductionPlan, param_partials, reduce_step
 from lightning_gradwatch.grad_stats import (
     N_STAT_PARTIALS,
     finalize_grad_stats,
@@ -226,13 +226,9 @@ def measure(
     layout = Layout(
         len(block_names), len(grads), stats=stats, scaled=scale is not None, loss=loss is not None
     )
-    rows = reduce_block_rows(block_rows, spec.norm_type, plan)
-    partials, stat_row = param_partials(
-        grads,
-        spec.norm_type,
-        stats=stats,
-        large_threshold=spec.large_threshold,
-        assume_finite=True,  # the cheap pass: recounted below where it cannot be trusted
+    # The cheap statistics pass: recounted below where it cannot be trusted.
+    rows, partials, stat_row = reduce_step(
+        block_rows, grads, spec.norm_type, plan, stats=stats, large_threshold=spec.large_threshold
     )
     values = layout.pack(rows, partials, stat_row, scale, loss).tolist()  # the one host copy
     if stats and not stat_partials_finite(values[layout.grad_stats]):
