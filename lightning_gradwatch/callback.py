@@ -20,6 +20,7 @@ from lightning_gradwatch.diagnosis import FirstStepReport
 from lightning_gradwatch.distributed import reduce_packed, reduce_stat_partials
 from lightning_gradwatch.enforcement import RuleEnforcer
 from lightning_gradwatch.figures import TensorBoardPictures
+from lightning_gradwatch.findings import Finding
 from lightning_gradwatch.governance import Rule, validate_rules
 from lightning_gradwatch.keys import DEFAULT_EPS
 from lightning_gradwatch.measurement import (
@@ -32,6 +33,7 @@ from lightning_gradwatch.measurement import (
 )
 from lightning_gradwatch.norms import grad_stat_partials, stat_partials_finite, validate_norm_type
 from lightning_gradwatch.probe import GradientProbe
+from lightning_gradwatch.run_diagnosis import RunDiagnosis
 from lightning_gradwatch.sinks import log_histograms, log_metrics
 from lightning_gradwatch.strategies import check_strategy, data_parallel_size, loss_scale
 from lightning_gradwatch.validation import (
@@ -108,7 +110,11 @@ class GradientFlowCallback(Callback):
         alerts: every :class:`~lightning_gradwatch.alerts.Alert` of this run (on every rank).
         halted: whether a ``halt`` rule stopped training; ``halt_reason``: why (else ``None``).
         first_step_report: parameters with ``grad is None`` / an all-zero gradient and vanishing
-            blocks at the first measured step (:class:`~lightning_gradwatch.diagnosis.FirstStepReport`).
+            blocks at the first measured step, with the findings that already apply
+            (:class:`~lightning_gradwatch.diagnosis.FirstStepReport`).
+        findings: the diagnoses over the measured steps so far
+            (:class:`~lightning_gradwatch.findings.Finding`; also in TensorBoard's TEXT tab at fit
+            end and in ``gradwatch report``).
         last: the latest :class:`~lightning_gradwatch.measurement.GradientMeasurement` (``None``
             before the first measured step).
         block_names: the watched blocks' names once fit has started.
@@ -177,6 +183,7 @@ class GradientFlowCallback(Callback):
         self._armed_step = -1
         self._measured_step = -1
         self._warned_histograms = False
+        self._diagnosis = RunDiagnosis()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -201,6 +208,7 @@ class GradientFlowCallback(Callback):
         ]
         self._armed_step = self._measured_step = -1
         self._enforcer.setup(trainer, self.block_names)
+        self._diagnosis.start(trainer, pl_module, blocks, self.spec, self.rules)
         rank_zero_info(
             f"GradientFlowCallback: watching {len(blocks)} blocks "
             f"({', '.join(self.block_names)}) every {self.log_every_n_steps} optimizer steps."
@@ -217,7 +225,11 @@ class GradientFlowCallback(Callback):
     ) -> None:
         self._remove_hooks()
 
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._diagnosis.finish(trainer)  # findings to TensorBoard's TEXT tab, facts file
+
     def _remove_hooks(self) -> None:
+        self._diagnosis.remove()
         if self._probe is not None:
             self._probe.remove()
             self._probe = None
@@ -250,6 +262,10 @@ class GradientFlowCallback(Callback):
             self._measured_step = step
             probe.disarm()
             measurement = self._measure(trainer, probe, step)
+            if self._enforcer.first_step_report is None:  # the diagnosis makes it, with findings
+                self._enforcer.first_step_report = self._diagnosis.first_step(
+                    measurement, self._params
+                )
         # Rules see the pre-clip figures; they may clip, drop the gradients or stop training.
         extra = self._enforcer.on_before_optimizer_step(
             trainer, pl_module, optimizer, self._params, measurement
@@ -262,6 +278,7 @@ class GradientFlowCallback(Callback):
             return
         if measurement is not None:
             self.last = measurement
+            self._diagnosis.observe(trainer, measurement)
         if not trainer.is_global_zero:
             return
         if measurement is not None and probe is not None:
@@ -301,6 +318,12 @@ class GradientFlowCallback(Callback):
     @property
     def halt_reason(self) -> Optional[str]:
         return self._enforcer.halt_reason
+
+    @property
+    def findings(self) -> list[Finding]:
+        """Diagnoses over every measured step of this fit so far
+        (:mod:`lightning_gradwatch.finding_rules`); empty when nothing was found."""
+        return self._diagnosis.findings
 
     @property
     def first_step_report(self) -> Optional[FirstStepReport]:
