@@ -31,6 +31,7 @@ from lightning_gradwatch.measurement import (
     stats_slice,
     unpack,
 )
+from lightning_gradwatch.noise_monitor import NoiseScaleMonitor
 from lightning_gradwatch.norms import grad_stat_partials, stat_partials_finite, validate_norm_type
 from lightning_gradwatch.probe import GradientProbe
 from lightning_gradwatch.run_diagnosis import RunDiagnosis
@@ -70,6 +71,8 @@ class GradientFlowCallback(Callback):
       ``end_to_end_gain`` (first block's norm / last block's norm).
     * ``grad_stats/<stat>``: ``mean``, ``std``, ``min``, ``max``, ``zero_fraction``,
       ``large_fraction``, ``nonfinite_count`` over all parameter-gradient elements.
+    * ``grad_noise/b_simple``, ``grad_noise/grad_sq``, ``grad_noise/trace_sigma``: the gradient
+      noise scale and its two smoothed components (``noise_scale=True``).
 
     Args:
         blocks: ``"auto"`` (default: the longest ``ModuleList``/``Sequential`` of same-class
@@ -105,6 +108,10 @@ class GradientFlowCallback(Callback):
         alerts_path: the JSONL audit trail, a ``str`` or ``os.PathLike`` (``None``, the default:
             ``gradwatch_alerts.jsonl`` in the first logger's ``log_dir``, else in
             ``trainer.default_root_dir``).
+        noise_scale: estimate the gradient noise scale (critical batch size) on measured steps,
+            from DDP ranks' local gradients or accumulated micro-batches (default ``False``: it
+            costs one more norm pass and, under DDP, one tiny all-reduce per measured step; see
+            :mod:`lightning_gradwatch.noise_monitor`).
 
     Attributes:
         alerts: every :class:`~lightning_gradwatch.alerts.Alert` of this run (on every rank).
@@ -147,6 +154,7 @@ class GradientFlowCallback(Callback):
         rules: Optional[list[Rule]] = None,
         check_every_n_steps: int = 1,
         alerts_path: Optional[Union[str, os.PathLike[str]]] = None,
+        noise_scale: bool = False,
     ) -> None:
         super().__init__()
         self.blocks = validate_blocks_spec(blocks)
@@ -184,8 +192,14 @@ class GradientFlowCallback(Callback):
         self._measured_step = -1
         self._warned_histograms = False
         self._diagnosis = RunDiagnosis()
+        self.noise_scale = check_type(noise_scale, bool, "noise_scale")
+        self._noise = NoiseScaleMonitor(self.noise_scale)
 
     # -- lifecycle -------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # before the strategy registers a user's DDP hook: wrap it
+            self._noise.setup(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.require_logger and not trainer.loggers:
@@ -209,6 +223,7 @@ class GradientFlowCallback(Callback):
         self._armed_step = self._measured_step = -1
         self._enforcer.setup(trainer, self.block_names)
         self._diagnosis.start(trainer, pl_module, blocks, self.spec, self.rules)
+        self._noise.start(trainer, pl_module)
         rank_zero_info(
             f"GradientFlowCallback: watching {len(blocks)} blocks "
             f"({', '.join(self.block_names)}) every {self.log_every_n_steps} optimizer steps."
@@ -230,6 +245,7 @@ class GradientFlowCallback(Callback):
 
     def _remove_hooks(self) -> None:
         self._diagnosis.remove()
+        self._noise.remove()
         if self._probe is not None:
             self._probe.remove()
             self._probe = None
@@ -244,6 +260,7 @@ class GradientFlowCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
+        self._noise.on_batch_start(trainer, batch, self.is_measured_step(step))
         if self._probe is None or step == self._armed_step or not self.is_measured_step(step):
             return
         # First micro-batch of a measured step: start from zero and keep the probe armed until the
@@ -262,6 +279,7 @@ class GradientFlowCallback(Callback):
             self._measured_step = step
             probe.disarm()
             measurement = self._measure(trainer, probe, step)
+            measurement.metrics.update(self._noise.update(trainer, measurement, self._params))
             if self._enforcer.first_step_report is None:  # the diagnosis makes it, with findings
                 self._enforcer.first_step_report = self._diagnosis.first_step(
                     measurement, self._params
@@ -406,11 +424,16 @@ class GradientFlowCallback(Callback):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"measured_step": self._measured_step, "governance": self._enforcer.state_dict()}
+        return {
+            "measured_step": self._measured_step,
+            "governance": self._enforcer.state_dict(),
+            "noise_scale": self._noise.estimator.state_dict(),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._measured_step = int(state_dict.get("measured_step", -1))
         self._enforcer.load_state_dict(state_dict.get("governance", {}))
+        self._noise.estimator.load_state_dict(state_dict.get("noise_scale", {}))
 
 
 def _all_finite(measurement: GradientMeasurement) -> bool:

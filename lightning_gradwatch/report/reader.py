@@ -28,6 +28,7 @@ from lightning_gradwatch.keys import (
     FLOW_PREFIX,
     GAIN_PREFIX,
     LOG_GAIN_PREFIX,
+    NOISE_PREFIX,
     NORM_PREFIX,
     PARAM_NORM_PREFIX,
     STATS_PREFIX,
@@ -45,6 +46,7 @@ GRADWATCH_PREFIXES = (
     FLOW_PREFIX,
     STATS_PREFIX,
     PARAM_NORM_PREFIX,
+    NOISE_PREFIX,
 )
 #: The tag under which TensorBoard stores a custom-scalars layout.
 LAYOUT_TAG = "custom_scalars__config__"
