@@ -10,6 +10,7 @@ Pure: no tensors, no Lightning.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 from lightning_gradwatch.findings import Finding, FlowSummary, fmt, quantile, short_list, summarize
@@ -29,6 +30,10 @@ __all__ = ["RULES", "Rule", "diagnose"]
 DEAD_ZERO_FRACTION = 0.5
 #: Share of the measured steps on which a clip bound acts that makes it "most steps".
 CLIP_MOST = 0.5
+#: Batch / noise scale outside ``[1 / NOISE_FACTOR, NOISE_FACTOR]`` is far from the critical batch.
+NOISE_FACTOR = 10.0
+#: Measured steps with a noise scale before its average is trusted beyond "low" confidence.
+NOISE_SETTLED = 5
 
 Rule = Callable[[RunFigures, FlowSummary], Optional[Finding]]
 
@@ -145,6 +150,40 @@ def clipping_always(figures: RunFigures, s: FlowSummary) -> Optional[Finding]:
     )
 
 
+def batch_vs_noise_scale(figures: RunFigures, s: FlowSummary) -> Optional[Finding]:
+    """The batch is far from the gradient noise scale (the critical batch size estimate)."""
+    if s.noise is None:
+        return None
+    b_simple, batch, count = s.noise
+    ratio = batch / b_simple if b_simple > 0 else math.inf
+    if 1 / NOISE_FACTOR < ratio < NOISE_FACTOR:
+        return None
+    evidence = [
+        f"gradient noise scale b_simple = {fmt(b_simple)} samples (averaged over {count} measured "
+        f"step(s)) against a global batch of {fmt(batch)}: {fmt(ratio)}x"
+    ]
+    if ratio <= 1 / NOISE_FACTOR:
+        title = "Batch far below the gradient noise scale: larger batches would scale well"
+        change = [
+            f"raise the batch toward {fmt(b_simple)} samples (more ranks or accumulation) and "
+            "scale the learning rate with it: steps drop almost in proportion",
+        ]
+    else:
+        title = "Batch far above the gradient noise scale: compute per step is mostly wasted"
+        change = [
+            f"use a batch nearer {fmt(b_simple)} samples and more steps: the same progress for "
+            "less compute (b_simple grows as the loss falls: check again later in training)",
+        ]
+    return Finding(
+        "batch_vs_noise_scale",
+        title,
+        "medium" if count >= NOISE_SETTLED else "low",
+        evidence,
+        change,
+        figures={"b_simple": b_simple, "batch_size": batch, "ratio": ratio, "measured": count},
+    )
+
+
 #: Every rule, in the order findings are listed.
 RULES: tuple[Rule, ...] = (
     disconnected_parameters,
@@ -154,6 +193,7 @@ RULES: tuple[Rule, ...] = (
     post_norm_gains,
     dead_units,
     clipping_always,
+    batch_vs_noise_scale,
 )
 
 

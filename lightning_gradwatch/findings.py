@@ -96,6 +96,8 @@ class FlowSummary:
         end_to_end: median of first block norm / last block norm (``None``: never measured).
         totals: the finite total norms, in step order; ``infinite_totals``: how many were inf.
         zero_fraction: median of ``grad_stats/zero_fraction`` (``None``: not measured).
+        noise: ``(b_simple, batch size, how many measured steps had both)`` at the last measured
+            step with a gradient noise scale (``None``: never measured).
     """
 
     steps: int
@@ -108,6 +110,7 @@ class FlowSummary:
     totals: list[float]
     infinite_totals: int
     zero_fraction: Optional[float]
+    noise: Optional[tuple[float, float, int]] = None
 
     def count(self, *categories: Category) -> int:
         return sum(1 for category in self.categories if category in categories)
@@ -157,7 +160,17 @@ def summarize(figures: RunFigures) -> FlowSummary:
         totals=[t for t in totals if math.isfinite(t)],
         infinite_totals=sum(1 for t in totals if not math.isfinite(t)),
         zero_fraction=statistics.median(zeros) if zeros else None,
+        noise=_noise(figures),
     )
+
+
+def _noise(figures: RunFigures) -> Optional[tuple[float, float, int]]:
+    pairs = [
+        (row.noise_scale, row.batch_size)
+        for row in figures.steps
+        if row.noise_scale is not None and row.batch_size is not None
+    ]
+    return (*pairs[-1], len(pairs)) if pairs else None
 
 
 def quantile(values: Sequence[float], q: float) -> float:
@@ -200,6 +213,8 @@ def healthy_summary(figures: RunFigures, summary: Optional[FlowSummary] = None) 
         parts.append(f"gradient zero fraction {s.zero_fraction:.1%};")
     if s.totals:
         parts.append(f"median total norm {fmt(quantile(s.totals, 0.5))}.")
+    if s.noise is not None:
+        parts.append(f"Gradient noise scale {fmt(s.noise[0])} at a batch of {fmt(s.noise[1])}.")
     bounds = figures.settings.clip_bounds
     if bounds and s.totals:
         over = sum(1 for t in s.totals if t > min(b.threshold for b in bounds))

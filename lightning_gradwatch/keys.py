@@ -21,6 +21,7 @@ __all__ = [
     "KEY_PREFIXES",
     "KNOWN_KEYS",
     "LOG_GAIN_PREFIX",
+    "NOISE_BATCH_KEY",
     "NOISE_B_SIMPLE_KEY",
     "NOISE_GRAD_SQ_KEY",
     "NOISE_KEYS",
@@ -95,7 +96,14 @@ NOISE_B_SIMPLE_KEY = NOISE_PREFIX + "b_simple"
 NOISE_GRAD_SQ_KEY = NOISE_PREFIX + "grad_sq"
 #: The unbiased estimate of tr(Sigma), the per-sample gradient covariance's trace.
 NOISE_TRACE_KEY = NOISE_PREFIX + "trace_sigma"
-NOISE_KEYS: tuple[str, ...] = (NOISE_B_SIMPLE_KEY, NOISE_GRAD_SQ_KEY, NOISE_TRACE_KEY)
+#: The global batch of the step the estimate was made at (``B_big``, in samples).
+NOISE_BATCH_KEY = NOISE_PREFIX + "batch_size"
+NOISE_KEYS: tuple[str, ...] = (
+    NOISE_B_SIMPLE_KEY,
+    NOISE_GRAD_SQ_KEY,
+    NOISE_TRACE_KEY,
+    NOISE_BATCH_KEY,
+)
 
 #: Every logged key a rule may name exactly.
 KNOWN_KEYS: frozenset[str] = frozenset(

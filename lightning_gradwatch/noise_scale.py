@@ -22,7 +22,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from lightning_gradwatch.keys import NOISE_B_SIMPLE_KEY, NOISE_GRAD_SQ_KEY, NOISE_TRACE_KEY
+from lightning_gradwatch.keys import (
+    NOISE_B_SIMPLE_KEY,
+    NOISE_BATCH_KEY,
+    NOISE_GRAD_SQ_KEY,
+    NOISE_TRACE_KEY,
+)
 
 __all__ = ["NOISE_EMA_DECAY", "NoiseScaleEstimator", "unbiased_estimates"]
 
@@ -90,9 +95,10 @@ class NoiseScaleEstimator:
     def update(
         self, small_sq: float, big_sq: float, b_small: float, b_big: float
     ) -> dict[str, float]:
-        """Fold one measurement in; returns the keys to log (``b_simple`` only while the smoothed
-        ``|G|^2`` is positive: before that the gradient signal is lost in the noise). A non-finite
-        input leaves the averages unchanged and returns nothing."""
+        """Fold one measurement in; returns the keys to log: the two smoothed components, the batch
+        ``b_big`` and ``b_simple`` (only while the smoothed ``|G|^2`` is positive: before that the
+        gradient signal is lost in the noise). A non-finite input leaves the averages unchanged and
+        returns nothing."""
         values = (small_sq, big_sq, b_small, b_big)
         if not all(math.isfinite(v) for v in values):
             return {}
@@ -101,7 +107,11 @@ class NoiseScaleEstimator:
         self._grad_sq = keep * self._grad_sq + (1 - keep) * grad_sq
         self._trace = keep * self._trace + (1 - keep) * trace
         self._weight = keep * self._weight + (1 - keep)
-        metrics = {NOISE_GRAD_SQ_KEY: self.grad_sq, NOISE_TRACE_KEY: self.trace_sigma}
+        metrics = {
+            NOISE_GRAD_SQ_KEY: self.grad_sq,
+            NOISE_TRACE_KEY: self.trace_sigma,
+            NOISE_BATCH_KEY: float(b_big),
+        }
         if self.grad_sq > 0:
             metrics[NOISE_B_SIMPLE_KEY] = self.b_simple
         return metrics

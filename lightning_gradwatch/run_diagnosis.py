@@ -22,7 +22,7 @@ from lightning_gradwatch.diagnosis import FirstStepReport, first_step_report
 from lightning_gradwatch.finding_rules import diagnose
 from lightning_gradwatch.findings import Finding, format_findings
 from lightning_gradwatch.governance import Rule, rule_labels
-from lightning_gradwatch.keys import TOTAL_NORM_KEY
+from lightning_gradwatch.keys import NOISE_B_SIMPLE_KEY, NOISE_BATCH_KEY, TOTAL_NORM_KEY
 from lightning_gradwatch.measurement import GradientMeasurement, MeasurementSpec
 from lightning_gradwatch.model_facts import StructureCapture, collect_model_facts
 from lightning_gradwatch.run_figures import (
@@ -187,4 +187,6 @@ def _add(figures: RunFigures, measurement: GradientMeasurement) -> None:
         measurement.block_norms,
         measurement.total_norm if measurement.param_norms else None,
         measurement.grad_stats.get("zero_fraction"),
+        measurement.metrics.get(NOISE_B_SIMPLE_KEY),
+        measurement.metrics.get(NOISE_BATCH_KEY),
     )

@@ -130,13 +130,15 @@ class Wiring:
 @dataclass
 class StepFigures:
     """One measured step: block-output norms (``None``: no gradient, or non-finite as logged as
-    NaN), the total parameter-gradient norm and ``grad_stats/zero_fraction`` (``None``: not
-    measured)."""
+    NaN), the total parameter-gradient norm, ``grad_stats/zero_fraction``, the gradient noise
+    scale ``grad_noise/b_simple`` and the batch it was measured at (``None``: not measured)."""
 
     step: int
     block_norms: list[Optional[float]]
     total_norm: Optional[float] = None
     zero_fraction: Optional[float] = None
+    noise_scale: Optional[float] = None
+    batch_size: Optional[float] = None
 
 
 @dataclass
@@ -169,6 +171,8 @@ class RunFigures:
         block_norms: Sequence[Optional[float]],
         total_norm: Optional[float] = None,
         zero_fraction: Optional[float] = None,
+        noise_scale: Optional[float] = None,
+        batch_size: Optional[float] = None,
     ) -> None:
         """Record one measured step (non-finite NaN norms count as missing, as in the logs)."""
         keep = self.wants()
@@ -176,7 +180,8 @@ class RunFigures:
         if not keep:
             return
         norms = [None if v is None or math.isnan(v) else float(v) for v in block_norms]
-        self.steps.append(StepFigures(step, norms, _number(total_norm), _number(zero_fraction)))
+        scalars = [_number(v) for v in (total_norm, zero_fraction, noise_scale, batch_size)]
+        self.steps.append(StepFigures(step, norms, *scalars))
         if len(self.steps) >= self.capacity:
             self.steps = self.steps[::2]
             self._stride *= 2

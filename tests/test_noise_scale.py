@@ -21,8 +21,15 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradwatch import GradientFlowCallback
-from lightning_gradwatch.keys import NOISE_B_SIMPLE_KEY, NOISE_GRAD_SQ_KEY, NOISE_TRACE_KEY
+from lightning_gradwatch.keys import (
+    NOISE_B_SIMPLE_KEY,
+    NOISE_BATCH_KEY,
+    NOISE_GRAD_SQ_KEY,
+    NOISE_TRACE_KEY,
+)
 from lightning_gradwatch.noise_scale import NOISE_EMA_DECAY, NoiseScaleEstimator
+from lightning_gradwatch.report.reader import read_run
+from lightning_gradwatch.report.summary import build_report
 
 D, SIGMA2, MICRO, ACCUMULATE, STEPS = 8, 4.0, 128, 4, 60
 #: Per-sample gradient of (x.w - y)^2 at w = w* + delta, x ~ N(0, I), y = x.w* + N(0, SIGMA2):
@@ -119,6 +126,15 @@ def test_accumulation_matches_micro_batch_gradients_and_the_known_answer(tmp_pat
     assert expected[-1][NOISE_B_SIMPLE_KEY] == pytest.approx(B_SIMPLE, rel=0.2)
     assert expected[-1][NOISE_GRAD_SQ_KEY] == pytest.approx(GRAD_SQ, rel=0.2)
     assert expected[-1][NOISE_TRACE_KEY] == pytest.approx(TRACE, rel=0.2)
+    # A batch of 512 is about 12x the noise scale: the diagnosis says so, and the report on the
+    # logs alone agrees.
+    (finding,) = callbacks[0].findings
+    assert finding.name == "batch_vs_noise_scale" and finding.confidence == "medium"
+    assert finding.figures["batch_size"] == MICRO * ACCUMULATE
+    assert finding.figures["ratio"] > 10 and "more steps" in finding.suggestions[0]
+    report = build_report(read_run(tmp_path / "csv" / "version_0"))  # type: ignore[arg-type]
+    assert report.diagnosis is not None
+    assert [f.to_dict() for f in report.diagnosis.findings] == [finding.to_dict()]
 
 
 @pytest.mark.slow
@@ -179,7 +195,12 @@ def test_noise_scale_must_be_a_bool(value: Any) -> None:
 def test_estimator_formulas_and_arguments() -> None:
     estimator = NoiseScaleEstimator(decay=0.5)
     metrics = estimator.update(small_sq=2.0, big_sq=1.25, b_small=16, b_big=64)
-    assert metrics == {NOISE_GRAD_SQ_KEY: 1.0, NOISE_TRACE_KEY: 16.0, NOISE_B_SIMPLE_KEY: 16.0}
+    assert metrics == {
+        NOISE_GRAD_SQ_KEY: 1.0,
+        NOISE_TRACE_KEY: 16.0,
+        NOISE_B_SIMPLE_KEY: 16.0,
+        NOISE_BATCH_KEY: 64.0,
+    }
     # Noise-dominated: the |G|^2 estimate is negative, so no b_simple is claimed.
     fresh = NoiseScaleEstimator()
     assert NOISE_B_SIMPLE_KEY not in fresh.update(2.0, 0.4, 16, 64)

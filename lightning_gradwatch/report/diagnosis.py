@@ -17,7 +17,7 @@ import numpy as np
 
 from lightning_gradwatch.finding_rules import diagnose
 from lightning_gradwatch.findings import Finding, diagnosis_dict, format_findings
-from lightning_gradwatch.keys import stats_key
+from lightning_gradwatch.keys import NOISE_B_SIMPLE_KEY, NOISE_BATCH_KEY, stats_key
 from lightning_gradwatch.report.reader import NORM_PREFIX, TOTAL_NORM_TAG, RunLog, Series
 from lightning_gradwatch.run_figures import FACTS_FILENAME, ClipBound, RunFigures, Settings
 
@@ -74,13 +74,13 @@ def run_figures(
         clip_bounds=figures.settings.clip_bounds if run.facts else _alert_bounds(run.alerts),
     )
     steps, norms = run.matrix(NORM_PREFIX, names)
-    totals = _aligned(run.scalars.get(TOTAL_NORM_TAG), steps)
-    zeros = _aligned(run.scalars.get(stats_key("zero_fraction")), steps)
+    keys = (TOTAL_NORM_TAG, stats_key("zero_fraction"), NOISE_B_SIMPLE_KEY, NOISE_BATCH_KEY)
+    columns = [_aligned(run.scalars.get(key), steps) for key in keys]
     for row, step in enumerate(steps.tolist()):
         if not figures.wants():
             figures.add(step, [])  # counted, not retained (same steps as the callback keeps)
             continue
-        figures.add(step, norms[row].tolist(), _value(totals, row), _value(zeros, row))
+        figures.add(step, norms[row].tolist(), *(_value(column, row) for column in columns))
     return figures
 
 
