@@ -186,6 +186,26 @@ def test_sharded_strategies_say_not_measured() -> None:
     assert monitor.mode is None
 
 
+def test_a_hook_registered_elsewhere_is_reported_not_crashed(tmp_path: Path) -> None:
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lightning_gradwatch.noise_monitor import NoiseScaleMonitor
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        model = DistributedDataParallel(nn.Linear(2, 2))
+        model.register_comm_hook(None, allreduce_hook)  # not through DDPStrategy(ddp_comm_hook=)
+        monitor = NoiseScaleMonitor(enabled=True)
+        with pytest.warns(UserWarning, match="a DDP communication hook is already registered"):
+            assert not monitor._register(model)
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("value", ["yes", 1, None])
 def test_noise_scale_must_be_a_bool(value: Any) -> None:
     with pytest.raises(TypeError, match="`noise_scale` must be a bool"):
