@@ -9,11 +9,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import pytest
 from diag_models import residual_net
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from models import BlockNet
+from reference import trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_gradwatch import GradientFlowCallback
@@ -26,16 +26,7 @@ def _train(root: Path, name: str, model: Any) -> dict[str, Any]:
     tb = TensorBoardLogger(root, name=name, version="tb", default_hp_metric=False)
     csv = CSVLogger(root, name=name, version="csv")
     callback = GradientFlowCallback(log_every_n_steps=2, rules=[])
-    pl.Trainer(
-        max_steps=8,
-        logger=[tb, csv],
-        callbacks=[callback],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        accelerator="cpu",
-        log_every_n_steps=1,
-    ).fit(model)
+    trainer(root, [callback], max_steps=8, logger=[tb, csv]).fit(model)
     return {"tb": Path(tb.log_dir), "csv": Path(csv.log_dir), "findings": callback.findings}
 
 
