@@ -339,7 +339,7 @@ class GradientFlowCallback(Callback):
 
     @property
     def findings(self) -> list[Finding]:
-        """Diagnoses over every measured step of this fit so far
+        """Diagnoses over the measured steps of this fit so far (the last 32 and the first 3)
         (:mod:`lightning_gradwatch.finding_rules`); empty when nothing was found."""
         return self._diagnosis.findings
 

@@ -45,7 +45,7 @@ def dead_units(figures: RunFigures, s: FlowSummary) -> Optional[Finding]:
     if zf is None or zf < DEAD_ZERO_FRACTION or (facts is not None and not relu):
         return None
     evidence = [
-        f"median gradient zero fraction {zf:.0%} over {s.steps} measured step(s): that share of "
+        f"median gradient zero fraction {zf:.0%} over {s.span}: that share of "
         "parameter-gradient entries is exactly zero"
     ]
     evidence += [f"ReLU-family activation {name} in {blocks_text(b)}" for name, b in relu.items()]
@@ -159,8 +159,8 @@ def batch_vs_noise_scale(figures: RunFigures, s: FlowSummary) -> Optional[Findin
     if 1 / NOISE_FACTOR < ratio < NOISE_FACTOR:
         return None
     evidence = [
-        f"gradient noise scale b_simple = {fmt(b_simple)} samples (averaged over {count} measured "
-        f"step(s)) against a global batch of {fmt(batch)}: {fmt(ratio)}x"
+        f"gradient noise scale b_simple = {fmt(b_simple)} samples (smoothed; {count} estimate(s) "
+        f"in the window) against a global batch of {fmt(batch)}: {fmt(ratio)}x"
     ]
     if ratio <= 1 / NOISE_FACTOR:
         title = "Batch far below the gradient noise scale: larger batches would scale well"

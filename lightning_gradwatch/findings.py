@@ -3,8 +3,8 @@
 A :class:`Finding` names a problem, gives the evidence (sentences with the numbers, plus the numbers
 themselves), says how sure it is (``low`` / ``medium`` / ``high``) and suggests one or two changes.
 :func:`summarize` reduces :class:`~lightning_gradwatch.run_figures.RunFigures` to medians over the
-retained measured steps (per transition, end to end, total norm, zero fraction): medians, because one
-odd step must not make or hide a finding.
+measured steps kept (the recent window: per transition, end to end, total norm, zero fraction):
+medians, because one odd step must not make or hide a finding.
 
 Pure: floats and names in, dataclasses out (no tensors, no Lightning).
 """
@@ -85,22 +85,25 @@ class Finding:
 
 @dataclass
 class FlowSummary:
-    """Medians over the retained measured steps.
+    """Medians over the measured steps kept (the window of the last ones).
 
     Attributes:
-        steps: measured steps seen (all of them, retained or not); ``first``/``last``: their range.
+        steps: measured steps seen (all of them); ``window``: those in the window, whose range is
+            ``first`` .. ``last``.
         transitions: the block each transition goes into (``block_names[1:]``).
         gains: per transition, the median gain (``inf``: no gradient at the block's output;
             ``None``: never measured).
         categories: the category of each median gain.
         end_to_end: median of first block norm / last block norm (``None``: never measured).
-        totals: the finite total norms, in step order; ``infinite_totals``: how many were inf.
+        totals: the window's finite total norms, in step order; ``infinite_totals``: how many were
+            inf; ``early_totals``: the finite total norms of the run's first measured steps.
         zero_fraction: median of ``grad_stats/zero_fraction`` (``None``: not measured).
         noise: ``(b_simple, batch size, how many measured steps had both)`` at the last measured
             step with a gradient noise scale (``None``: never measured).
     """
 
     steps: int
+    window: int
     first: Optional[int]
     last: Optional[int]
     transitions: list[str]
@@ -110,10 +113,19 @@ class FlowSummary:
     totals: list[float]
     infinite_totals: int
     zero_fraction: Optional[float]
+    early_totals: list[float] = field(default_factory=list)
     noise: Optional[tuple[float, float, int]] = None
 
     def count(self, *categories: Category) -> int:
         return sum(1 for category in self.categories if category in categories)
+
+    @property
+    def span(self) -> str:
+        """``"12 measured step(s) (0 .. 550)"`` or ``"the last 32 of 400 measured steps (...)"``."""
+        where = f"({self.first} .. {self.last})"
+        if self.window < self.steps:
+            return f"the last {self.window} of {self.steps} measured steps {where}"
+        return f"{self.steps} measured step(s) {where}"
 
     @property
     def present(self) -> int:
@@ -148,6 +160,7 @@ def summarize(figures: RunFigures) -> FlowSummary:
     steps = [row.step for row in figures.steps]
     return FlowSummary(
         steps=figures.measured,
+        window=len(figures.steps),
         first=steps[0] if steps else None,
         last=steps[-1] if steps else None,
         transitions=list(figures.block_names[1:]),
@@ -160,6 +173,11 @@ def summarize(figures: RunFigures) -> FlowSummary:
         totals=[t for t in totals if math.isfinite(t)],
         infinite_totals=sum(1 for t in totals if not math.isfinite(t)),
         zero_fraction=statistics.median(zeros) if zeros else None,
+        early_totals=[
+            row.total_norm
+            for row in figures.first
+            if row.total_norm is not None and math.isfinite(row.total_norm)
+        ],
         noise=_noise(figures),
     )
 
@@ -198,7 +216,7 @@ def healthy_summary(figures: RunFigures, summary: Optional[FlowSummary] = None) 
     s = summary or summarize(figures)
     if s.steps == 0:
         return "No measured step yet: nothing to diagnose."
-    span = f"{s.steps} measured step(s) ({s.first} .. {s.last})"
+    span = s.span
     if not s.transitions:
         return f"Only one block is watched: no transition to judge over {span}."
     finite = [g for g in s.gains if g is not None and math.isfinite(g)]

@@ -108,7 +108,8 @@ def exploding_flow(figures: RunFigures, s: FlowSummary) -> Optional[Finding]:
     total norm, or infinite total norms."""
     amplifying = s.count(Category.AMPLIFYING)
     e2e = s.end_to_end if s.end_to_end is not None and math.isfinite(s.end_to_end) else None
-    growth = _growth(s.totals)
+    ends = _ends(s)
+    growth = ends[1] / ends[0] if ends is not None and ends[0] > 0 else None
     by_blocks = e2e is not None and (
         (amplifying > s.present / 2 and e2e >= LARGE_END_TO_END) or e2e >= HUGE_END_TO_END
     )
@@ -123,10 +124,10 @@ def exploding_flow(figures: RunFigures, s: FlowSummary) -> Optional[Finding]:
             f"threshold {fmt(hi)}; median gains: {s.gain_list()}"
         )
         evidence.append(_end_to_end_sentence(s))
-    if by_total:
+    if by_total and ends is not None:
         evidence.append(
-            f"the total gradient norm grew {fmt(growth)}x from the first to the last measured "
-            f"steps ({fmt(s.totals[0])} -> {fmt(s.totals[-1])})"
+            f"the total gradient norm grew {fmt(growth)}x over the run (median of the first 3 "
+            f"measured steps {fmt(ends[0])} -> of the last 3 {fmt(ends[1])})"
         )
     if s.infinite_totals:
         evidence.append(f"{s.infinite_totals} measured step(s) had an infinite total norm")
@@ -198,7 +199,7 @@ def _end_to_end_sentence(s: FlowSummary) -> str:
         what = f"the first block's gradient is {fmt(1 / e2e)}x smaller than the last block's"
     else:
         what = f"the first block's gradient is {fmt(e2e)}x larger than the last block's"
-    return f"median end-to-end gain {fmt(e2e)} over {s.steps} measured step(s): {what}"
+    return f"median end-to-end gain {fmt(e2e)} over {s.span}: {what}"
 
 
 def _init_sentence(ratio: float, layer: Optional[str]) -> str:
@@ -223,11 +224,11 @@ def _init_extreme(
     return ratio, layer
 
 
-def _growth(totals: list[float]) -> Optional[float]:
-    if len(totals) < 4:
+def _ends(s: FlowSummary) -> Optional[tuple[float, float]]:
+    """Medians of the run's first 3 and of the last 3 total norms (at least 4 measured steps)."""
+    if s.steps < 4 or len(s.early_totals) < 3 or len(s.totals) < 3:
         return None
-    first, last = sorted(totals[:3])[1], sorted(totals[-3:])[1]
-    return last / first if first > 0 else None
+    return sorted(s.early_totals)[1], sorted(s.totals[-3:])[1]
 
 
 def _below(s: FlowSummary, bound: float) -> bool:
@@ -244,4 +245,5 @@ def _flow_figures(s: FlowSummary) -> dict[str, object]:
         "median_gains": dict(zip(s.transitions, s.gains)),
         "transitions": s.present,
         "measured_steps": s.steps,
+        "window": s.window,
     }

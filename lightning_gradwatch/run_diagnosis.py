@@ -4,7 +4,7 @@ logs, and the findings in TensorBoard's TEXT tab at fit end.
 
 The rules themselves are pure (:mod:`lightning_gradwatch.finding_rules`); this module only feeds them
 and writes what they say. Per measured step it costs one :meth:`RunFigures.add` (a few Python floats;
-at most ``capacity`` rows are kept); no tensor work after fit start.
+a fixed number of rows is kept); no tensor work after fit start.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class RunDiagnosis:
 
     @property
     def findings(self) -> list[Finding]:
-        """The findings over every measured step so far."""
+        """The findings over the measured steps so far (the window the rules read)."""
         return diagnose(self.figures)
 
     def finish(self, trainer: pl.Trainer) -> list[Finding]:
@@ -179,9 +179,6 @@ def facts_paths(trainer: pl.Trainer) -> list[str]:
 
 
 def _add(figures: RunFigures, measurement: GradientMeasurement) -> None:
-    if not figures.wants():  # skip building the row for a step that would be dropped
-        figures.add(measurement.step, [])
-        return
     figures.add(
         measurement.step,
         measurement.block_norms,

@@ -3,9 +3,9 @@
 Both sides build the same :class:`RunFigures`: the callback from its in-memory measurements (one
 :meth:`RunFigures.add` per logged measured step) and ``gradwatch report`` from the logged keys plus
 ``gradwatch_model_facts.json`` (one :meth:`RunFigures.add` per logged row, in step order). Memory is
-bounded: past ``capacity`` steps every other retained step is dropped and only every second later
-step is kept, so the retained steps stay evenly spread over the whole run (the first one always
-kept) and both sides retain exactly the same steps.
+bounded and flat: the rules read the last ``capacity`` measured steps (a window that follows the run:
+findings are about its recent state) plus the first :data:`FIRST_KEPT` (to tell how the total norm
+grew); older rows are dropped as new ones come, so both sides keep exactly the same rows.
 
 No tensors, no Lightning: floats, names and a JSON-ready dict (:meth:`RunFigures.facts_dict`).
 """
@@ -13,6 +13,7 @@ No tensors, no Lightning: floats, names and a JSON-ready dict (:meth:`RunFigures
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
@@ -22,6 +23,8 @@ from lightning_gradwatch.keys import DEFAULT_EPS
 __all__ = [
     "FACTS_FILENAME",
     "FACTS_FORMAT",
+    "FIRST_KEPT",
+    "WINDOW",
     "BlockFacts",
     "ClipBound",
     "ModelFacts",
@@ -36,6 +39,9 @@ FACTS_FILENAME = "gradwatch_model_facts.json"
 #: ``"format"`` field of that file, with ``"version"``.
 FACTS_FORMAT = "gradwatch-model-facts"
 _VERSION = 1
+#: Measured steps the rules read: the last ``WINDOW`` ones, plus the first ``FIRST_KEPT``.
+WINDOW = 32
+FIRST_KEPT = 3
 
 
 @dataclass
@@ -156,14 +162,22 @@ class RunFigures:
     settings: Settings = field(default_factory=Settings)
     facts: Optional[ModelFacts] = None
     wiring: Optional[Wiring] = None
-    capacity: int = 512
-    steps: list[StepFigures] = field(default_factory=list)
-    _stride: int = 1
+    capacity: int = WINDOW
+    steps: deque[StepFigures] = field(default_factory=deque)
+    first: list[StepFigures] = field(default_factory=list)
     _seen: int = 0
 
-    def wants(self) -> bool:
-        """Whether the next :meth:`add` would be retained (check before building its row)."""
-        return self._seen % self._stride == 0
+    def __post_init__(self) -> None:
+        self.steps = deque(self.steps, maxlen=self.capacity)
+
+    def needs(self, row: int, total: int) -> bool:
+        """Whether row ``row`` of ``total`` (added in order) is kept: among the first
+        :data:`FIRST_KEPT` or the last ``capacity``; :meth:`skip` the others (no row to build)."""
+        return row < FIRST_KEPT or row >= total - self.capacity
+
+    def skip(self) -> None:
+        """Count a measured step that would be dropped anyway."""
+        self._seen += 1
 
     def add(
         self,
@@ -175,20 +189,17 @@ class RunFigures:
         batch_size: Optional[float] = None,
     ) -> None:
         """Record one measured step (non-finite NaN norms count as missing, as in the logs)."""
-        keep = self.wants()
-        self._seen += 1
-        if not keep:
-            return
         norms = [None if v is None or math.isnan(v) else float(v) for v in block_norms]
         scalars = [_number(v) for v in (total_norm, zero_fraction, noise_scale, batch_size)]
-        self.steps.append(StepFigures(step, norms, *scalars))
-        if len(self.steps) >= self.capacity:
-            self.steps = self.steps[::2]
-            self._stride *= 2
+        row = StepFigures(step, norms, *scalars)
+        if self._seen < FIRST_KEPT:
+            self.first.append(row)
+        self.steps.append(row)
+        self._seen += 1
 
     @property
     def measured(self) -> int:
-        """How many measured steps were added (retained or not)."""
+        """How many measured steps were added (kept or not)."""
         return self._seen
 
     def facts_dict(self) -> dict[str, Any]:

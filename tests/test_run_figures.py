@@ -20,18 +20,22 @@ from lightning_gradwatch.run_diagnosis import clip_bounds
 from lightning_gradwatch.run_figures import ClipBound, RunFigures, Settings, Wiring
 
 
-def test_figures_stay_bounded_and_evenly_spread() -> None:
+def test_figures_keep_the_first_steps_and_a_window_of_the_last() -> None:
     figures = RunFigures(["a", "b"], capacity=8)
     for step in range(100):
         figures.add(step, [1.0, 1.0], total_norm=float(step))
-    kept = [row.step for row in figures.steps]
-    assert len(kept) < 8 and figures.measured == 100
-    assert kept == list(range(0, 100, 16))  # every 16th step, the first one included
-    # A second builder fed the same steps keeps the same ones (the report and the callback agree).
+    assert figures.measured == 100
+    assert [row.step for row in figures.first] == [0, 1, 2]
+    assert [row.step for row in figures.steps] == list(range(92, 100))
+    # The report feeds only the rows it needs and reaches the same figures.
     again = RunFigures(["a", "b"], capacity=8)
     for step in range(100):
-        again.add(step, [1.0, 1.0] if again.wants() else [])  # rows not kept need no figures
-    assert [row.step for row in again.steps] == kept
+        if again.needs(step, 100):
+            again.add(step, [1.0, 1.0], total_norm=float(step))
+        else:
+            again.skip()
+    assert again == figures
+    assert "the last 8 of 100 measured steps (92 .. 99)" in healthy_summary(figures)
 
 
 def test_nan_counts_as_missing_like_in_the_logs() -> None:

@@ -1,9 +1,8 @@
 """The report's Diagnosis section: the same rules as the callback, fed from a finished run's logs.
 
 :func:`run_figures` rebuilds :class:`~lightning_gradwatch.run_figures.RunFigures` from the logged
-``grad_norm/<block>``, ``grad_norm_total`` and ``grad_stats/zero_fraction`` keys (one
-:meth:`~lightning_gradwatch.run_figures.RunFigures.add` per measured step, in order, so the same
-steps are retained as in the callback) plus ``gradwatch_model_facts.json`` (model facts, clip
+``grad_norm/<block>``, ``grad_norm_total`` and ``grad_stats/zero_fraction`` keys (the
+same rows as the callback keeps: the first measured steps and the last ones) plus ``gradwatch_model_facts.json`` (model facts, clip
 bounds, first-step wiring). Without the facts file the rules that need model facts say less: a
 finding never claims more than its evidence.
 """
@@ -77,8 +76,8 @@ def run_figures(
     keys = (TOTAL_NORM_TAG, stats_key("zero_fraction"), NOISE_B_SIMPLE_KEY, NOISE_BATCH_KEY)
     columns = [_aligned(run.scalars.get(key), steps) for key in keys]
     for row, step in enumerate(steps.tolist()):
-        if not figures.wants():
-            figures.add(step, [])  # counted, not retained (same steps as the callback keeps)
+        if not figures.needs(row, len(steps)):
+            figures.skip()  # counted, not kept (the callback drops it too)
             continue
         figures.add(step, norms[row].tolist(), *(_value(column, row) for column in columns))
     return figures

@@ -159,7 +159,7 @@ def build_report(
         amplifying_threshold=amplifying_threshold,
         eps=eps,
         norm_type=str(run.config.get("norm_type", "as logged")),
-        # Over every measured step of the run (also with --step): findings are about the run.
+        # Over the run's measured steps (also with --step): findings are about the run.
         diagnosis=diagnose_run(
             run,
             damping_threshold=damping_threshold,
