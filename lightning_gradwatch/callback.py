@@ -20,13 +20,16 @@ from lightning_gradwatch.blocks import resolve_blocks, validate_blocks_spec
 from lightning_gradwatch.diagnosis import FirstStepReport
 from lightning_gradwatch.distributed import ReductionPlan, plan_reduction
 from lightning_gradwatch.figures import TensorBoardPictures
+from lightning_gradwatch.findings import Finding
 from lightning_gradwatch.governance import Rule, validate_rules
 from lightning_gradwatch.governance.enforcer import RuleEnforcer
 from lightning_gradwatch.keys import DEFAULT_EPS, TOTAL_NORM_KEY, total_norm_key
 from lightning_gradwatch.measurement import GradientMeasurement, MeasurementSpec, measure
+from lightning_gradwatch.noise_monitor import NoiseScaleMonitor
 from lightning_gradwatch.norms import validate_norm_type
 from lightning_gradwatch.optimizers import OptimizerSteps, check_optimizer_names, optimizer_names
 from lightning_gradwatch.probe import GradientProbe
+from lightning_gradwatch.run_diagnosis import RunDiagnosis
 from lightning_gradwatch.sinks import log_histograms, log_metrics
 from lightning_gradwatch.strategies import check_strategy, loss_scale
 from lightning_gradwatch.validation import (
@@ -63,6 +66,8 @@ class GradientFlowCallback(Callback):
       ``end_to_end_gain`` (first block's norm / last block's norm).
     * ``grad_stats/<stat>``: ``mean``, ``std``, ``min``, ``max``, ``zero_fraction``,
       ``large_fraction``, ``nonfinite_count`` over all parameter-gradient elements.
+    * ``grad_noise/b_simple``, ``grad_noise/grad_sq``, ``grad_noise/trace_sigma``: the gradient
+      noise scale and its two smoothed components (``noise_scale=True``).
 
     Args:
         blocks: ``"auto"`` (default: the longest ``ModuleList``/``Sequential`` of same-class
@@ -102,12 +107,20 @@ class GradientFlowCallback(Callback):
         alerts_path: the JSONL audit trail, a ``str`` or ``os.PathLike`` (``None``, the default:
             ``gradwatch_alerts.jsonl`` in the first logger's ``log_dir``, else in
             ``trainer.default_root_dir``).
+        noise_scale: estimate the gradient noise scale (critical batch size) on measured steps,
+            from DDP ranks' local gradients or accumulated micro-batches (default ``False``: it
+            costs one more norm pass and, under DDP, one tiny all-reduce per measured step; see
+            :mod:`lightning_gradwatch.noise_monitor`).
 
     Attributes:
         alerts: every :class:`~lightning_gradwatch.alerts.Alert` of this run (on every rank).
         halted: whether a ``halt`` rule stopped training; ``halt_reason``: why (else ``None``).
         first_step_report: parameters with ``grad is None`` / an all-zero gradient and vanishing
-            blocks at the first measured step (:class:`~lightning_gradwatch.diagnosis.FirstStepReport`).
+            blocks at the first measured step, with the findings that already apply
+            (:class:`~lightning_gradwatch.diagnosis.FirstStepReport`).
+        findings: the diagnoses over the measured steps so far
+            (:class:`~lightning_gradwatch.findings.Finding`; also in TensorBoard's TEXT tab at fit
+            end and in ``gradwatch report``).
         last: the latest :class:`~lightning_gradwatch.measurement.GradientMeasurement` (``None``
             before the first measured step).
         block_names: the watched blocks' names once fit has started.
@@ -140,6 +153,7 @@ class GradientFlowCallback(Callback):
         rules: Optional[list[Rule]] = None,
         check_every_n_steps: int = 1,
         alerts_path: Optional[Union[str, os.PathLike[str]]] = None,
+        noise_scale: bool = False,
     ) -> None:
         super().__init__()
         self.blocks = validate_blocks_spec(blocks)
@@ -177,11 +191,20 @@ class GradientFlowCallback(Callback):
         self._params: list[tuple[str, nn.Parameter]] = []
         #: Several optimizers: each step is measured over what its optimizer updates.
         self._steps: Optional[OptimizerSteps] = None
+        self._first_step_report: Optional[FirstStepReport] = None
+        self._reported: set[Optional[str]] = set()  # optimizers whose first step was reported
         self._armed_step = -1
         self._measured_step = -1
         self._warned_histograms = False
+        self._diagnosis = RunDiagnosis()
+        self.noise_scale = check_type(noise_scale, bool, "noise_scale")
+        self._noise = NoiseScaleMonitor(self.noise_scale)
 
     # -- lifecycle -------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # before the strategy registers a user's DDP hook: wrap it
+            self._noise.setup(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.require_logger and not trainer.loggers:
@@ -205,7 +228,10 @@ class GradientFlowCallback(Callback):
         ]
         self._steps = self._optimizer_steps(trainer, blocks)
         self._armed_step = self._measured_step = -1
+        self._first_step_report, self._reported = None, set()
         self._enforcer.setup(trainer, self.block_names, self._spec)
+        self._diagnosis.start(trainer, pl_module, blocks, self._spec, self.rules)
+        self._noise.start(trainer, pl_module)
         rank_zero_info(
             f"GradientFlowCallback: watching {len(blocks)} blocks "
             f"({', '.join(self.block_names)}) every {self.log_every_n_steps} optimizer steps."
@@ -240,7 +266,12 @@ class GradientFlowCallback(Callback):
     ) -> None:
         self._remove_hooks()
 
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._diagnosis.finish(trainer)  # findings to TensorBoard's TEXT tab, facts file
+
     def _remove_hooks(self) -> None:
+        self._diagnosis.remove()
+        self._noise.remove()
         if self._probe is not None:
             self._probe.remove()
             self._probe = None
@@ -261,6 +292,7 @@ class GradientFlowCallback(Callback):
             if self._steps is None
             else self._steps.may_be_due(step, self.log_every_n_steps)
         )
+        self._noise.on_batch_start(trainer, batch, measured)
         if self._probe is None or step == self._armed_step or not measured:
             return
         # First micro-batch of a measured step: start from zero and keep the probe armed until the
@@ -280,6 +312,11 @@ class GradientFlowCallback(Callback):
         if probe is not None and self._is_armed_for(step, probe, k) and step != self._measured_step:
             self._measured_step = step
             measurement = self._measure(trainer, probe, step, k)
+            measurement.metrics.update(self._noise.update(trainer, measurement, params))
+            if measurement.optimizer not in self._reported:  # each optimizer's first step
+                self._reported.add(measurement.optimizer)
+                report = self._diagnosis.first_step(measurement, params)
+                self._first_step_report = self._first_step_report or report
         if self._steps is not None:
             self._steps.stepped(k, step)
         # Rules see the pre-clip figures; they may clip, drop the gradients or stop training.
@@ -299,6 +336,7 @@ class GradientFlowCallback(Callback):
             return
         if measurement is not None:
             self.last = measurement
+            self._diagnosis.observe(trainer, measurement)
         if not trainer.is_global_zero:
             return
         if measurement is not None and probe is not None:
@@ -344,10 +382,16 @@ class GradientFlowCallback(Callback):
         return self._enforcer.halt_reason
 
     @property
+    def findings(self) -> list[Finding]:
+        """Diagnoses over the measured steps of this fit so far (the last 32 and the first 3)
+        (:mod:`lightning_gradwatch.finding_rules`); empty when nothing was found."""
+        return self._diagnosis.findings
+
+    @property
     def first_step_report(self) -> Optional[FirstStepReport]:
         """Parameters without / with an all-zero gradient and vanishing blocks at the first
         measured step."""
-        return self._enforcer.first_step_report
+        return self._first_step_report
 
     def _is_armed_for(self, step: int, probe: GradientProbe, k: int) -> bool:
         if self._steps is None:  # one optimizer: armed from the first micro-batch of the step
@@ -422,11 +466,16 @@ class GradientFlowCallback(Callback):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"measured_step": self._measured_step, "governance": self._enforcer.state_dict()}
+        return {
+            "measured_step": self._measured_step,
+            "governance": self._enforcer.state_dict(),
+            "noise_scale": self._noise.estimator.state_dict(),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._measured_step = int(state_dict.get("measured_step", -1))
         self._enforcer.load_state_dict(state_dict.get("governance", {}))
+        self._noise.estimator.load_state_dict(state_dict.get("noise_scale", {}))
 
 
 def _eager_name(name: str) -> str:

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from lightning_gradwatch._compat import foreach_norm
 from lightning_gradwatch.distributed import local_tensor
+from lightning_gradwatch.findings import Finding
 from lightning_gradwatch.norms import Category
 
 
@@ -113,12 +114,15 @@ class FirstStepReport:
         no_grad: parameters that require grad but got ``grad is None`` (not connected to the loss).
         zero_grad: parameters whose gradient is exactly zero everywhere (dead units).
         vanishing: blocks whose gain is "vanishing" (their output gradient norm is ~0).
+        findings: the diagnoses that already apply at this step
+            (:func:`lightning_gradwatch.finding_rules.diagnose` on this one step).
     """
 
     step: int = 0
     no_grad: list[str] = field(default_factory=list)
     zero_grad: list[str] = field(default_factory=list)
     vanishing: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -126,10 +130,11 @@ class FirstStepReport:
 
     def message(self) -> str:
         if self.ok:
-            return (
+            lines = [
                 f"GradientFlowCallback: step {self.step}: every trainable parameter got a non-zero "
                 "gradient and no block's gain vanishes."
-            )
+            ]
+            return "\n".join(lines + self._findings_lines())
         lines = [f"GradientFlowCallback: gradient wiring at step {self.step}:"]
         if self.no_grad:
             lines.append(
@@ -143,7 +148,12 @@ class FirstStepReport:
             )
         if self.vanishing:
             lines.append(f"  vanishing gain into block(s): {_short(self.vanishing)}")
-        return "\n".join(lines)
+        return "\n".join(lines + self._findings_lines())
+
+    def _findings_lines(self) -> list[str]:
+        if not self.findings:
+            return []
+        return [f"  Diagnosis at step {self.step}:", *(f.text("    ") for f in self.findings)]
 
 
 def first_step_report(

@@ -323,9 +323,7 @@ class TensorBoardPictures:
         """Record one measured step; log the heatmap when it is due."""
         if not self._writers or self.figure_every_n_steps is None or self._history is None:
             return
-        # A step may measure some blocks only (several optimizers): the others are missing there.
-        measured = dict(zip(measurement.block_names, measurement.block_norms))
-        self._history.append(measurement.step, [measured.get(name) for name in self._names])
+        self._history.append(measurement.step, measurement.norms_of(self._names))
         self._measured += 1
         if self._measured % self.figure_every_n_steps:
             return

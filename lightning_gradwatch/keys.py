@@ -27,6 +27,12 @@ __all__ = [
     "LOG_GAIN_PREFIX",
     "LOSS",
     "LOSS_KEY",
+    "NOISE_BATCH_KEY",
+    "NOISE_B_SIMPLE_KEY",
+    "NOISE_GRAD_SQ_KEY",
+    "NOISE_KEYS",
+    "NOISE_PREFIX",
+    "NOISE_TRACE_KEY",
     "NONFINITE",
     "NORM_PREFIX",
     "PARAM_NORM_PREFIX",
@@ -58,6 +64,8 @@ PARAM_NORM_PREFIX = "grad_param_norm/"
 FLOW_PREFIX = "grad_flow/"
 STATS_PREFIX = "grad_stats/"
 ALERTS_PREFIX = "grad_alerts/"
+#: Gradient noise scale (``noise_scale=True``): EMA-smoothed estimates, see ``noise_scale.py``.
+NOISE_PREFIX = "grad_noise/"
 #: TensorBoard histogram tags: block-output gradients and parameter gradients.
 HIST_BLOCK_PREFIX = "grad_hist_block/"
 HIST_PARAM_PREFIX = "grad_hist_param/"
@@ -109,9 +117,24 @@ GRAD_STAT_KEYS: tuple[str, ...] = (
     "nonfinite_count",
 )
 
+#: The simple noise scale tr(Sigma) / |G|^2: the critical batch size estimate, in samples.
+NOISE_B_SIMPLE_KEY = NOISE_PREFIX + "b_simple"
+#: The unbiased estimate of |G|^2, the squared norm of the true (full-data) gradient.
+NOISE_GRAD_SQ_KEY = NOISE_PREFIX + "grad_sq"
+#: The unbiased estimate of tr(Sigma), the per-sample gradient covariance's trace.
+NOISE_TRACE_KEY = NOISE_PREFIX + "trace_sigma"
+#: The global batch of the step the estimate was made at (``B_big``, in samples).
+NOISE_BATCH_KEY = NOISE_PREFIX + "batch_size"
+NOISE_KEYS: tuple[str, ...] = (
+    NOISE_B_SIMPLE_KEY,
+    NOISE_GRAD_SQ_KEY,
+    NOISE_TRACE_KEY,
+    NOISE_BATCH_KEY,
+)
+
 #: Every logged key a rule may name exactly.
 KNOWN_KEYS: frozenset[str] = frozenset(
-    [TOTAL_NORM_KEY, CLIPPED_KEY]
+    [TOTAL_NORM_KEY, CLIPPED_KEY, *NOISE_KEYS]
     + [FLOW_PREFIX + key for key in (*SUMMARY_KEYS, END_TO_END_KEY)]
     + [STATS_PREFIX + key for key in GRAD_STAT_KEYS]
 )

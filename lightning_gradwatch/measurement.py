@@ -95,6 +95,12 @@ class GradientMeasurement:
     optimizer: Optional[str] = None
     loss: Optional[float] = None
 
+    def norms_of(self, names: Sequence[str]) -> list[Optional[float]]:
+        """The block norms in the order of ``names`` (``None`` for a block this step did not
+        measure: with several optimizers a step measures its optimizer's blocks only)."""
+        measured = dict(zip(self.block_names, self.block_norms))
+        return [measured.get(name) for name in names]
+
     @property
     def nonfinite_blocks(self) -> list[str]:
         """Blocks whose output gradient had a NaN or Inf, in forward order."""

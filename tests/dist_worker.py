@@ -15,8 +15,10 @@ the parent process compares against its own single-process reference:
 * ``collectives[step]``: Python-level collectives issued between batch start and batch end;
 * ``logged``: every ``log_metrics`` call this rank's recording logger received.
 
-Scenarios: ``ddp`` (``strategy="ddp"``, 2 CPU processes, ``accumulate_grad_batches=2``) and
-``fsdp2`` (``ModelParallelStrategy`` with ``fully_shard`` in ``configure_model``).
+Scenarios: ``ddp`` (``strategy="ddp"``, 2 CPU processes, ``accumulate_grad_batches=2``),
+``fsdp2`` (``ModelParallelStrategy`` with ``fully_shard`` in ``configure_model``) and ``gns`` (like
+``ddp``, one L2 callback with ``noise_scale=True``, and a user's ``ddp_comm_hook`` that counts its
+calls, registered on CPU as Lightning does on CUDA; ``user_hook_calls`` is saved too).
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.overrides.distributed import _register_ddp_comm_hook
+from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,6 +52,26 @@ ACCUMULATE = 2
 DEPTH, WIDTH = 4, 8
 COUNTED = ("all_gather", "all_reduce", "all_gather_into_tensor", "broadcast", "reduce_scatter")
 _collectives: dict[str, Any] = {"window": None, "counts": defaultdict(int)}
+_user_hook_calls = [0]
+
+
+def user_hook(state, bucket):  # type: ignore[no-untyped-def]
+    """A user's DDP communication hook: plain averaging, counting its calls (no annotations: DDP
+    rejects string ones)."""
+    _user_hook_calls[0] += 1
+    return allreduce_hook(state, bucket)
+
+
+class CpuHookDDP(DDPStrategy):
+    """Registers ``ddp_comm_hook`` on CPU too (Lightning does it on CUDA only), at the same point."""
+
+    def _register_ddp_hooks(self) -> None:
+        _register_ddp_comm_hook(
+            model=self.model,  # type: ignore[arg-type]
+            ddp_comm_state=self._ddp_comm_state,
+            ddp_comm_hook=self._ddp_comm_hook,
+            ddp_comm_wrapper=self._ddp_comm_wrapper,
+        )
 
 
 def _count(name: str) -> None:
@@ -167,7 +192,8 @@ def main(scenario: str, out_dir: str) -> None:
 
         strategy: Any = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     else:
-        strategy = "ddp"
+        strategy = CpuHookDDP(ddp_comm_hook=user_hook) if scenario == "gns" else "ddp"
+    norm_types = ("l2",) if scenario == "gns" else NORM_TYPES
     model = Recorder(fsdp=fsdp)
     recording = RecordingLogger()
     trainer = pl.Trainer(
@@ -182,8 +208,9 @@ def main(scenario: str, out_dir: str) -> None:
                 norm_type=norm_type,
                 log_param_norms=True,
                 rules=[],
+                noise_scale=scenario == "gns",
             )
-            for norm_type in NORM_TYPES
+            for norm_type in norm_types
         ],
         logger=[CSVLogger(out_dir, name="csv", version=0), recording],
         enable_progress_bar=False,
@@ -196,6 +223,7 @@ def main(scenario: str, out_dir: str) -> None:
     record["collectives"] = dict(_collectives["counts"])
     record["logged"] = recording.calls
     record["world_size"] = trainer.world_size
+    record["user_hook_calls"] = _user_hook_calls[0]
     torch.save(record, Path(out_dir) / f"rank{trainer.global_rank}.pt")
 
 

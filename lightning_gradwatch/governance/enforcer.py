@@ -16,7 +16,6 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_gradwatch.alerts import ALERTS_FILENAME, Alert, JsonlAlertSink, build_alert
-from lightning_gradwatch.diagnosis import FirstStepReport
 from lightning_gradwatch.governance.actions import (
     GradientActions,
     NamedParams,
@@ -28,7 +27,6 @@ from lightning_gradwatch.governance.engine import Check, Decision, RuleEngine, s
 from lightning_gradwatch.governance.intervals import IntervalAggregates
 from lightning_gradwatch.governance.notices import (
     StaleGradientWatch,
-    report_first_step,
     stale_gradients_warning,
     warn_unmatched,
 )
@@ -62,7 +60,6 @@ class RuleEnforcer:
         self.alerts: list[Alert] = []
         self.halted = False
         self.halt_reason: Optional[str] = None
-        self.first_step_report: Optional[FirstStepReport] = None
         self.block_names: list[str] = []
         self._sink: Optional[JsonlAlertSink] = None
         self._actions = GradientActions()
@@ -72,11 +69,9 @@ class RuleEnforcer:
         self._checked_step = -1
         self._new_step = False
         self._warned_zero_grad = False
-        #: Several optimizers: the stepping one's name (its keys), the zero_grad watch, and the
-        #: optimizers whose first measured step was reported.
+        #: Several optimizers: the stepping one's name (its keys) and the zero_grad watch.
         self._optimizer: Optional[str] = None
         self._stale = StaleGradientWatch()
-        self._reported: set[Optional[str]] = set()
         self._matches_checked = False
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -94,7 +89,7 @@ class RuleEnforcer:
         self._checked_step = -1
         self._new_step = False
         self._matches_checked = False
-        self._stale, self._reported = StaleGradientWatch(), set()
+        self._stale = StaleGradientWatch()
         if trainer.is_global_zero:
             self._sink = JsonlAlertSink(self.alerts_path or default_alerts_path(trainer))
 
@@ -161,10 +156,6 @@ class RuleEnforcer:
             warning = self._stale.at_step(optimizer_index, optimizer_name or "", step)
             if warning is not None:
                 rank_zero_warn(warning)
-        if measurement is not None and measurement.optimizer not in self._reported:
-            self._reported.add(measurement.optimizer)
-            report = report_first_step(measurement, params)
-            self.first_step_report = self.first_step_report or report
         if self._stopping:
             self._actions.skip(trainer, optimizer, params)
             return {}

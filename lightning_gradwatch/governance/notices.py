@@ -6,22 +6,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Optional
 
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_gradwatch.diagnosis import (
     MANUAL_ZERO_GRAD_WARNING,
-    FirstStepReport,
-    first_step_report,
     holds_stale_gradients,
 )
 from lightning_gradwatch.governance.actions import NamedParams
 from lightning_gradwatch.governance.engine import Check, RuleEngine
 from lightning_gradwatch.keys import LOSS, PARAM_NORM_PREFIX
-from lightning_gradwatch.measurement import GradientMeasurement
 
 __all__ = [
     "ZERO_GRAD_CHECK_STEPS",
-    "report_first_step",
     "StaleGradientWatch",
     "stale_gradients_warning",
     "warn_unmatched",
@@ -54,19 +50,6 @@ def warn_unmatched(
             f"GradientFlowCallback: rule {engine.labels[index]!r} (metric {rule.metric!r}) "
             f"matches none of the keys logged at step {step}, so it cannot trip. {hint}"
         )
-
-
-def report_first_step(measurement: GradientMeasurement, params: NamedParams) -> FirstStepReport:
-    """The first measured step's wiring report, logged as info (all well) or a warning."""
-    report = first_step_report(
-        measurement.step,
-        [name for name, p in params if p.grad is None],
-        measurement.param_norms,
-        measurement.block_names,
-        measurement.categories,
-    )
-    (rank_zero_info if report.ok else rank_zero_warn)(report.message())
-    return report
 
 
 def stale_gradients_warning(step: int, params: NamedParams) -> Optional[str]:

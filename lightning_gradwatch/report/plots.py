@@ -66,9 +66,15 @@ def write_html(
             f"{html.escape(p.name)}</figcaption></figure>"
             for p in pictures
         )
+        diagnosis = (
+            f'<section class="diagnosis"><h3>Diagnosis</h3>'
+            f"<pre>{html.escape(report.diagnosis.text())}</pre></section>\n"
+            if report.diagnosis is not None
+            else ""
+        )
         columns.append(
-            f'<section class="run"><h2>{html.escape(report.name)}</h2>\n{images}\n'
-            f"<pre>{html.escape(format_text(report))}</pre></section>"
+            f'<section class="run"><h2>{html.escape(report.name)}</h2>\n{diagnosis}{images}\n'
+            f"<pre>{html.escape(format_text(report, diagnosis=False))}</pre></section>"
         )
     compare = f"<pre>{html.escape(comparison)}</pre>" if comparison else ""
     page = f"""<!DOCTYPE html>
@@ -79,6 +85,7 @@ body {{ font-family: sans-serif; margin: 1em; }}
 .run {{ flex: 1 1 0; min-width: 32em; }}
 img {{ max-width: 100%; }}
 pre {{ font-size: 11px; background: #f6f6f6; padding: 0.5em; overflow-x: auto; }}
+.diagnosis pre {{ background: #fff6e0; white-space: pre-wrap; }}
 </style></head>
 <body><h1>gradwatch report</h1>
 {compare}

@@ -28,11 +28,13 @@ from lightning_gradwatch.keys import (
     FLOW_PREFIX,
     GAIN_PREFIX,
     LOG_GAIN_PREFIX,
+    NOISE_PREFIX,
     NORM_PREFIX,
     PARAM_NORM_PREFIX,
     STATS_PREFIX,
 )
 from lightning_gradwatch.keys import TOTAL_NORM_KEY as TOTAL_NORM_TAG
+from lightning_gradwatch.run_figures import FACTS_FILENAME, FACTS_FORMAT
 
 EVENT_FILE_PATTERN = "events.out.tfevents.*"
 CSV_FILE = "metrics.csv"
@@ -44,6 +46,7 @@ GRADWATCH_PREFIXES = (
     FLOW_PREFIX,
     STATS_PREFIX,
     PARAM_NORM_PREFIX,
+    NOISE_PREFIX,
 )
 #: The tag under which TensorBoard stores a custom-scalars layout.
 LAYOUT_TAG = "custom_scalars__config__"
@@ -76,7 +79,9 @@ class RunLog:
         block_order: block names in forward order when the logs say so (custom-scalars layout or
             order of first appearance in the event file), else ``None``.
         config: the callback's settings (``norm_type``, ``eps``, thresholds) when the logs hold them
-            (TensorBoard runs), else empty.
+            (TensorBoard runs, or ``gradwatch_model_facts.json``), else empty.
+        facts: the content of ``gradwatch_model_facts.json`` beside the logs (model facts, settings,
+            first-step wiring; see :mod:`lightning_gradwatch.run_figures`), else ``None``.
     """
 
     path: Path
@@ -86,6 +91,7 @@ class RunLog:
     alerts: list[dict[str, Any]] = field(default_factory=list)
     block_order: Optional[list[str]] = None
     config: dict[str, Any] = field(default_factory=dict)
+    facts: Optional[dict[str, Any]] = None
 
     @property
     def block_names(self) -> list[str]:
@@ -158,7 +164,25 @@ def read_run(path: Path, name: Optional[str] = None) -> Optional[RunLog]:
     if run is None:
         return None
     run.alerts = read_alerts(path)
+    _attach_facts(run, path / FACTS_FILENAME)
     return run
+
+
+def _attach_facts(run: RunLog, file: Path) -> None:
+    """Read the facts file if there is one; its settings and block order fill what the event
+    files did not say (CSV runs)."""
+    if not file.is_file():
+        return
+    facts = _json_object(file.read_bytes())
+    if facts.get("format") != FACTS_FORMAT:
+        return
+    run.facts = facts
+    settings = facts.get("settings")
+    if isinstance(settings, dict):
+        run.config = {**{k: v for k, v in settings.items() if k != "clip_bounds"}, **run.config}
+    blocks = facts.get("blocks")
+    if run.block_order is None and isinstance(blocks, list):
+        run.block_order = [str(name) for name in blocks]
 
 
 def read_alerts(path: Path) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ from lightning_gradwatch.norms import (
     end_to_end_gain,
     summarize_gains,
 )
+from lightning_gradwatch.report.diagnosis import RunDiagnosisReport, diagnose_run
 from lightning_gradwatch.report.reader import NORM_PREFIX, TOTAL_NORM_TAG, ReportError, RunLog
 
 #: Alerts listed in the text timeline (JSON lists all of them).
@@ -79,6 +80,7 @@ class RunReport:
     amplifying_threshold: float = 2.0
     eps: float = DEFAULT_EPS
     norm_type: str = "as logged"
+    diagnosis: Optional[RunDiagnosisReport] = None
 
 
 def build_report(
@@ -158,6 +160,13 @@ def build_report(
         amplifying_threshold=amplifying_threshold,
         eps=eps,
         norm_type=str(run.config.get("norm_type", "as logged")),
+        # Over the run's measured steps (also with --step): findings are about the run.
+        diagnosis=diagnose_run(
+            run,
+            damping_threshold=damping_threshold,
+            amplifying_threshold=amplifying_threshold,
+            eps=eps,
+        ),
     )
 
 
@@ -168,9 +177,10 @@ def _setting(value: Optional[float], run: RunLog, key: str, default: float) -> f
     return float(logged) if isinstance(logged, (int, float)) else default
 
 
-def format_text(report: RunReport) -> str:
-    """The text report: header, the GradientGainMonitor report of the reported step (each line
-    annotated with the figures over the run), the run summary and the alert timeline."""
+def format_text(report: RunReport, diagnosis: bool = True) -> str:
+    """The text report: header, the Diagnosis (first, unless ``diagnosis=False``), the GradientGainMonitor
+    report of the reported step (each line annotated with the figures over the run), the run
+    summary and the alert timeline."""
     steps = report.steps
     span = f"{len(steps)} measured step{'s' if len(steps) != 1 else ''} ({steps[0]} .. {steps[-1]})"
     header = [
@@ -178,6 +188,8 @@ def format_text(report: RunReport) -> str:
         f"{span}; {len(report.block_names)} blocks; reported step: {report.step}",
         "",
     ]
+    if diagnosis and report.diagnosis is not None:
+        header += [report.diagnosis.text(), ""]
     body = format_report(
         report.step_norms,
         report.step_gains,
@@ -290,6 +302,7 @@ def to_dict(report: RunReport) -> dict[str, Any]:
         for t in report.transitions
     ]
     data = {
+        "diagnosis": report.diagnosis.to_dict() if report.diagnosis is not None else None,
         "name": report.name,
         "path": report.path,
         "source": report.source,

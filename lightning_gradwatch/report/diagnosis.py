@@ -1,0 +1,113 @@
+"""The report's Diagnosis section: the same rules as the callback, fed from a finished run's logs.
+
+:func:`run_figures` rebuilds :class:`~lightning_gradwatch.run_figures.RunFigures` from the logged
+``grad_norm/<block>``, ``grad_norm_total`` and ``grad_stats/zero_fraction`` keys (the
+same rows as the callback keeps: the first measured steps and the last ones) plus ``gradwatch_model_facts.json`` (model facts, clip
+bounds, first-step wiring). Without the facts file the rules that need model facts say less: a
+finding never claims more than its evidence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import numpy as np
+
+from lightning_gradwatch.finding_rules import diagnose
+from lightning_gradwatch.findings import Finding, diagnosis_dict, format_findings
+from lightning_gradwatch.keys import NOISE_B_SIMPLE_KEY, NOISE_BATCH_KEY, stats_key
+from lightning_gradwatch.report.reader import NORM_PREFIX, TOTAL_NORM_TAG, RunLog, Series
+from lightning_gradwatch.run_figures import FACTS_FILENAME, ClipBound, RunFigures, Settings
+
+__all__ = ["RunDiagnosisReport", "diagnose_run", "run_figures"]
+
+
+class RunDiagnosisReport:
+    """The findings of one run with the figures they came from.
+
+    Example::
+
+        diagnosis = diagnose_run(run, damping_threshold=0.5, amplifying_threshold=2.0, eps=1e-30)
+        print(diagnosis.text())
+    """
+
+    def __init__(self, findings: list[Finding], figures: RunFigures) -> None:
+        self.findings = findings
+        self.figures = figures
+
+    def text(self) -> str:
+        """The ``Diagnosis`` section of the text report."""
+        steps = self.figures.measured
+        head = f"Diagnosis (over {steps} measured step{'s' if steps != 1 else ''}):"
+        if self.figures.facts is None:
+            head += f"  [no {FACTS_FILENAME} beside the logs: model facts unknown]"
+        body = format_findings(self.findings, self.figures)
+        return head + "\n" + (body if self.findings else "  " + body)
+
+    def to_dict(self) -> dict[str, Any]:
+        return diagnosis_dict(self.findings, self.figures) | {
+            "model_facts": self.figures.facts is not None
+        }
+
+
+def diagnose_run(
+    run: RunLog, *, damping_threshold: float, amplifying_threshold: float, eps: float
+) -> RunDiagnosisReport:
+    """Diagnose ``run`` over all its measured steps with the report's thresholds."""
+    figures = run_figures(run, damping_threshold, amplifying_threshold, eps)
+    return RunDiagnosisReport(diagnose(figures), figures)
+
+
+def run_figures(
+    run: RunLog, damping_threshold: float, amplifying_threshold: float, eps: float
+) -> RunFigures:
+    """The :class:`RunFigures` of ``run`` (facts from the facts file when there is one)."""
+    names = run.block_names
+    figures = RunFigures.from_facts_dict(run.facts or {}, names)
+    figures.settings = Settings(
+        norm_type=str(run.config.get("norm_type", figures.settings.norm_type)),
+        eps=eps,
+        damping_threshold=damping_threshold,
+        amplifying_threshold=amplifying_threshold,
+        clip_bounds=figures.settings.clip_bounds if run.facts else _alert_bounds(run.alerts),
+    )
+    steps, norms = run.matrix(NORM_PREFIX, names)
+    keys = (TOTAL_NORM_TAG, stats_key("zero_fraction"), NOISE_B_SIMPLE_KEY, NOISE_BATCH_KEY)
+    columns = [_aligned(run.scalars.get(key), steps) for key in keys]
+    for row, step in enumerate(steps.tolist()):
+        if not figures.needs(row, len(steps)):
+            figures.skip()  # counted, not kept (the callback drops it too)
+            continue
+        figures.add(step, norms[row].tolist(), *(_value(column, row) for column in columns))
+    return figures
+
+
+def _aligned(series: Optional[Series], steps: np.ndarray) -> Optional[np.ndarray]:
+    """``series`` values at ``steps`` (NaN where it has none), or ``None`` without a series."""
+    if series is None:
+        return None
+    values = np.full(len(steps), np.nan)
+    found = np.isin(steps, series.steps)
+    values[found] = series.values[np.isin(series.steps, steps)]
+    return values
+
+
+def _value(values: Optional[np.ndarray], row: int) -> Optional[float]:
+    return None if values is None else float(values[row])
+
+
+def _alert_bounds(alerts: Sequence[dict[str, Any]]) -> list[ClipBound]:
+    """Without a facts file: the norm-clip bounds that alerts on ``grad_norm_total`` show."""
+    bounds: dict[str, ClipBound] = {}
+    for alert in alerts:
+        threshold = alert.get("threshold")
+        if (
+            alert.get("action") == "clip"
+            and alert.get("metric") == TOTAL_NORM_TAG
+            and alert.get("condition", "max") == "max"
+            and isinstance(threshold, (int, float))
+        ):
+            label = f"rule {alert.get('rule', '?')!r}"
+            bounds[label] = ClipBound(label, float(threshold))  # the alert does not say clip_to
+    return list(bounds.values())

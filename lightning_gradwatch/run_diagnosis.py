@@ -1,0 +1,189 @@
+"""The diagnosis inside a Lightning run: model facts at fit start, one row of figures per logged
+measured step, the first-step report with the findings that already apply, the facts file beside the
+logs, and the findings in TensorBoard's TEXT tab at fit end.
+
+The rules themselves are pure (:mod:`lightning_gradwatch.finding_rules`); this module only feeds them
+and writes what they say. Per measured step it costs one :meth:`RunFigures.add` (a few Python floats;
+a fixed number of rows is kept); no tensor work after fit start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Optional
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from lightning_gradwatch.diagnosis import FirstStepReport, first_step_report
+from lightning_gradwatch.finding_rules import diagnose
+from lightning_gradwatch.findings import Finding, format_findings
+from lightning_gradwatch.governance import Rule, rule_labels
+from lightning_gradwatch.keys import NOISE_B_SIMPLE_KEY, NOISE_BATCH_KEY, TOTAL_NORM_KEY
+from lightning_gradwatch.measurement import GradientMeasurement, MeasurementSpec
+from lightning_gradwatch.model_facts import StructureCapture, collect_model_facts
+from lightning_gradwatch.run_figures import (
+    FACTS_FILENAME,
+    ClipBound,
+    RunFigures,
+    Settings,
+    Wiring,
+)
+from lightning_gradwatch.sinks import tensorboard_writers
+
+__all__ = ["DIAGNOSIS_TAG", "RunDiagnosis", "clip_bounds", "facts_paths"]
+
+#: TensorBoard text tag of the findings written at fit end.
+DIAGNOSIS_TAG = "gradwatch/diagnosis"
+
+NamedParams = Sequence[tuple[str, nn.Parameter]]
+
+
+class RunDiagnosis:
+    """Feeds the diagnosis rules during a fit (every rank; files and TensorBoard on rank 0).
+
+    Example::
+
+        diagnosis = RunDiagnosis()
+        diagnosis.start(trainer, pl_module, blocks, spec, rules)   # on_fit_start
+        report = diagnosis.first_step(measurement, params)         # first measured step
+        diagnosis.observe(trainer, measurement)                    # each logged measured step
+        diagnosis.finish(trainer)                                  # on_fit_end
+    """
+
+    def __init__(self) -> None:
+        self.figures = RunFigures([])
+        self._capture: Optional[StructureCapture] = None
+        self._written = False
+
+    def start(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        blocks: Sequence[tuple[str, nn.Module]],
+        spec: MeasurementSpec,
+        rules: Sequence[Rule],
+    ) -> None:
+        """Collect the model facts (one walk and one batched std) and arm the Post-LN capture."""
+        self.remove()
+        facts = collect_model_facts(pl_module, blocks)
+        settings = Settings(
+            norm_type=spec.norm_type,
+            eps=spec.eps,
+            damping_threshold=spec.damping_threshold,
+            amplifying_threshold=spec.amplifying_threshold,
+            clip_bounds=clip_bounds(trainer, rules, spec.norm_type),
+        )
+        self.figures = RunFigures([name for name, _ in blocks], settings=settings, facts=facts)
+        self._capture = StructureCapture(blocks, facts)
+        self._written = False
+
+    def first_step(self, measurement: GradientMeasurement, params: NamedParams) -> FirstStepReport:
+        """The first measured step's wiring report, with the findings of that step alone; says it
+        (a warning when something is wrong, else an info line)."""
+        report = first_step_report(
+            measurement.step,
+            [name for name, p in params if p.grad is None],
+            measurement.param_norms,
+            measurement.block_names,
+            measurement.categories,
+        )
+        self.figures.wiring = Wiring(measurement.step, list(report.no_grad), list(report.zero_grad))
+        alone = RunFigures(
+            self.figures.block_names,
+            settings=self.figures.settings,
+            facts=self.figures.facts,
+            wiring=self.figures.wiring,
+        )
+        _add(alone, measurement)
+        report.findings = diagnose(alone)
+        (rank_zero_info if report.ok and not report.findings else rank_zero_warn)(report.message())
+        return report
+
+    def observe(self, trainer: pl.Trainer, measurement: GradientMeasurement) -> None:
+        """Add one logged measured step; the first one also writes the facts file (rank 0)."""
+        _add(self.figures, measurement)
+        if not self._written:
+            self._written = True
+            self._write(trainer)
+
+    @property
+    def findings(self) -> list[Finding]:
+        """The findings over the measured steps so far (the window the rules read)."""
+        return diagnose(self.figures)
+
+    def finish(self, trainer: pl.Trainer) -> list[Finding]:
+        """At fit end: the findings; on rank 0 the facts file again (complete) and the findings as
+        text in each TensorBoard logger."""
+        self.remove()
+        findings = self.findings
+        if self.figures.measured == 0:
+            return findings
+        self._write(trainer)
+        if trainer.is_global_zero:
+            text = format_findings(findings, self.figures, markdown=True)
+            for writer in tensorboard_writers(trainer.loggers):
+                writer.add_text(DIAGNOSIS_TAG, text, trainer.global_step)
+                writer.flush()
+        return findings
+
+    def remove(self) -> None:
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
+
+    def _write(self, trainer: pl.Trainer) -> None:
+        if not trainer.is_global_zero:
+            return
+        # Every float in it is finite (validated settings, finite init ratios): plain JSON.
+        content = json.dumps(self.figures.facts_dict(), indent=1)
+        for path in facts_paths(trainer):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(content)
+
+
+def clip_bounds(trainer: pl.Trainer, rules: Sequence[Rule], norm_type: str) -> list[ClipBound]:
+    """The norm-clipping bounds of this run: Lightning's ``gradient_clip_val`` (L2 norm clipping:
+    counted only when the callback's ``norm_type`` is ``"l2"``) and ``clip`` rules with a ``max`` on
+    ``grad_norm_total`` (value clipping and z-score rules have no fixed norm bound)."""
+    bounds = []
+    value = trainer.gradient_clip_val
+    algorithm = str(trainer.gradient_clip_algorithm or "norm")
+    if value and norm_type == "l2" and algorithm == "norm":
+        bounds.append(ClipBound("gradient_clip_val", float(value), float(value)))
+    for rule, label in zip(rules, rule_labels(rules)):
+        if (
+            rule.action == "clip"
+            and rule.clip_mode == "norm"
+            and rule.metric == TOTAL_NORM_KEY
+            and rule.max is not None
+            and rule.clip_to is not None
+        ):
+            bounds.append(ClipBound(f"rule {label!r}", float(rule.max), float(rule.clip_to)))
+    return bounds
+
+
+def facts_paths(trainer: pl.Trainer) -> list[str]:
+    """``gradwatch_model_facts.json`` in each logger's ``log_dir`` (none without a logger: a
+    report reads logs, so there is nothing to put it beside)."""
+    directories = []
+    for logger in trainer.loggers:
+        directory = getattr(logger, "log_dir", None)
+        if directory and directory not in directories:
+            directories.append(directory)
+    return [os.path.join(directory, FACTS_FILENAME) for directory in directories]
+
+
+def _add(figures: RunFigures, measurement: GradientMeasurement) -> None:
+    figures.add(
+        measurement.step,
+        measurement.norms_of(figures.block_names),  # several optimizers: a step's blocks only
+        measurement.total_norm if measurement.param_norms else None,
+        measurement.grad_stats.get("zero_fraction"),
+        measurement.metrics.get(NOISE_B_SIMPLE_KEY),
+        measurement.metrics.get(NOISE_BATCH_KEY),
+    )

@@ -1,0 +1,238 @@
+"""The input of the diagnosis rules: a run's figures and the model facts, as plain data.
+
+Both sides build the same :class:`RunFigures`: the callback from its in-memory measurements (one
+:meth:`RunFigures.add` per logged measured step) and ``gradwatch report`` from the logged keys plus
+``gradwatch_model_facts.json`` (one :meth:`RunFigures.add` per logged row, in step order). Memory is
+bounded and flat: the rules read the last ``capacity`` measured steps (a window that follows the run:
+findings are about its recent state) plus the first :data:`FIRST_KEPT` (to tell how the total norm
+grew); older rows are dropped as new ones come, so both sides keep exactly the same rows.
+
+No tensors, no Lightning: floats, names and a JSON-ready dict (:meth:`RunFigures.facts_dict`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from lightning_gradwatch.keys import DEFAULT_EPS
+
+__all__ = [
+    "FACTS_FILENAME",
+    "FACTS_FORMAT",
+    "FIRST_KEPT",
+    "WINDOW",
+    "BlockFacts",
+    "ClipBound",
+    "ModelFacts",
+    "RunFigures",
+    "Settings",
+    "StepFigures",
+    "Wiring",
+]
+
+#: File name of the facts beside the logs (in each logger's ``log_dir``).
+FACTS_FILENAME = "gradwatch_model_facts.json"
+#: ``"format"`` field of that file, with ``"version"``.
+FACTS_FORMAT = "gradwatch-model-facts"
+_VERSION = 1
+#: Measured steps the rules read: the last ``WINDOW`` ones, plus the first ``FIRST_KEPT``.
+WINDOW = 32
+FIRST_KEPT = 3
+
+
+@dataclass
+class BlockFacts:
+    """What the module tree says about one block (collected once, at fit start).
+
+    Attributes:
+        name: the block's qualified name.
+        activations: activation classes inside it (torch names, e.g. ``"Sigmoid"``), sorted.
+        norms: normalisation classes inside it (``"LayerNorm"``, ``"BatchNorm1d"``, ...), sorted.
+        params: number of parameter elements in it; ``trainable``: those requiring grad.
+        init_ratio: the largest ``weight.std() * sqrt(fan_in)`` over its weight matrices (PyTorch's
+            default init gives about 0.58, He/Kaiming 1.41, Xavier about 1); ``None`` if none.
+        init_layer: the parameter holding that largest ratio.
+        post_norm: the block's last executed submodule is a normalisation layer applied to the
+            result of an addition (the Post-LN shape ``norm(x + f(x))``), seen in the first
+            training forward; ``None``: not seen (no forward yet, torch.compile).
+    """
+
+    name: str
+    activations: list[str] = field(default_factory=list)
+    norms: list[str] = field(default_factory=list)
+    params: int = 0
+    trainable: int = 0
+    init_ratio: Optional[float] = None
+    init_layer: Optional[str] = None
+    post_norm: Optional[bool] = None
+
+
+@dataclass
+class ModelFacts:
+    """The module tree's facts: per block, plus parameter counts over the whole model.
+
+    Attributes:
+        blocks: per watched block, in forward order.
+        trainable: parameter elements requiring grad in the whole model.
+        embedding_params: of those, elements in ``nn.Embedding`` / ``nn.EmbeddingBag`` weights (rows
+            a batch does not touch get exactly zero gradients).
+    """
+
+    blocks: list[BlockFacts] = field(default_factory=list)
+    trainable: int = 0
+    embedding_params: int = 0
+
+    def blocks_with(
+        self, names: Sequence[str], attribute: str = "activations"
+    ) -> dict[str, list[str]]:
+        """``{class name: [blocks]}`` for the classes of ``names`` found in ``attribute``."""
+        found: dict[str, list[str]] = {}
+        for block in self.blocks:
+            for name in getattr(block, attribute):
+                if name in names:
+                    found.setdefault(name, []).append(block.name)
+        return found
+
+
+@dataclass
+class ClipBound:
+    """A norm-clipping bound: clipping acts at a step when the total norm exceeds ``threshold``.
+
+    Attributes:
+        source: ``"gradient_clip_val"`` (Lightning's norm clipping) or ``"rule <label>"``.
+        threshold: the total norm above which it clips.
+        target: the norm it clips to (``None``: unknown).
+    """
+
+    source: str
+    threshold: float
+    target: Optional[float] = None
+
+
+@dataclass
+class Settings:
+    """The callback's settings that decide categories and clipping."""
+
+    norm_type: str = "l2"
+    eps: float = DEFAULT_EPS
+    damping_threshold: float = 0.5
+    amplifying_threshold: float = 2.0
+    clip_bounds: list[ClipBound] = field(default_factory=list)
+
+
+@dataclass
+class Wiring:
+    """The first measured step's gradient wiring (see ``diagnosis.FirstStepReport``)."""
+
+    step: int = 0
+    no_grad: list[str] = field(default_factory=list)
+    zero_grad: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StepFigures:
+    """One measured step: block-output norms (``None``: no gradient, or non-finite as logged as
+    NaN), the total parameter-gradient norm, ``grad_stats/zero_fraction``, the gradient noise
+    scale ``grad_noise/b_simple`` and the batch it was measured at (``None``: not measured)."""
+
+    step: int
+    block_norms: list[Optional[float]]
+    total_norm: Optional[float] = None
+    zero_fraction: Optional[float] = None
+    noise_scale: Optional[float] = None
+    batch_size: Optional[float] = None
+
+
+@dataclass
+class RunFigures:
+    """Everything the diagnosis rules read.
+
+    Example::
+
+        figures = RunFigures(["blocks.0", "blocks.1"])
+        figures.add(0, [0.01, 1.0], total_norm=2.0, zero_fraction=0.0)
+        findings = diagnose(figures)  # lightning_gradwatch.findings
+    """
+
+    block_names: list[str]
+    settings: Settings = field(default_factory=Settings)
+    facts: Optional[ModelFacts] = None
+    wiring: Optional[Wiring] = None
+    capacity: int = WINDOW
+    steps: deque[StepFigures] = field(default_factory=deque)
+    first: list[StepFigures] = field(default_factory=list)
+    _seen: int = 0
+
+    def __post_init__(self) -> None:
+        self.steps = deque(self.steps, maxlen=self.capacity)
+
+    def needs(self, row: int, total: int) -> bool:
+        """Whether row ``row`` of ``total`` (added in order) is kept: among the first
+        :data:`FIRST_KEPT` or the last ``capacity``; :meth:`skip` the others (no row to build)."""
+        return row < FIRST_KEPT or row >= total - self.capacity
+
+    def skip(self) -> None:
+        """Count a measured step that would be dropped anyway."""
+        self._seen += 1
+
+    def add(
+        self,
+        step: int,
+        block_norms: Sequence[Optional[float]],
+        total_norm: Optional[float] = None,
+        zero_fraction: Optional[float] = None,
+        noise_scale: Optional[float] = None,
+        batch_size: Optional[float] = None,
+    ) -> None:
+        """Record one measured step (non-finite NaN norms count as missing, as in the logs)."""
+        norms = [None if v is None or math.isnan(v) else float(v) for v in block_norms]
+        scalars = [_number(v) for v in (total_norm, zero_fraction, noise_scale, batch_size)]
+        row = StepFigures(step, norms, *scalars)
+        if self._seen < FIRST_KEPT:
+            self.first.append(row)
+        self.steps.append(row)
+        self._seen += 1
+
+    @property
+    def measured(self) -> int:
+        """How many measured steps were added (kept or not)."""
+        return self._seen
+
+    def facts_dict(self) -> dict[str, Any]:
+        """Settings, model facts and wiring as JSON-ready data (the facts file's content)."""
+        return {
+            "format": FACTS_FORMAT,
+            "version": _VERSION,
+            "blocks": list(self.block_names),
+            "settings": asdict(self.settings),
+            "model": None if self.facts is None else asdict(self.facts),
+            "first_step": None if self.wiring is None else asdict(self.wiring),
+        }
+
+    @classmethod
+    def from_facts_dict(cls, data: dict[str, Any], block_names: Sequence[str]) -> RunFigures:
+        """Empty figures with the settings, facts and wiring of :meth:`facts_dict`'s output."""
+        settings = dict(data.get("settings") or {})
+        bounds = [ClipBound(**bound) for bound in settings.pop("clip_bounds", [])]
+        model = data.get("model")
+        facts = None
+        if isinstance(model, dict):
+            blocks = [BlockFacts(**block) for block in model.get("blocks", [])]
+            facts = ModelFacts(
+                blocks, int(model.get("trainable", 0)), int(model.get("embedding_params", 0))
+            )
+        wiring = data.get("first_step")
+        return cls(
+            list(block_names),
+            settings=Settings(**settings, clip_bounds=bounds),
+            facts=facts,
+            wiring=Wiring(**wiring) if isinstance(wiring, dict) else None,
+        )
+
+
+def _number(value: Optional[float]) -> Optional[float]:
+    return None if value is None or math.isnan(value) else float(value)
