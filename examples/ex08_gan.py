@@ -104,8 +104,9 @@ def plot_charts(log_dir: Path) -> Path:
         ("grad_norm_total/Adam-1", "generator (Adam-1)"),
         ("grad_norm_total_clipped/Adam", "discriminator after clip"),
     ):
-        series = run.scalars[tag]
-        totals.plot(series.steps, series.values, ".", ms=3, label=label)
+        series = run.scalars.get(tag)  # no clipped total when the clip never acted
+        if series is not None:
+            totals.plot(series.steps, series.values, ".", ms=3, label=label)
     totals.set(title="grad_norm_total/<optimizer>", xlabel="global step", yscale="log")
     for tag in sorted(t for t in run.scalars if t.startswith("grad_norm/")):
         blocks.plot(run.scalars[tag].steps, run.scalars[tag].values, lw=1, label=tag[10:])
