@@ -3,7 +3,7 @@ figures, reduces them across ranks, and hands them to the loggers."""
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any, Callable, Optional, Union
@@ -17,23 +17,16 @@ from torch.optim import Optimizer
 from lightning_gradwatch.alerts import Alert
 from lightning_gradwatch.blocks import resolve_blocks, validate_blocks_spec
 from lightning_gradwatch.diagnosis import FirstStepReport
-from lightning_gradwatch.distributed import reduce_packed, reduce_stat_partials
+from lightning_gradwatch.distributed import ReductionPlan, plan_reduction
 from lightning_gradwatch.enforcement import RuleEnforcer
 from lightning_gradwatch.figures import TensorBoardPictures
 from lightning_gradwatch.governance import Rule, validate_rules
 from lightning_gradwatch.keys import DEFAULT_EPS
-from lightning_gradwatch.measurement import (
-    GradientMeasurement,
-    MeasurementSpec,
-    local_tensor,
-    pack,
-    stats_slice,
-    unpack,
-)
-from lightning_gradwatch.norms import grad_stat_partials, stat_partials_finite, validate_norm_type
+from lightning_gradwatch.measurement import GradientMeasurement, MeasurementSpec, measure
+from lightning_gradwatch.norms import validate_norm_type
 from lightning_gradwatch.probe import GradientProbe
 from lightning_gradwatch.sinks import log_histograms, log_metrics
-from lightning_gradwatch.strategies import check_strategy, data_parallel_size, loss_scale
+from lightning_gradwatch.strategies import check_strategy, loss_scale
 from lightning_gradwatch.validation import (
     check_path,
     check_positive,
@@ -162,7 +155,6 @@ class GradientFlowCallback(Callback):
             self.rules,
             check_positive_int(check_every_n_steps, "check_every_n_steps"),
             None if alerts_path is None else check_path(alerts_path, "alerts_path"),
-            self.spec,
         )
         self.figure_every_n_steps = (
             None
@@ -173,6 +165,9 @@ class GradientFlowCallback(Callback):
         self.last: Optional[GradientMeasurement] = None
         self.block_names: list[str] = []
         self._probe: Optional[GradientProbe] = None
+        #: What this fit measures (``spec`` as the strategy allows) and how it reduces across ranks.
+        self._spec = self.spec
+        self._plan = ReductionPlan()
         self._params: list[tuple[str, nn.Parameter]] = []
         self._armed_step = -1
         self._measured_step = -1
@@ -193,20 +188,21 @@ class GradientFlowCallback(Callback):
         self._probe = GradientProbe(blocks, self.spec.norm_type, keep_grads=self.log_histograms)
         self.block_names = self._probe.names
         # FSDP1/DeepSpeed: p.grad is not the gradient; leave parameter figures out (with a warning).
-        self.spec.measure_params = check_strategy(trainer).params
+        self._spec = dataclasses.replace(self.spec, measure_params=check_strategy(trainer).params)
+        self._plan = plan_reduction(trainer)
         self._params = [
             (_eager_name(n), p)
             for n, p in pl_module.named_parameters()
-            if p.requires_grad and self.spec.measure_params
+            if p.requires_grad and self._spec.measure_params
         ]
         self._armed_step = self._measured_step = -1
-        self._enforcer.setup(trainer, self.block_names)
+        self._enforcer.setup(trainer, self.block_names, self._spec, self._plan)
         rank_zero_info(
             f"GradientFlowCallback: watching {len(blocks)} blocks "
             f"({', '.join(self.block_names)}) every {self.log_every_n_steps} optimizer steps."
         )
         if trainer.is_global_zero:
-            self._pictures.start(trainer.loggers, self.block_names, self.spec)
+            self._pictures.start(trainer.loggers, self.block_names, self._spec)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
@@ -309,43 +305,16 @@ class GradientFlowCallback(Callback):
         return self._enforcer.first_step_report
 
     def _measure(self, trainer: pl.Trainer, probe: GradientProbe, step: int) -> GradientMeasurement:
-        with_grad = [(name, p) for name, p in self._params if p.grad is not None]
-        grads: list[Tensor] = [p.grad for _, p in with_grad]  # type: ignore[misc]
-        scale = loss_scale(trainer)
-        packed = pack(probe.buffer, grads, self.spec, scale=scale)
-        sharded = any(hasattr(g, "to_local") for g in grads)
-        packed = reduce_packed(
-            packed,
-            num_blocks=len(probe),
-            num_params=len(grads),
-            norm_type=self.spec.norm_type,
-            sharded_params=sharded,
-            grad_stats=self.spec.grad_stats,
-        )
-        values = packed.tolist()  # the one device-to-host copy of this step
-        where = stats_slice(len(probe), len(grads))
-        if (
-            self.spec.grad_stats
-            and self.spec.measure_params
-            and not stat_partials_finite(values[where])
-        ):
-            # A NaN/Inf somewhere, which the cheap statistics pass cannot count: count exactly, at
-            # the price of one more pass and host copy on such steps only. Every rank sees the same
-            # combined sum, so every rank takes this branch (and its collective) or none does.
-            exact = grad_stat_partials([local_tensor(g) for g in grads], self.spec.large_threshold)
-            values[where] = (reduce_stat_partials(exact) if sharded else exact).tolist()
-        measurement = unpack(
-            values,
+        measurement = measure(
+            probe.buffer,
+            [(name, p.grad) for name, p in self._params if p.grad is not None],
+            self._spec,
+            self._plan,
             step=step,
             block_names=probe.names,
-            param_names=[name for name, _ in with_grad],
-            param_numels=[p.numel() for _, p in with_grad],
-            spec=self.spec,
-            replicas=data_parallel_size(trainer),
+            scale=loss_scale(trainer),
         )
         measurement.chained = list(probe.chained)
-        # The scaler skips the step exactly when an unscaled parameter gradient is inf/NaN.
-        measurement.skipped_by_scaler = scale is not None and not _all_finite(measurement)
         return measurement
 
     def _log(
@@ -388,11 +357,6 @@ class GradientFlowCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._measured_step = int(state_dict.get("measured_step", -1))
         self._enforcer.load_state_dict(state_dict.get("governance", {}))
-
-
-def _all_finite(measurement: GradientMeasurement) -> bool:
-    figures = [measurement.total_norm] if measurement.param_norms else measurement.block_norms
-    return all(value is None or math.isfinite(value) for value in figures)
 
 
 def _eager_name(name: str) -> str:

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lightning_gradwatch.measurement import local_tensor
+from lightning_gradwatch.distributed import local_tensor
 from lightning_gradwatch.norms import Category
 
 

@@ -8,7 +8,6 @@ themselves live in :mod:`lightning_gradwatch.governance` (pure), the records in
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections.abc import Sequence
@@ -29,7 +28,7 @@ from lightning_gradwatch.diagnosis import (
     holds_stale_gradients,
     locate_nonfinite,
 )
-from lightning_gradwatch.distributed import reduce_packed
+from lightning_gradwatch.distributed import ReductionPlan
 from lightning_gradwatch.governance import (
     NO_ACTION,
     Check,
@@ -42,10 +41,8 @@ from lightning_gradwatch.keys import CLIPPED_KEY, PARAM_NORM_PREFIX, TOTAL_NORM_
 from lightning_gradwatch.measurement import (
     GradientMeasurement,
     MeasurementSpec,
-    local_tensor,
-    unpack,
+    measure_params,
 )
-from lightning_gradwatch.norms import finalize_norm, foreach_partial_norms
 from lightning_gradwatch.strategies import scaler_enabled
 
 NamedParams = Sequence[tuple[str, nn.Parameter]]
@@ -69,12 +66,12 @@ class RuleEnforcer:
         rules: Sequence[Rule],
         check_every_n_steps: int,
         alerts_path: Optional[str],
-        spec: MeasurementSpec,
     ) -> None:
         self.engine = RuleEngine(rules)
         self.check_every_n_steps = check_every_n_steps
         self.alerts_path = alerts_path
-        self.spec = spec  # the callback's own (fit start decides `measure_params`)
+        self.spec = MeasurementSpec()
+        self.plan = ReductionPlan()
         self.alerts: list[Alert] = []
         self.halted = False
         self.halt_reason: Optional[str] = None
@@ -91,8 +88,16 @@ class RuleEnforcer:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def setup(self, trainer: pl.Trainer, block_names: Sequence[str]) -> None:
+    def setup(
+        self,
+        trainer: pl.Trainer,
+        block_names: Sequence[str],
+        spec: MeasurementSpec,
+        plan: ReductionPlan,
+    ) -> None:
+        """Start a fit: the watched blocks, what is measured and how it reduces across ranks."""
         self.block_names = list(block_names)
+        self.spec, self.plan = spec, plan
         self._stopping = False
         self._checked_step = -1
         self._loss_nonfinite = None
@@ -161,7 +166,8 @@ class RuleEnforcer:
             return {}
         self._checked_step = step
         if measurement is None:
-            measurement = self._measure_params(params, step)
+            named_grads = [(name, p.grad) for name, p in params if p.grad is not None]
+            measurement = measure_params(named_grads, self.spec, self.plan, step=step)  # type: ignore[arg-type]
         # Unmeasured steps know the total norm only (no block figures): nothing else may match.
         values = dict(measurement.metrics) if measured else {TOTAL_NORM_KEY: measurement.total_norm}
         if not measurement.param_norms:  # no parameter has a gradient: there is no total norm
@@ -213,31 +219,6 @@ class RuleEnforcer:
         ):
             self._paused_clip_val = trainer.gradient_clip_val
             trainer.gradient_clip_val = None
-
-    def _measure_params(self, params: NamedParams, step: int) -> GradientMeasurement:
-        """Total and per-parameter norms in one batched pass and one host copy (no block figures)."""
-        with_grad = [(name, p) for name, p in params if p.grad is not None]
-        grads: list[Tensor] = [p.grad for _, p in with_grad]  # type: ignore[misc]
-        spec = dataclasses.replace(self.spec, grad_stats=False, log_param_norms=False)
-        # Not `pack`: no block rows, no statistics, no loss scale; just the partials, as they come.
-        partials = foreach_partial_norms([local_tensor(g) for g in grads], spec.norm_type)
-        if any(hasattr(g, "to_local") for g in grads):  # sharded (FSDP2): combine the shards
-            partials = reduce_packed(
-                partials,
-                num_blocks=0,
-                num_params=len(grads),
-                norm_type=self.spec.norm_type,
-                sharded_params=True,
-                grad_stats=False,
-            )
-        return unpack(
-            [*partials.tolist(), 1.0],  # `unpack` reads the loss scale last: none here
-            step=step,
-            block_names=[],
-            param_names=[name for name, _ in with_grad],
-            param_numels=[p.numel() for _, p in with_grad],
-            spec=spec,
-        )
 
     def _agree(
         self, trainer: pl.Trainer, checks: Sequence[Check]
@@ -339,21 +320,19 @@ class RuleEnforcer:
             )
         if by_norm:
             if by_value:  # the total changed: measure it again (one more sync, clip steps only)
-                total = self._total_norm(grads)  # type: ignore[arg-type]
+                total = self._total_norm(params)
             # The same coefficient as clip_grad_norm_, from the total already on the host.
             coef = min(by_norm) / (total + 1e-6)
             if coef < 1.0:
                 torch._foreach_mul_(grads, coef)  # type: ignore[arg-type]
                 return total * coef
             return total
-        return self._total_norm(grads)  # type: ignore[arg-type]
+        return self._total_norm(params)
 
-    def _total_norm(self, grads: list[Tensor]) -> float:
-        partials = foreach_partial_norms(grads, self.spec.norm_type)
-        numel = float(sum(g.numel() for g in grads))
-        if self.spec.norm_type == "linf":
-            return float(partials.max())
-        return finalize_norm(float(partials.sum()), numel, self.spec.norm_type)
+    def _total_norm(self, params: NamedParams) -> float:
+        """The total norm of the gradients as they are now (combined across ranks)."""
+        named_grads = [(name, p.grad) for name, p in params if p.grad is not None]
+        return measure_params(named_grads, self.spec, self.plan, step=-1).total_norm  # type: ignore[arg-type]
 
     def _save_halt_checkpoint(self, trainer: pl.Trainer, step: int) -> str:
         """Save the weights before the bad update; called on every rank (rank 0 writes)."""

@@ -1,13 +1,13 @@
-"""One measured step as data: pack every device-side figure into one vector, copy it to the host once,
-and turn the floats into a :class:`GradientMeasurement` with the logged metric keys.
-
-The packed vector is ``[block rows (n x 3) | parameter partials (m) | grad-stat partials (8) | scale]``
-so that a distributed reduction (see :mod:`lightning_gradwatch.distributed`) and the host copy each
-happen exactly once per measured step.
+"""One measured step as data: :func:`measure` packs every device-side figure into one vector (its
+:class:`Layout` is the only code that knows the offsets), has it reduced across ranks
+(:mod:`lightning_gradwatch.distributed`), copies it to the host once and turns the floats into a
+:class:`GradientMeasurement` with the logged metric keys. :func:`measure_params` is the
+parameter-only variant for the every-step governance check.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 from collections.abc import Sequence
@@ -17,6 +17,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from lightning_gradwatch.distributed import ReductionPlan, param_partials, reduce_block_rows
 from lightning_gradwatch.keys import (
     DEFAULT_EPS,
     END_TO_END_KEY,
@@ -39,19 +40,12 @@ from lightning_gradwatch.norms import (
     end_to_end_gain,
     finalize_grad_stats,
     finalize_norm,
-    foreach_partial_norms,
-    grad_stat_partials,
+    stat_partials_finite,
     summarize_gains,
 )
 from lightning_gradwatch.probe import CALLS, NUMEL, PARTIAL
 
 ParamFilter = Union[bool, str, Sequence[str]]
-
-
-def local_tensor(tensor: Tensor) -> Tensor:
-    """The local shard of a DTensor (FSDP2), or the tensor itself."""
-    to_local = getattr(tensor, "to_local", None)
-    return to_local() if callable(to_local) else tensor
 
 
 @dataclass
@@ -103,7 +97,7 @@ class GradientMeasurement:
         ]
 
 
-@dataclass
+@dataclass(frozen=True)
 class MeasurementSpec:
     """How to turn gradients into figures (the measuring arguments of the callback)."""
 
@@ -128,38 +122,148 @@ class MeasurementSpec:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
-def pack(
-    block_buffer: Tensor,
-    param_grads: Sequence[Tensor],
+@dataclass(frozen=True)
+class Layout:
+    """Where each figure sits in the packed vector of one step, the only place that knows.
+
+    ``[block rows (n x 3) | parameter partials (m) | grad-stat partials (8, if stats) | scale (1,
+    if scaled)]``: everything a step copies to the host, in one float64 vector, so the copy happens
+    once.
+    """
+
+    num_blocks: int
+    num_params: int
+    stats: bool = False
+    scaled: bool = False
+
+    @property
+    def blocks(self) -> slice:
+        return slice(0, 3 * self.num_blocks)
+
+    @property
+    def params(self) -> slice:
+        start = self.blocks.stop
+        return slice(start, start + self.num_params)
+
+    @property
+    def grad_stats(self) -> slice:
+        start = self.params.stop
+        return slice(start, start + (N_STAT_PARTIALS if self.stats else 0))
+
+    def scale(self, values: Sequence[float]) -> float:
+        """The loss scale of the block rows (1 where none was packed or it is not positive)."""
+        if not self.scaled:
+            return 1.0
+        value = values[self.grad_stats.stop]
+        return value if value > 0 else 1.0
+
+    def pack(
+        self,
+        block_rows: Tensor,
+        partials: Tensor,
+        stat_partials: Optional[Tensor],
+        scale: Optional[Tensor],
+    ) -> Tensor:
+        """One float64 vector on ``block_rows``' device (no host sync)."""
+        device = block_rows.device
+        parts = [block_rows.reshape(-1).double(), partials.to(device).double()]
+        if self.stats and stat_partials is not None:
+            parts.append(stat_partials.to(device).double())
+        if self.scaled:
+            assert scale is not None
+            parts.append(scale.detach().reshape(1).to(device=device, dtype=torch.float64))
+        return torch.cat(parts)
+
+    def rows(self, values: Sequence[float]) -> list[Sequence[float]]:
+        """The ``[partial, numel, calls]`` row of each block."""
+        return [values[3 * i : 3 * i + 3] for i in range(self.num_blocks)]
+
+
+def measure(
+    block_rows: Tensor,
+    named_grads: Sequence[tuple[str, Tensor]],
     spec: MeasurementSpec,
+    plan: ReductionPlan,
+    *,
+    step: int,
+    block_names: Sequence[str],
     scale: Optional[Tensor] = None,
-) -> Tensor:
-    """All device-side figures of one step in one float64 vector (no host sync)."""
-    device = block_buffer.device
-    local = [local_tensor(grad) for grad in param_grads]
-    parts = [block_buffer.reshape(-1).double()]
-    parts.append(foreach_partial_norms(local, spec.norm_type).to(device).double())
-    if spec.grad_stats and spec.measure_params:
-        # The cheap pass: the caller checks `stat_partials_finite` on the host (see `stats_slice`).
-        stats = grad_stat_partials(local, spec.large_threshold, assume_finite=True)
-        parts.append(stats.to(device))
-    scale_value = (
-        torch.ones(1, dtype=torch.float64, device=device)
-        if scale is None
-        else scale.detach().reshape(1).to(device=device, dtype=torch.float64)
+) -> GradientMeasurement:
+    """One measured step: pack block rows and parameter figures, reduce them across ranks, copy
+    them to the host once (twice where a NaN/Inf makes the statistics be counted again) and build
+    the :class:`GradientMeasurement`.
+
+    Args:
+        block_rows: the probe's ``(n, 3)`` buffer for this step.
+        named_grads: ``(name, p.grad)`` of every parameter with a gradient.
+        spec: what to measure.
+        plan: how figures combine across ranks.
+        step: the optimizer step.
+        block_names: the blocks' names, in the order of ``block_rows``.
+        scale: the AMP loss scale the block gradients carry (a device scalar), if any.
+    """
+    grads = [grad for _, grad in named_grads]
+    stats = spec.grad_stats and spec.measure_params
+    layout = Layout(len(block_names), len(grads), stats=stats, scaled=scale is not None)
+    rows = reduce_block_rows(block_rows, spec.norm_type, plan)
+    partials, stat_row = param_partials(
+        grads,
+        spec.norm_type,
+        plan,
+        stats=stats,
+        large_threshold=spec.large_threshold,
+        assume_finite=True,  # the cheap pass: recounted below where it cannot be trusted
     )
-    parts.append(scale_value)
-    return torch.cat(parts)
+    values = layout.pack(rows, partials, stat_row, scale).tolist()  # the one host copy
+    if stats and not stat_partials_finite(values[layout.grad_stats]):
+        # A NaN/Inf somewhere, which the cheap statistics pass cannot count: count exactly. Every
+        # rank sees the same combined sum, so every rank takes this branch (and its collective).
+        _, exact = param_partials(
+            grads, spec.norm_type, plan, stats=True, large_threshold=spec.large_threshold
+        )
+        values[layout.grad_stats] = exact.tolist()  # type: ignore[union-attr]
+    measurement = build_measurement(
+        values,
+        layout,
+        step=step,
+        block_names=block_names,
+        param_names=[name for name, _ in named_grads],
+        param_numels=[grad.numel() for grad in grads],
+        spec=spec,
+        replicas=plan.data_parallel_size,
+    )
+    # The AMP scaler skips the step exactly when an unscaled parameter gradient is inf/NaN.
+    measurement.skipped_by_scaler = scale is not None and not _all_finite(measurement)
+    return measurement
 
 
-def stats_slice(num_blocks: int, num_params: int) -> slice:
-    """Where :func:`pack` puts the :func:`~lightning_gradwatch.norms.grad_stat_partials` row."""
-    start = 3 * num_blocks + num_params
-    return slice(start, start + N_STAT_PARTIALS)
+def measure_params(
+    named_grads: Sequence[tuple[str, Tensor]],
+    spec: MeasurementSpec,
+    plan: ReductionPlan,
+    *,
+    step: int,
+) -> GradientMeasurement:
+    """The parameter-only variant of :func:`measure` for the every-step governance check: total
+    and per-parameter norms in one batched pass and one host copy (no block rows, no statistics)."""
+    grads = [grad for _, grad in named_grads]
+    layout = Layout(0, len(grads))
+    partials, _ = param_partials(grads, spec.norm_type, plan)
+    values = layout.pack(partials.new_zeros(0, 3), partials, None, None).tolist()
+    return build_measurement(
+        values,
+        layout,
+        step=step,
+        block_names=[],
+        param_names=[name for name, _ in named_grads],
+        param_numels=[grad.numel() for grad in grads],
+        spec=dataclasses.replace(spec, grad_stats=False, log_param_norms=False),
+    )
 
 
-def unpack(
+def build_measurement(
     values: Sequence[float],
+    layout: Layout,
     *,
     step: int,
     block_names: Sequence[str],
@@ -168,30 +272,22 @@ def unpack(
     spec: MeasurementSpec,
     replicas: int = 1,
 ) -> GradientMeasurement:
-    """Build the :class:`GradientMeasurement` from the host copy of :func:`pack`'s vector.
+    """The :class:`GradientMeasurement` of the host copy of a :class:`Layout`'s vector.
 
     Block norms are divided by the packed loss scale and by ``replicas``, the number of
     data-parallel ranks whose gradients the strategy averages (see
     :mod:`lightning_gradwatch.strategies`).
     """
-    n, m = len(block_names), len(param_names)
-    scale = (values[-1] if values[-1] > 0 else 1.0) * replicas
-    rows = [values[3 * i : 3 * i + 3] for i in range(n)]
+    scale = layout.scale(values) * replicas
     block_norms: list[Optional[float]] = [
         finalize_norm(row[PARTIAL], row[NUMEL], spec.norm_type, scale) if row[CALLS] > 0 else None
-        for row in rows
+        for row in layout.rows(values)
     ]
-    partials = values[3 * n : 3 * n + m]
+    partials = values[layout.params]
     param_norms = {
         name: finalize_norm(partial, numel, spec.norm_type)
         for name, partial, numel in zip(param_names, partials, param_numels)
     }
-    total_norm = _total_norm(partials, param_numels, spec.norm_type)
-    grad_stats = (
-        finalize_grad_stats(values[stats_slice(n, m)])
-        if spec.grad_stats and spec.measure_params
-        else {}
-    )
     gains = compute_gains(block_norms, spec.eps)
     log_gains = compute_log_gains(block_norms, spec.eps)
     lo, hi = spec.damping_threshold, spec.amplifying_threshold
@@ -206,12 +302,17 @@ def unpack(
         log_gains=log_gains,
         categories=[classify_gain(gain, lo, hi) for gain in gains],
         summary=summary,
-        total_norm=total_norm,
+        total_norm=_total_norm(partials, param_numels, spec.norm_type),
         param_norms=param_norms,
-        grad_stats=grad_stats,
+        grad_stats=finalize_grad_stats(values[layout.grad_stats]) if layout.stats else {},
     )
     measurement.metrics = to_metrics(measurement, spec)
     return measurement
+
+
+def _all_finite(measurement: GradientMeasurement) -> bool:
+    figures = [measurement.total_norm] if measurement.param_norms else measurement.block_norms
+    return all(value is None or math.isfinite(value) for value in figures)
 
 
 def _total_norm(partials: Sequence[float], numels: Sequence[int], norm_type: NormType) -> float:

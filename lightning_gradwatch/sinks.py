@@ -10,8 +10,8 @@ from typing import Any, Optional
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from torch import Tensor
 
+from lightning_gradwatch.distributed import local_tensor
 from lightning_gradwatch.keys import HIST_BLOCK_PREFIX, HIST_PARAM_PREFIX
-from lightning_gradwatch.measurement import local_tensor
 
 
 def log_metrics(loggers: Iterable[Logger], metrics: Mapping[str, float], step: int) -> None:

@@ -29,8 +29,6 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
-from lightning_gradwatch.distributed import is_distributed
-
 #: FSDP1 sharding strategies under which ``p.grad`` holds the full gradient on every rank.
 _FSDP1_UNSHARDED = ("NO_SHARD",)
 
@@ -101,15 +99,6 @@ def check_strategy(trainer: pl.Trainer) -> StrategySupport:
     for reason in reasons:
         rank_zero_warn(f"GradientFlowCallback: {reason}")
     return StrategySupport(params=params, reasons=tuple(reasons))
-
-
-def data_parallel_size(trainer: pl.Trainer) -> int:
-    """Number of data-parallel replicas whose gradients the strategy averages (1 if none)."""
-    if not is_distributed():
-        return 1
-    kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None)
-    replicas = kwargs.get("num_replicas") if isinstance(kwargs, dict) else None
-    return int(replicas) if isinstance(replicas, int) and replicas > 0 else 1
 
 
 def loss_scale(trainer: pl.Trainer) -> Optional[Tensor]:
