@@ -1,4 +1,5 @@
-"""Alert records and the JSONL audit trail.
+"""Alert records: the one builder that turns a decision into a complete :class:`Alert`, and the
+JSONL audit trail.
 
 Each alert is one JSON object on one line, appended, flushed and ``os.fsync``-ed before the next, so
 a crash (even ``SIGKILL``) loses no alert written before it. Only one process writes: rank 0, with the
@@ -10,9 +11,18 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+from lightning_gradwatch.keys import NONFINITE, PARAM_NORM_PREFIX
+
+if TYPE_CHECKING:  # types only: the records stay importable without the engine
+    from lightning_gradwatch.diagnosis import NonFiniteReport
+    from lightning_gradwatch.governance.engine import Check, Decision
+
+__all__ = ["ALERTS_FILENAME", "Alert", "JsonlAlertSink", "build_alert", "read_alerts"]
 
 #: File name of the audit trail inside the logger's ``log_dir`` (else ``trainer.default_root_dir``).
 ALERTS_FILENAME = "gradwatch_alerts.jsonl"
@@ -49,6 +59,8 @@ class Alert:
         loss_nonfinite: whether the loss was already NaN/Inf (non-finite alerts).
         checkpoint: path of the checkpoint saved by ``halt`` (also under the key
             ``checkpoint_path`` in :meth:`to_dict` and the JSONL line).
+        clip_to: what a ``clip`` action clipped to: the total norm (an adaptive clip: the rule's
+            threshold at that step), or the absolute value with ``clip_mode="value"``.
         message: a one-line human summary.
     """
 
@@ -73,6 +85,7 @@ class Alert:
     zscore: Optional[float] = None
     loss_nonfinite: Optional[bool] = None
     checkpoint: Optional[str] = None
+    clip_to: Optional[float] = None
     message: str = ""
     time: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
 
@@ -91,6 +104,113 @@ class Alert:
     def to_json(self) -> str:
         """One line of strict JSON (NaN and Inf become the strings ``"nan"``, ``"inf"``, ``"-inf"``)."""
         return json.dumps(_strict(self.to_dict()), sort_keys=True, allow_nan=False)
+
+
+def build_alert(
+    decision: Decision,
+    *,
+    label: str,
+    epoch: int,
+    rank: int,
+    block_names: Sequence[str],
+    report: Optional[NonFiniteReport] = None,
+    scaler: bool = False,
+    step_action: Optional[str] = None,
+    checkpoint: Optional[str] = None,
+    peer_value: float = math.nan,
+) -> Alert:
+    """The complete :class:`Alert` of one decision.
+
+    Args:
+        decision: the agreed trip.
+        label: the rule's name.
+        epoch: the current epoch.
+        rank: this rank (recorded where the rule did not trip on any named rank).
+        block_names: the watched blocks, in forward order.
+        report: where a non-finite gradient started, if one was seen.
+        scaler: whether an enabled AMP GradScaler handles non-finite steps.
+        step_action: the strongest action taken at this step, by any rule.
+        checkpoint: the halt checkpoint written at this step, if any.
+        peer_value: the value a tripping rank saw (when this rank's own check did not trip).
+    """
+    rule, check, worst = decision.rule, decision.check, decision.check.worst
+    condition = worst.condition if worst else (NONFINITE if rule.is_nonfinite else "")
+    nonfinite = report if condition == NONFINITE else None
+    block, blocks, params, loss_nonfinite = _where(check, block_names, nonfinite)
+    fields: dict[str, Any] = {
+        "step": decision.step,
+        "epoch": epoch,
+        "rank": decision.ranks[0] if decision.ranks else rank,
+        "ranks": list(decision.ranks),
+        "rule": label,
+        "rule_repr": repr(rule),
+        "metric": worst.key if worst else rule.metric,
+        "value": worst.value if worst else peer_value,
+        "threshold": worst.threshold if worst else None,
+        "condition": condition,
+        "zscore": worst.zscore if worst else None,
+        "action": decision.action,
+        "consecutive": decision.consecutive,
+        "patience": decision.patience,
+        "keys": {v.key: v.value for v in check.violations},
+        "block": block,
+        "blocks": blocks,
+        "params": params,
+        "where": list(dict.fromkeys([*([block] if block else []), *blocks])) + params,
+        "loss_nonfinite": loss_nonfinite,
+        "checkpoint": checkpoint if decision.action == "halt" else None,
+        "clip_to": decision.clip_to if decision.action == "clip" else None,
+    }
+    what = nonfinite.message() if nonfinite else _describe(fields)
+    done = _outcome(decision, condition, scaler, step_action, fields["checkpoint"])
+    ranks = f" on rank(s) {fields['ranks']}" if fields["ranks"] else ""
+    message = (
+        f"GradientFlowCallback: rule {label!r} tripped at step {decision.step}{ranks}: "
+        f"{what}; {done}."
+    )
+    return Alert(**fields, message=message)
+
+
+def _where(
+    check: Check, block_names: Sequence[str], report: Optional[NonFiniteReport]
+) -> tuple[Optional[str], list[str], list[str], Optional[bool]]:
+    """``block``, ``blocks``, ``params`` and ``loss_nonfinite`` of an alert."""
+    if report is not None:
+        return report.block, list(report.blocks), list(report.params), report.loss_nonfinite
+    keys = [v.key for v in check.violations]
+    blocks = [b for b in block_names if any(key.endswith("/" + b) for key in keys)]
+    params = [k[len(PARAM_NORM_PREFIX) :] for k in keys if k.startswith(PARAM_NORM_PREFIX)]
+    return (blocks[0] if blocks else None), blocks, params, None
+
+
+def _describe(fields: dict[str, Any]) -> str:
+    what = (
+        f"{fields['metric']} = {fields['value']:.6g} ({fields['condition']} {fields['threshold']})"
+    )
+    return what + (f", z = {fields['zscore']:.3g}" if fields["zscore"] is not None else "")
+
+
+def _outcome(
+    decision: Decision,
+    condition: str,
+    scaler: bool,
+    step_action: Optional[str],
+    checkpoint: Optional[str],
+) -> str:
+    if not decision.acts:
+        if scaler and condition == NONFINITE:
+            return "recorded; the AMP GradScaler skips this step"
+        if decision.consecutive >= decision.patience:  # a clip with nothing finite to clip
+            return "recorded; not clipped (a non-finite total norm cannot be clipped)"
+        return f"recorded, not acting yet ({decision.consecutive}/{decision.patience} consecutive)"
+    if decision.action == "halt":
+        return f"training halted, weights before the update saved to {checkpoint}"
+    if decision.action == "skip" or step_action in ("skip", "halt"):
+        return "optimizer step skipped (no weight changed)"
+    if decision.action == "clip":
+        what = "total norm" if decision.rule.clip_mode == "norm" else "absolute value"
+        return f"gradients clipped to {what} {decision.clip_to:.6g}"
+    return "warning"
 
 
 def _strict(value: Any) -> Any:

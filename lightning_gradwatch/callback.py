@@ -18,9 +18,9 @@ from lightning_gradwatch.alerts import Alert
 from lightning_gradwatch.blocks import resolve_blocks, validate_blocks_spec
 from lightning_gradwatch.diagnosis import FirstStepReport
 from lightning_gradwatch.distributed import ReductionPlan, plan_reduction
-from lightning_gradwatch.enforcement import RuleEnforcer
 from lightning_gradwatch.figures import TensorBoardPictures
 from lightning_gradwatch.governance import Rule, validate_rules
+from lightning_gradwatch.governance.enforcer import RuleEnforcer
 from lightning_gradwatch.keys import DEFAULT_EPS
 from lightning_gradwatch.measurement import GradientMeasurement, MeasurementSpec, measure
 from lightning_gradwatch.norms import validate_norm_type
@@ -88,10 +88,12 @@ class GradientFlowCallback(Callback):
             start whenever a TensorBoardLogger is present.
         rules: :class:`~lightning_gradwatch.governance.Rule` objects that warn, clip, skip or halt
             (``None``, the default: ``[Rule("nonfinite", action="halt")]``; ``[]``: none). Rules on
-            ``grad_norm_total`` and ``nonfinite`` run every ``check_every_n_steps`` optimizer steps
-            (one batched norm pass and one host copy, about the cost of ``clip_grad_norm_``, plus
-            one boolean all-reduce per check in multi-process runs; measured steps reuse the
-            measurement), rules on block metrics on measured steps (no extra cost).
+            ``grad_norm_total``, ``loss`` and ``nonfinite`` run every ``check_every_n_steps``
+            optimizer steps (one batched norm pass and one host copy, about the cost of
+            ``clip_grad_norm_``, plus one boolean all-reduce per check in multi-process runs;
+            measured steps reuse the measurement), rules on block metrics on measured steps (no
+            extra cost). Their counters ``grad_alerts/<rule>`` and the interval's
+            ``grad_norm_total_max`` / ``grad_norm_total_mean`` are logged on measured steps.
         check_every_n_steps: cadence of the every-step rules (default 1).
         alerts_path: the JSONL audit trail, a ``str`` or ``os.PathLike`` (``None``, the default:
             ``gradwatch_alerts.jsonl`` in the first logger's ``log_dir``, else in
@@ -261,8 +263,7 @@ class GradientFlowCallback(Callback):
         if not trainer.is_global_zero:
             return
         if measurement is not None and probe is not None:
-            measurement.metrics.update(extra)  # one log_metrics call per logger and step
-            self._log(trainer, measurement, probe)
+            self._log(trainer, measurement, probe, extra)
         elif extra:
             log_metrics(trainer.loggers, extra, step)
 
@@ -313,14 +314,20 @@ class GradientFlowCallback(Callback):
             step=step,
             block_names=probe.names,
             scale=loss_scale(trainer),
+            loss=self._enforcer.step_loss(trainer),
         )
         measurement.chained = list(probe.chained)
         return measurement
 
     def _log(
-        self, trainer: pl.Trainer, measurement: GradientMeasurement, probe: GradientProbe
+        self,
+        trainer: pl.Trainer,
+        measurement: GradientMeasurement,
+        probe: GradientProbe,
+        extra: dict[str, float],
     ) -> None:
-        log_metrics(trainer.loggers, measurement.metrics, measurement.step)
+        # One log_metrics call per logger and step: the figures and governance's own keys.
+        log_metrics(trainer.loggers, {**measurement.metrics, **extra}, measurement.step)
         self._pictures.update(measurement)
         if self.log_histograms:
             kept = any(g is not None for g in probe.grads)

@@ -9,7 +9,9 @@ Per-block keys are ``<prefix><block>`` (``grad_norm/blocks.3``), per-parameter k
 from __future__ import annotations
 
 __all__ = [
+    "ADAPTIVE_CLIP_METRICS",
     "ALERTS_PREFIX",
+    "CHART_ONLY_SUFFIXES",
     "CLIPPED_KEY",
     "DEFAULT_EPS",
     "END_TO_END_KEY",
@@ -21,6 +23,8 @@ __all__ = [
     "KEY_PREFIXES",
     "KNOWN_KEYS",
     "LOG_GAIN_PREFIX",
+    "LOSS",
+    "LOSS_KEY",
     "NONFINITE",
     "NORM_PREFIX",
     "PARAM_NORM_PREFIX",
@@ -28,8 +32,11 @@ __all__ = [
     "SUMMARY_KEYS",
     "TOTAL_NORM_KEY",
     "alert_key",
+    "clip_threshold_key",
     "flow_key",
     "gain_key",
+    "interval_max_key",
+    "interval_mean_key",
     "log_gain_key",
     "norm_key",
     "param_norm_key",
@@ -54,8 +61,23 @@ HIST_PARAM_PREFIX = "grad_hist_param/"
 TOTAL_NORM_KEY = "grad_norm_total"
 #: Logged at steps where a ``clip`` rule acted: the total norm after clipping.
 CLIPPED_KEY = "grad_norm_total_clipped"
-#: The metric name of "any NaN or Inf in parameter or block-output gradients" (rules only).
+#: The metric name of "any NaN or Inf in parameter or block-output gradients, or in the loss"
+#: (rules only).
 NONFINITE = "nonfinite"
+#: The metric name of the training loss of the optimizer step (rules only: it is logged under
+#: :data:`LOSS_KEY`, so that it never collides with a ``self.log("loss", ...)`` of the user's own).
+LOSS = "loss"
+#: The training loss of the step, as the rules read it, logged on measured steps when a rule reads it.
+LOSS_KEY = "gradwatch/loss"
+#: The only metrics an adaptive ``clip`` rule (no ``clip_to``) may watch: it clips the total norm
+#: to the rule's own threshold, which only means something in the units of the total norm.
+ADAPTIVE_CLIP_METRICS: tuple[str, ...] = (TOTAL_NORM_KEY,)
+#: Suffixes of keys logged for charts only (rules read the figure itself): the interval's maximum
+#: and mean of an every-step figure, and the threshold an adaptive clip rule had in force.
+_INTERVAL_MAX = "_max"
+_INTERVAL_MEAN = "_mean"
+_CLIP_THRESHOLD = "_clip_threshold"
+CHART_ONLY_SUFFIXES: tuple[str, ...] = (_INTERVAL_MAX, _INTERVAL_MEAN, _CLIP_THRESHOLD)
 
 #: ``grad_flow/<key>``: the GradientGainMonitor summary, then the end-to-end gain.
 SUMMARY_KEYS: tuple[str, ...] = (
@@ -124,3 +146,20 @@ def stats_key(stat: str) -> str:
 
 def alert_key(rule_label: str) -> str:
     return ALERTS_PREFIX + rule_label
+
+
+def interval_max_key(key: str) -> str:
+    """The largest value of every-step figure ``key`` since the previous measured step
+    (``grad_norm_total_max``, ``gradwatch/loss_max``)."""
+    return key + _INTERVAL_MAX
+
+
+def interval_mean_key(key: str) -> str:
+    """The mean of every-step figure ``key`` since the previous measured step."""
+    return key + _INTERVAL_MEAN
+
+
+def clip_threshold_key(metric: str) -> str:
+    """The threshold an adaptive clip rule on ``metric`` had in force at a step
+    (``grad_norm_total_clip_threshold``)."""
+    return metric + _CLIP_THRESHOLD

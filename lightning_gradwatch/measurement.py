@@ -70,6 +70,8 @@ class GradientMeasurement:
             halts training).
         chained: per block, whether its input was block ``i - 1``'s output tensor itself (nothing
             in between), as seen by the probe in this step's forward (empty: unknown).
+        loss: the step's training loss as governance reads it (``None``: not read), copied to the
+            host with the rest.
     """
 
     step: int
@@ -86,6 +88,7 @@ class GradientMeasurement:
     metrics: dict[str, float] = field(default_factory=dict)
     skipped_by_scaler: bool = False
     chained: list[bool] = field(default_factory=list)
+    loss: Optional[float] = None
 
     @property
     def nonfinite_blocks(self) -> list[str]:
@@ -127,14 +130,15 @@ class Layout:
     """Where each figure sits in the packed vector of one step, the only place that knows.
 
     ``[block rows (n x 3) | parameter partials (m) | grad-stat partials (8, if stats) | scale (1,
-    if scaled)]``: everything a step copies to the host, in one float64 vector, so the copy happens
-    once.
+    if scaled) | loss (1, if loss)]``: everything a step copies to the host, in one float64 vector,
+    so the copy happens once.
     """
 
     num_blocks: int
     num_params: int
     stats: bool = False
     scaled: bool = False
+    loss: bool = False
 
     @property
     def blocks(self) -> slice:
@@ -157,12 +161,17 @@ class Layout:
         value = values[self.grad_stats.stop]
         return value if value > 0 else 1.0
 
+    def loss_value(self, values: Sequence[float]) -> Optional[float]:
+        """The packed loss (``None`` where none was packed)."""
+        return values[self.grad_stats.stop + int(self.scaled)] if self.loss else None
+
     def pack(
         self,
         block_rows: Tensor,
         partials: Tensor,
         stat_partials: Optional[Tensor],
         scale: Optional[Tensor],
+        loss: Optional[Tensor] = None,
     ) -> Tensor:
         """One float64 vector on ``block_rows``' device (no host sync)."""
         device = block_rows.device
@@ -172,6 +181,9 @@ class Layout:
         if self.scaled:
             assert scale is not None
             parts.append(scale.detach().reshape(1).to(device=device, dtype=torch.float64))
+        if self.loss:
+            assert loss is not None
+            parts.append(loss.detach().reshape(1).to(device=device, dtype=torch.float64))
         return torch.cat(parts)
 
     def rows(self, values: Sequence[float]) -> list[Sequence[float]]:
@@ -188,6 +200,7 @@ def measure(
     step: int,
     block_names: Sequence[str],
     scale: Optional[Tensor] = None,
+    loss: Optional[Tensor] = None,
 ) -> GradientMeasurement:
     """One measured step: pack block rows and parameter figures, reduce them across ranks, copy
     them to the host once (twice where a NaN/Inf makes the statistics be counted again) and build
@@ -201,10 +214,13 @@ def measure(
         step: the optimizer step.
         block_names: the blocks' names, in the order of ``block_rows``.
         scale: the AMP loss scale the block gradients carry (a device scalar), if any.
+        loss: the step's loss (a device scalar) to copy to the host with the figures, if any.
     """
     grads = [grad for _, grad in named_grads]
     stats = spec.grad_stats and spec.measure_params
-    layout = Layout(len(block_names), len(grads), stats=stats, scaled=scale is not None)
+    layout = Layout(
+        len(block_names), len(grads), stats=stats, scaled=scale is not None, loss=loss is not None
+    )
     rows = reduce_block_rows(block_rows, spec.norm_type, plan)
     partials, stat_row = param_partials(
         grads,
@@ -214,7 +230,7 @@ def measure(
         large_threshold=spec.large_threshold,
         assume_finite=True,  # the cheap pass: recounted below where it cannot be trusted
     )
-    values = layout.pack(rows, partials, stat_row, scale).tolist()  # the one host copy
+    values = layout.pack(rows, partials, stat_row, scale, loss).tolist()  # the one host copy
     if stats and not stat_partials_finite(values[layout.grad_stats]):
         # A NaN/Inf somewhere, which the cheap statistics pass cannot count: count exactly. Every
         # rank sees the same combined sum, so every rank takes this branch (and its collective).
@@ -243,13 +259,19 @@ def measure_params(
     plan: ReductionPlan,
     *,
     step: int,
+    loss: Optional[Tensor] = None,
 ) -> GradientMeasurement:
     """The parameter-only variant of :func:`measure` for the every-step governance check: total
-    and per-parameter norms in one batched pass and one host copy (no block rows, no statistics)."""
+    and per-parameter norms in one batched pass and one host copy (no block rows, no statistics),
+    with ``loss`` (a device scalar) in the same copy if given."""
     grads = [grad for _, grad in named_grads]
-    layout = Layout(0, len(grads))
+    layout = Layout(0, len(grads), loss=loss is not None)
     partials, _ = param_partials(grads, spec.norm_type, plan)
-    values = layout.pack(partials.new_zeros(0, 3), partials, None, None).tolist()
+    if not grads and loss is not None:
+        partials = partials.to(
+            loss.device
+        )  # nothing to measure: keep the copy on the loss's device
+    values = layout.pack(partials.new_zeros(0, 3), partials, None, None, loss).tolist()
     return build_measurement(
         values,
         layout,
@@ -305,6 +327,7 @@ def build_measurement(
         total_norm=_total_norm(partials, param_numels, spec.norm_type),
         param_norms=param_norms,
         grad_stats=finalize_grad_stats(values[layout.grad_stats]) if layout.stats else {},
+        loss=layout.loss_value(values),
     )
     measurement.metrics = to_metrics(measurement, spec)
     return measurement

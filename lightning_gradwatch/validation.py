@@ -5,7 +5,20 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any, Optional, TypeVar
+
+__all__ = [
+    "check_choice",
+    "check_int_at_least",
+    "check_open_unit",
+    "check_optional_number",
+    "check_path",
+    "check_positive",
+    "check_positive_int",
+    "check_thresholds",
+    "check_type",
+]
 
 T = TypeVar("T")
 
@@ -61,3 +74,43 @@ def check_path(value: Any, name: str) -> str:
     if not value:
         raise ValueError(f"`{name}` must be a non-empty path, got {value!r}.")
     return value
+
+
+def check_int_at_least(value: Any, low: int, name: str) -> int:
+    """``value`` if it is an ``int >= low`` (``bool`` is not accepted as ``int``)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int >= {low}, got {type(value).__name__}: {value!r}.")
+    if value < low:
+        raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}.")
+    return value
+
+
+def check_optional_number(value: Any, name: str) -> Optional[float]:
+    """``None``, or ``value`` as a float if it is a real number that is not NaN (infinities pass)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"`{name}` must be a number or None, got {type(value).__name__}: {value!r}."
+        )
+    if math.isnan(value):
+        raise ValueError(f"`{name}` must not be NaN.")
+    return float(value)
+
+
+def check_open_unit(value: Any, name: str) -> float:
+    """``value`` as a float if it is a real number strictly between 0 and 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"`{name}` must be a number in (0, 1), got {type(value).__name__}: {value!r}."
+        )
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"`{name}` must be a number in (0, 1) (both excluded), got {value!r}.")
+    return float(value)
+
+
+def check_choice(value: Any, choices: Sequence[str], name: str) -> str:
+    """``value`` if it is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
+    return str(value)

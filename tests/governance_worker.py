@@ -7,6 +7,9 @@
   at every measured step. Each rank saves ``rank<r>.pt`` with what it saw.
 * ``kill``: a single process whose warn rule trips every step; the module kills its own process with
   ``SIGKILL`` at step ``KILL_STEP``, mid-run, with no chance to clean up.
+* ``loss_ddp``: ``strategy="ddp"`` on 2 CPU processes with a ``loss`` rule; rank 1's loss alone is
+  multiplied by ``LOSS_SPIKE`` at step ``LOSS_SPIKE_STEP``. The module also logs its loss with
+  ``sync_dist=True`` (Lightning's own cross-rank mean) every step. Each rank saves ``rank<r>.pt``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from lightning_gradwatch import GradientFlowCallback, Rule
 FAULT_STEP = 3
 LOG_EVERY = 2
 KILL_STEP = 5
+LOSS_SPIKE_STEP = 9
+LOSS_SPIKE = 20.0
 
 
 class Killed(FaultNet):
@@ -65,6 +70,51 @@ def ddp(out_dir: str) -> None:
     torch.save(record, Path(out_dir) / f"rank{trainer.global_rank}.pt")
 
 
+class RankSpike(FaultNet):
+    """Multiplies rank 1's loss by ``LOSS_SPIKE`` at ``LOSS_SPIKE_STEP``; records each rank's own
+    loss and logs it for Lightning to average across ranks (``sync_dist=True``)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.losses: dict[int, float] = {}
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        loss = super().training_step(batch, batch_idx)
+        if self.global_rank == 1 and self.trainer.global_step == LOSS_SPIKE_STEP:
+            loss = loss * LOSS_SPIKE
+        self.losses[self.trainer.global_step] = float(loss)
+        self.log("lightning_loss", loss, sync_dist=True, on_step=True, on_epoch=False)
+        return loss
+
+
+def loss_ddp(out_dir: str) -> None:
+    pl.seed_everything(0, verbose=False)
+    model = RankSpike(n_samples=256, batch_size=8)
+    rule = Rule("loss", zscore=6.0, window=8, warmup=4, action="skip", name="loss_spike")
+    callback = GradientFlowCallback(log_every_n_steps=LOG_EVERY, rules=[rule])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=12,
+        callbacks=[callback],
+        logger=CSVLogger(out_dir, name="csv", version=0),
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=out_dir,
+    )
+    trainer.fit(model)
+    record = {
+        "alerts": [(a.step, a.rule, a.action, list(a.ranks), a.value) for a in callback.alerts],
+        "losses": model.losses,
+        "governance": callback.state_dict()["governance"],
+        "weights": model.weights,
+    }
+    torch.save(record, Path(out_dir) / f"rank{trainer.global_rank}.pt")
+
+
 def kill(out_dir: str) -> None:
     pl.seed_everything(0, verbose=False)
     callback = GradientFlowCallback(
@@ -86,4 +136,4 @@ def kill(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    {"ddp": ddp, "kill": kill}[sys.argv[1]](sys.argv[2])
+    {"ddp": ddp, "kill": kill, "loss_ddp": loss_ddp}[sys.argv[1]](sys.argv[2])

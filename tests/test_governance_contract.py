@@ -283,10 +283,20 @@ if __name__ == "__main__":  # the script's own directory is on sys.path: `faults
 
 
 @pytest.mark.parametrize(
-    "metric", ["grad_norm_totl", "grad_stats/maximum", "grad_flow/mean", "loss", "grad_norm/"]
+    "metric", ["grad_norm_totl", "grad_stats/maximum", "grad_flow/mean", "losses", "grad_norm/"]
 )
 def test_rule_on_a_key_the_callback_never_logs_fails_at_construction(metric: str) -> None:
     with pytest.raises(ValueError, match=r"Rule `metric` .* is not a key the callback logs"):
+        Rule(metric, max=1.0)
+
+
+@pytest.mark.parametrize(
+    "metric", ["gradwatch/loss", "grad_norm_total_max", "grad_norm_total_clip_threshold"]
+)
+def test_rule_on_a_chart_only_key_fails_naming_the_figure_to_use(metric: str) -> None:
+    with pytest.raises(
+        ValueError, match=r"Rule `metric` .* charts only.*'grad_norm_total' or 'loss'"
+    ):
         Rule(metric, max=1.0)
 
 

@@ -1,7 +1,8 @@
 """Governance under ``strategy="ddp"`` on 2 CPU processes: a rule that trips on rank 1 only halts
 both ranks at the same step (no hang), the alert names the ranks that tripped (``rank``: the lowest
 of them), rank 0 alone writes the audit trail, and the halt checkpoint holds the weights before the
-bad update."""
+bad update. A ``loss`` rule reads the loss averaged over the ranks as Lightning averages a value
+logged with ``sync_dist=True``, so both ranks keep the same window and take the same decision."""
 
 from __future__ import annotations
 
@@ -13,26 +14,32 @@ from pathlib import Path
 import pytest
 import torch
 from faults import same_weights
-from governance_worker import FAULT_STEP
+from governance_worker import FAULT_STEP, LOG_EVERY, LOSS_SPIKE_STEP
+from reference import csv_metrics
 
 from lightning_gradwatch.alerts import read_alerts
 
 WORKER = Path(__file__).with_name("governance_worker.py")
 
 
-@pytest.mark.slow
-def test_trip_on_one_rank_halts_every_rank_at_the_same_step(tmp_path: Path) -> None:
+def run_ranks(scenario: str, out_dir: Path) -> list[dict]:
+    """Run a 2-process worker scenario and return what each rank saved (rank 0 first)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(
-        [sys.executable, str(WORKER), "ddp", str(tmp_path)],
+        [sys.executable, str(WORKER), scenario, str(out_dir)],
         capture_output=True,
         text=True,
-        timeout=60,  # a rank left waiting in a collective would hang: fail instead
+        timeout=90,  # a rank left waiting in a collective would hang: fail instead
         env=env,
         cwd=WORKER.parent.parent,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_trip_on_one_rank_halts_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    ranks = run_ranks("ddp", tmp_path)
     s = FAULT_STEP
     for record in ranks:
         assert record["halted"] and "nonfinite" in record["halt_reason"]
@@ -60,3 +67,29 @@ def test_trip_on_one_rank_halts_every_rank_at_the_same_step(tmp_path: Path) -> N
     assert records[-1]["checkpoint"] == checkpoint and Path(checkpoint).exists()
     state = torch.load(checkpoint, weights_only=False)["state_dict"]
     assert same_weights(state, ranks[0]["weights_before"][s])
+
+
+@pytest.mark.slow
+def test_loss_rule_reads_the_mean_over_ranks_and_decides_the_same_on_both(tmp_path: Path) -> None:
+    ranks = run_ranks("loss_ddp", tmp_path)
+    s = LOSS_SPIKE_STEP
+    mean = {step: (ranks[0]["losses"][step] + ranks[1]["losses"][step]) / 2 for step in range(12)}
+    # Rank 1's spike lifts the mean: the rule trips on both ranks, which skip the same step.
+    for record in ranks:
+        [(step, rule, action, on, value)] = record["alerts"]
+        assert (step, rule, action, on) == (s, "loss_spike", "skip", [0, 1])
+        assert value == pytest.approx(mean[s], rel=1e-6)
+        assert same_weights(record["weights"][s + 1], record["weights"][s])
+        assert not same_weights(record["weights"][s], record["weights"][s - 1])
+    # The same window on both ranks: the averaged losses of the accepted steps.
+    assert ranks[0]["governance"] == ranks[1]["governance"]
+    window = ranks[0]["governance"]["rules"]["loss_spike"]["windows"]["loss"]
+    accepted = [mean[step] for step in range(12) if step != s][-8:]
+    assert window == pytest.approx(accepted, rel=1e-6)
+    # The logged loss is the value Lightning logs with sync_dist=True (its mean over the ranks).
+    rows = csv_metrics(str(tmp_path / "csv" / "version_0"))
+    measured = [step for step in range(12) if step % LOG_EVERY == 0]
+    for step in measured:
+        assert rows[step]["gradwatch/loss"] == pytest.approx(rows[step]["lightning_loss"], rel=1e-6)
+        assert rows[step]["gradwatch/loss"] == pytest.approx(mean[step], rel=1e-6)
+    assert rows[s + 1]["gradwatch/loss_max"] == pytest.approx(mean[s], rel=1e-6)

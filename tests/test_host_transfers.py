@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 import lightning_gradwatch
-from lightning_gradwatch import GradientFlowCallback
+from lightning_gradwatch import GradientFlowCallback, Rule
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(lightning_gradwatch.__file__)) + os.sep
 #: Tensor methods that copy data to the host (a device sync on an accelerator).
@@ -129,18 +129,29 @@ def test_one_host_copy_per_measured_step_none_otherwise(
     assert len(callback.last.param_norms) == len(list(fit.lightning_module.parameters()))
 
 
-def test_default_governance_is_one_host_copy_on_every_step(
-    package_calls: Callable[[StepClock], Counter], tmp_path: Any
+ADAPTIVE_RULES = [
+    Rule("grad_norm_total", zscore=0.1, ema=0.9, warmup=2, action="clip"),  # clips most steps
+    Rule("loss", zscore=6.0, window=8, warmup=2, action="skip"),
+    Rule("nonfinite", action="halt"),
+]
+
+
+@pytest.mark.parametrize("rules", [None, ADAPTIVE_RULES], ids=["default", "adaptive-and-loss"])
+def test_every_step_governance_is_one_host_copy_on_every_step(
+    rules: Any, package_calls: Callable[[StepClock], Counter], tmp_path: Any
 ) -> None:
-    # The default rule (non-finite -> halt) checks every step: one copy on each step, and a measured
-    # step reuses its measurement instead of adding a second one.
+    # Rules checked every step (the default non-finite -> halt; an adaptive clip and a loss rule)
+    # cost one copy on each step: the loss rides in the same copy as the norms, the clip uses the
+    # total already on the host, and a measured step reuses its measurement.
     clock = StepClock()
     counts = package_calls(clock)
-    callback = GradientFlowCallback(log_every_n_steps=3)
-    assert callback.rules  # the default rules are on
+    callback = GradientFlowCallback(log_every_n_steps=3, rules=rules)
+    assert callback.rules  # rules are on
     steps = 7
     trainer(tmp_path, [clock, callback], max_steps=steps).fit(BlockNet(n_samples=16 * steps))
     assert _per_step(counts, HOST_COPIES) == dict.fromkeys(range(steps), 1)
+    if rules is not None:
+        assert [a.action for a in callback.alerts if a.action == "clip"]  # the clip did act
 
 
 def test_unmeasured_steps_register_no_tensor_hooks(

@@ -14,20 +14,20 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lightning_gradwatch import GradientFlowCallback
 from lightning_gradwatch.sinks import HIST_BLOCK_PREFIX, HIST_PARAM_PREFIX
 
-#: Prefixes of the README's metric table.
+#: Prefixes and keys of the README's metric table (governance's own keys are tested with it).
 TABLE_PREFIXES = (
     "grad_norm/",
     "grad_gain/",
     "grad_log_gain/",
-    "grad_norm_total",
     "grad_param_norm/",
     "grad_flow/",
     "grad_stats/",
 )
+TABLE_KEYS = ("grad_norm_total",)
 
 
 def _ours(metrics: dict[str, float]) -> dict[str, float]:
-    return {key: value for key, value in metrics.items() if key.startswith(TABLE_PREFIXES)}
+    return {k: v for k, v in metrics.items() if k.startswith(TABLE_PREFIXES) or k in TABLE_KEYS}
 
 
 def _events(log_dir: str, **size_guidance: int) -> EventAccumulator:

@@ -59,6 +59,64 @@ def test_bad_rules_fail_at_construction(kwargs: dict[str, Any], error: type, fie
         Rule(**kwargs)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (
+            {"metric": "grad_norm_total", "zscore": 2.5, "ema": 0.97, "window": 100},
+            ValueError,
+            r"`ema` .*`window`",
+        ),
+        ({"metric": "grad_norm_total", "zscore": 2.5, "ema": 1.0}, ValueError, r"`ema`.*\(0, 1\)"),
+        ({"metric": "grad_norm_total", "zscore": 2.5, "ema": 0.0}, ValueError, r"`ema`.*\(0, 1\)"),
+        ({"metric": "grad_norm_total", "zscore": 2.5, "ema": "0.9"}, TypeError, r"`ema`"),
+        ({"metric": "grad_norm_total", "max": 5.0, "ema": 0.9}, ValueError, r"`ema`.*`zscore`"),
+        (
+            {"metric": "grad_norm/blocks.0", "zscore": 3.0, "action": "clip"},
+            ValueError,
+            r"adaptive clip.*`metric` must be one of \['grad_norm_total'\].*`clip_to`",
+        ),
+        ({"metric": "loss", "zscore": 3.0, "action": "clip"}, ValueError, r"`metric`.*'loss'"),
+        (
+            {"metric": "grad_norm_total", "zscore": 3.0, "action": "clip", "clip_mode": "value"},
+            ValueError,
+            r"adaptive clip.*`clip_mode`",
+        ),
+        (
+            {"metric": "grad_norm_total", "zscore": 3.0, "min": 0.1, "action": "clip"},
+            ValueError,
+            r"adaptive clip.*`min`",
+        ),
+        (
+            {"metric": "grad_norm_total", "max": 3.0, "action": "clip"},
+            ValueError,
+            r"`clip_to`.*`zscore`",
+        ),
+        ({"metric": "nonfinite", "window": 1.5}, TypeError, r"Rule on 'nonfinite': `window`"),
+    ],
+)
+def test_bad_adaptive_and_ema_rules_name_the_arguments(
+    kwargs: dict[str, Any], error: type, message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        Rule(**kwargs)
+
+
+def test_the_documented_adaptive_and_loss_rules_construct() -> None:
+    zclip = Rule("grad_norm_total", zscore=2.5, ema=0.97, warmup=25, action="clip")
+    assert zclip.adaptive_clip and zclip.window is None and zclip.min_history == 25
+    assert Rule("grad_norm_total", zscore=2.5, ema=0.97, action="clip").min_history == 25
+    windowed = Rule("grad_norm_total", zscore=3.0, window=100, action="clip")
+    assert windowed.adaptive_clip and windowed.min_history == 20
+    assert not Rule("grad_norm_total", max=5.0, action="clip", clip_to=1.0).adaptive_clip
+    olmo = Rule("loss", zscore=6.0, window=128, warmup=64, action="skip")
+    assert olmo.checks_every_step and olmo.matches("loss") and olmo.min_history == 64
+    # Patterns match logged keys only, never the loss; a loss rule matches nothing else.
+    assert not Rule("*", max=1.0).matches("loss") and not olmo.matches("grad_norm_total")
+    assert Rule("grad_norm_total", zscore=6.0, window=128, warmup=64, action="skip").window == 128
+    assert Rule("grad_norm_total", zscore=3.0).window == 100  # the default when no ema
+
+
 def test_bad_rule_lists_fail_in_the_callback() -> None:
     with pytest.raises(TypeError, match="rules"):
         GradientFlowCallback(rules=[{"metric": "nonfinite"}])  # type: ignore[list-item]
@@ -180,13 +238,13 @@ def test_zscore_window_warmup_and_accepted_values_only() -> None:
     assert decision.check.worst.zscore == pytest.approx(4.5)
     assert decision.check.worst.threshold == 4.0
     # The spike stayed out of the window; a value below the band does not trip (spikes are upward).
-    assert engine.windows[0]["grad_norm_total"].values == deque(values)
+    assert engine.statistics[0]["grad_norm_total"].values == deque(values)
     assert run(engine, {"grad_norm_total": mean - 10 * std}, 6) == []
     assert run(engine, {"grad_norm_total": math.inf}, 7)[0].check.worst.zscore == math.inf
     # The window keeps only the last `window` accepted values.
     for step in range(20):
         run(engine, {"grad_norm_total": 1.0 + step / 100}, 8 + step)
-    assert len(engine.windows[0]["grad_norm_total"]) == 10
+    assert len(engine.statistics[0]["grad_norm_total"]) == 10
 
 
 def test_nonfinite_rule_and_scaler_patience() -> None:
@@ -215,6 +273,74 @@ def test_state_round_trip_and_ranks() -> None:
     checks = restored.evaluate({"grad_norm/b0": 0.5}, nonfinite=False)
     [decision] = restored.commit(checks, [True], step=7, ranks=[[1]])  # tripped on rank 1 only
     assert decision.ranks == [1] and decision.consecutive == 8 and decision.action == "warn"
+
+
+def test_adaptive_clip_with_a_window_against_hand_computed_numbers() -> None:
+    rule = Rule("grad_norm_total", zscore=2.0, window=5, warmup=4, action="clip")
+    engine = RuleEngine([rule])
+    for step, value in enumerate([1.0, 2.0, 3.0, 4.0]):
+        assert run(engine, {"grad_norm_total": value}, step) == []
+    # mean 2.5, population std sqrt(1.25): the bar is 2.5 + 2 * 1.1180... = 4.7360...
+    bar = 2.5 + 2.0 * math.sqrt(1.25)
+    checks = engine.evaluate({"grad_norm_total": 10.0}, nonfinite=False)
+    assert checks[0].bars == {"grad_norm_total": pytest.approx(bar)}
+    assert engine.clip_thresholds(checks) == {"grad_norm_total_clip_threshold": pytest.approx(bar)}
+    [decision] = engine.commit(checks, [True], step=4)
+    assert decision.action == "clip" and decision.clip_to == pytest.approx(bar)
+    # The clipped value, not the spike, entered the window; the next bar is computed with it.
+    window = engine.statistics[0]["grad_norm_total"].values
+    assert list(window) == pytest.approx([1.0, 2.0, 3.0, 4.0, bar])
+    values = [1.0, 2.0, 3.0, 4.0, bar]
+    mean = sum(values) / 5
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / 5)
+    [check] = engine.evaluate({"grad_norm_total": 3.0}, nonfinite=False)
+    assert check.bars["grad_norm_total"] == pytest.approx(mean + 2.0 * std) and not check.tripped
+    # A value below the bar is accepted as it is; the window keeps its last 5.
+    engine.commit([check], [False], step=5)
+    assert list(engine.statistics[0]["grad_norm_total"].values) == pytest.approx([*values[1:], 3.0])
+
+
+def test_adaptive_clip_with_an_ema_against_hand_computed_numbers() -> None:
+    rule = Rule("grad_norm_total", zscore=2.0, ema=0.5, warmup=2, action="clip", max=50.0)
+    engine = RuleEngine([rule])
+    # Warm-up: only `max` bounds the clip, and 1 and 3 set mean 2 and variance 1.
+    [check] = engine.evaluate({"grad_norm_total": 1.0}, nonfinite=False)
+    assert check.bars == {"grad_norm_total": 50.0}
+    engine.commit([check], [False], step=0)
+    assert run(engine, {"grad_norm_total": 3.0}, 1) == []
+    ema = engine.statistics[0]["grad_norm_total"]
+    assert (ema.count, ema.mean, ema.var) == (2, 2.0, 1.0)
+    # 2.5: mean 0.5 * 2 + 0.5 * 2.5 = 2.25, variance 0.5 * 1 + 0.5 * (2.5 - 2.25)**2 = 0.53125.
+    assert run(engine, {"grad_norm_total": 2.5}, 2) == []
+    assert (ema.mean, ema.var) == pytest.approx((2.25, 0.53125))
+    bar = 2.25 + 2.0 * math.sqrt(0.53125)
+    [decision] = run(engine, {"grad_norm_total": 100.0}, 3)
+    assert decision.clip_to == pytest.approx(bar) and decision.check.worst.condition == "max"
+    # The EMA took the clipped value in.
+    mean = 0.5 * 2.25 + 0.5 * bar
+    assert (ema.mean, ema.var) == pytest.approx((mean, 0.5 * 0.53125 + 0.5 * (bar - mean) ** 2))
+    # State round trip of the EMA (plain data).
+    restored = RuleEngine([rule])
+    restored.load_state_dict(engine.state_dict())
+    assert restored.state_dict() == engine.state_dict()
+    assert engine.state_dict()["grad_norm_total"]["windows"]["grad_norm_total"] == {
+        "count": 4,
+        "mean": pytest.approx(mean),
+        "var": pytest.approx(0.5 * 0.53125 + 0.5 * (bar - mean) ** 2),
+        "pending": [],
+    }
+
+
+def test_a_non_clip_ema_rule_keeps_trips_out_and_loss_is_a_metric() -> None:
+    engine = RuleEngine([Rule("loss", zscore=3.0, ema=0.9, warmup=3, action="skip")])
+    for step, value in enumerate([2.0, 2.1, 1.9]):
+        assert run(engine, {"loss": value, "grad_norm_total": 1e6}, step) == []
+    ema = engine.statistics[0]["loss"]
+    before = (ema.count, ema.mean, ema.var)
+    [decision] = run(engine, {"loss": 50.0}, 3)
+    assert decision.action == "skip" and decision.clip_to is None
+    assert (ema.count, ema.mean, ema.var) == before  # the spike stayed out
+    assert engine.reads_loss and engine.needs_every_step
 
 
 def test_strongest_action() -> None:

@@ -1,0 +1,338 @@
+"""The glue between :class:`~lightning_gradwatch.callback.GradientFlowCallback` and governance:
+when the rules are checked (cadence) and on what, agreement across ranks, then the actions, the
+alerts and the logged keys; and the state that goes through checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_gradwatch.alerts import ALERTS_FILENAME, Alert, JsonlAlertSink, build_alert
+from lightning_gradwatch.diagnosis import FirstStepReport
+from lightning_gradwatch.distributed import ReductionPlan
+from lightning_gradwatch.governance.actions import (
+    GradientActions,
+    NamedParams,
+    clip_gradients,
+    save_halt_checkpoint,
+)
+from lightning_gradwatch.governance.agreement import Agreement, agree
+from lightning_gradwatch.governance.engine import Check, Decision, RuleEngine, strongest
+from lightning_gradwatch.governance.intervals import IntervalAggregates
+from lightning_gradwatch.governance.notices import (
+    report_first_step,
+    stale_gradients_warning,
+    warn_unmatched,
+)
+from lightning_gradwatch.governance.readings import has_nonfinite, nonfinite_report, rule_values
+from lightning_gradwatch.governance.rules import NO_ACTION, Rule
+from lightning_gradwatch.governance.step_loss import StepLoss
+from lightning_gradwatch.keys import CLIPPED_KEY, LOSS_KEY, TOTAL_NORM_KEY
+from lightning_gradwatch.measurement import GradientMeasurement, MeasurementSpec, measure_params
+from lightning_gradwatch.strategies import scaler_enabled
+
+__all__ = ["RuleEnforcer", "default_alerts_path"]
+
+
+class RuleEnforcer:
+    """Runs the rules of a :class:`GradientFlowCallback` and acts on what they decide.
+
+    Args:
+        rules: the validated rules.
+        check_every_n_steps: check the rules that run every step (``grad_norm_total``, ``loss``,
+            ``nonfinite``) every n optimizer steps.
+        alerts_path: JSONL audit trail (``None``: :func:`default_alerts_path`).
+    """
+
+    def __init__(
+        self, rules: Sequence[Rule], check_every_n_steps: int, alerts_path: Optional[str]
+    ) -> None:
+        self.engine = RuleEngine(rules)
+        self.check_every_n_steps = check_every_n_steps
+        self.alerts_path = alerts_path
+        self.spec = MeasurementSpec()
+        self.plan = ReductionPlan()
+        self.alerts: list[Alert] = []
+        self.halted = False
+        self.halt_reason: Optional[str] = None
+        self.first_step_report: Optional[FirstStepReport] = None
+        self.block_names: list[str] = []
+        self._sink: Optional[JsonlAlertSink] = None
+        self._actions = GradientActions()
+        self._loss = StepLoss(combine=self.engine.reads_loss)
+        self._interval = IntervalAggregates()
+        self._stopping = False  # halted in this run: every later update is skipped too
+        self._checked_step = -1
+        self._new_step = False
+        self._warned_zero_grad = False
+        self._matches_checked = False
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def setup(
+        self,
+        trainer: pl.Trainer,
+        block_names: Sequence[str],
+        spec: MeasurementSpec,
+        plan: ReductionPlan,
+    ) -> None:
+        """Start a fit: the watched blocks, what is measured and how it reduces across ranks."""
+        self.block_names = list(block_names)
+        self.spec, self.plan = spec, plan
+        self._stopping = False
+        self._checked_step = -1
+        self._new_step = False
+        self._matches_checked = False
+        if trainer.is_global_zero:
+            self._sink = JsonlAlertSink(self.alerts_path or default_alerts_path(trainer))
+
+    def end_step(self, trainer: pl.Trainer) -> None:
+        """After the optimizer step: undo what a skipped step paused."""
+        self._actions.end_step(trainer)
+
+    @property
+    def sink_path(self) -> Optional[str]:
+        return self._sink.path if self._sink is not None else None
+
+    # -- backward --------------------------------------------------------------------------------
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor, params: NamedParams
+    ) -> None:
+        if self.engine.rules and isinstance(loss, Tensor):
+            self._loss.add(trainer, loss)  # stays on the device until the step's host copy
+        if self._new_step and not pl_module.automatic_optimization:
+            self._new_step = False
+            if not self._warned_zero_grad:
+                warning = stale_gradients_warning(trainer.global_step, params)
+                if warning is not None:
+                    self._warned_zero_grad = True
+                    rank_zero_warn(warning)
+
+    def step_loss(self, trainer: pl.Trainer) -> Optional[Tensor]:
+        """This step's loss as a device scalar, to be copied to the host with the step's figures
+        (``None`` without rules). Call it on every rank at the same steps (it may average)."""
+        return self._loss.take(trainer) if self.engine.rules else None
+
+    # -- optimizer step --------------------------------------------------------------------------
+
+    def on_before_optimizer_step(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        optimizer: Optimizer,
+        params: NamedParams,
+        measurement: Optional[GradientMeasurement],
+    ) -> dict[str, float]:
+        """Check the rules at this step and act. Returns the keys to log at this step."""
+        step = trainer.global_step
+        self._new_step = True
+        measured = measurement is not None
+        if measurement is not None and self.first_step_report is None:
+            self.first_step_report = report_first_step(measurement, params)
+        if self._stopping:
+            self._actions.skip(trainer, optimizer, params)
+            return {}
+        if not self.engine.rules or step == self._checked_step or not (measured or self._due(step)):
+            return {}
+        self._checked_step = step
+        if measurement is None:
+            measurement = self._measure_params(trainer, params, step)
+        checks, agreement, decisions = self._decide(trainer, measurement, measured)
+        extra = self._act(trainer, optimizer, params, decisions, measurement, agreement)
+        if not measured and CLIPPED_KEY in extra:
+            # Log the pre-clip total next to the clipped one (measured steps log it anyway).
+            extra[TOTAL_NORM_KEY] = measurement.total_norm
+        self._aggregate(measurement)
+        return {**extra, **self._governance_keys(measurement, checks, measured, bool(decisions))}
+
+    def _due(self, step: int) -> bool:
+        """Whether an unmeasured step is checked: rules that run every step exist, this is their
+        step, and what they read is there (parameter figures, where ``p.grad`` is the gradient, or
+        the loss; under FSDP1/DeepSpeed only measured block figures count otherwise)."""
+        return (
+            self.engine.needs_every_step
+            and step % self.check_every_n_steps == 0
+            and (self.spec.measure_params or self.engine.reads_loss)
+        )
+
+    def _measure_params(
+        self, trainer: pl.Trainer, params: NamedParams, step: int
+    ) -> GradientMeasurement:
+        named_grads = [(name, p.grad) for name, p in params if p.grad is not None]
+        loss = self.step_loss(trainer)
+        return measure_params(named_grads, self.spec, self.plan, step=step, loss=loss)  # type: ignore[arg-type]
+
+    def _decide(
+        self, trainer: pl.Trainer, measurement: GradientMeasurement, measured: bool
+    ) -> tuple[list[Check], Agreement, list[Decision]]:
+        """Evaluate, agree across ranks, commit: the same decisions on every rank."""
+        values = rule_values(measurement, measured)
+        nonfinite = has_nonfinite(measurement, measured, self.spec.measure_params)
+        checks = self.engine.evaluate(values, nonfinite=nonfinite, measured=measured)
+        if measured and not self._matches_checked:
+            self._matches_checked = True
+            warn_unmatched(self.engine, checks, self.block_names, measurement.step)
+        agreement = agree(trainer, checks, len(self.engine))
+        decisions = self.engine.commit(
+            checks,
+            agreement.tripped,
+            step=measurement.step,
+            scaler_active=scaler_enabled(trainer),
+            ranks=agreement.ranks,
+        )
+        return checks, agreement, decisions
+
+    # -- acting ----------------------------------------------------------------------------------
+
+    def _act(
+        self,
+        trainer: pl.Trainer,
+        optimizer: Optimizer,
+        params: NamedParams,
+        decisions: list[Decision],
+        measurement: GradientMeasurement,
+        agreement: Agreement,
+    ) -> dict[str, float]:
+        """Apply the strongest action of this step's decisions and record every decision."""
+        if not decisions:
+            return {}
+        total = measurement.total_norm
+        # clip_grad_norm_ with an Inf total turns every gradient into NaN: never clip then.
+        decisions = [
+            dataclasses.replace(d, action=NO_ACTION)
+            if d.action == "clip" and not math.isfinite(total)
+            else d
+            for d in decisions
+        ]
+        action = strongest(d.action for d in decisions)
+        extra: dict[str, float] = {}
+        checkpoint = None
+        if action == "clip":
+            extra[CLIPPED_KEY] = self._clip(params, decisions, total)
+        elif action in ("skip", "halt"):
+            if action == "halt":
+                directory = os.path.dirname(self.sink_path or "") or trainer.default_root_dir
+                checkpoint = save_halt_checkpoint(trainer, directory, measurement.step)
+            self._actions.skip(trainer, optimizer, params)
+        self._record(trainer, decisions, measurement, agreement, action, checkpoint)
+        return extra
+
+    def _clip(self, params: NamedParams, decisions: list[Decision], total: float) -> float:
+        """Clip by the tightest acting target per mode; the total norm after it."""
+        acting = [d for d in decisions if d.action == "clip" and d.clip_to is not None]
+        by_norm = [d.clip_to for d in acting if d.rule.clip_mode == "norm"]
+        by_value = [d.clip_to for d in acting if d.rule.clip_mode == "value"]
+        return clip_gradients(
+            params,
+            by_norm=min(by_norm, default=None),  # type: ignore[type-var]
+            by_value=min(by_value, default=None),  # type: ignore[type-var]
+            total=total,
+            measure_total=lambda: self._total_norm(params),
+        )
+
+    def _total_norm(self, params: NamedParams) -> float:
+        """The total norm of the gradients as they are now (combined across ranks)."""
+        named_grads = [(name, p.grad) for name, p in params if p.grad is not None]
+        return measure_params(named_grads, self.spec, self.plan, step=-1).total_norm  # type: ignore[arg-type]
+
+    def _record(
+        self,
+        trainer: pl.Trainer,
+        decisions: list[Decision],
+        measurement: GradientMeasurement,
+        agreement: Agreement,
+        action: Optional[str],
+        checkpoint: Optional[str],
+    ) -> None:
+        """One alert per decision: kept, written to the audit trail, warned about (rate-limited)."""
+        report = nonfinite_report(self.block_names, measurement)
+        scaler = scaler_enabled(trainer)
+        for decision in decisions:
+            alert = build_alert(
+                decision,
+                label=self.engine.labels[decision.check.index],
+                epoch=trainer.current_epoch,
+                rank=trainer.global_rank,
+                block_names=self.block_names,
+                report=report,
+                scaler=scaler,
+                step_action=action,
+                checkpoint=checkpoint,
+                peer_value=agreement.peer_values.get(decision.check.index, math.nan),
+            )
+            self.alerts.append(alert)
+            if self._sink is not None:
+                self._sink.write(alert)
+            if decision.action == "halt":
+                rank_zero_warn(alert.message)
+                trainer.should_stop = True
+                self.halted, self.halt_reason, self._stopping = True, alert.message, True
+            elif _backoff(decision.count):
+                rank_zero_warn(alert.message + " (this rule's trips are shown at 1, 2, 4, 8, ...)")
+
+    # -- logged keys -------------------------------------------------------------------------------
+
+    def _aggregate(self, measurement: GradientMeasurement) -> None:
+        """Keep what the every-step check computed for the next measured step's max and mean."""
+        if not self.engine.needs_every_step:
+            return
+        if measurement.param_norms:
+            self._interval.add(TOTAL_NORM_KEY, measurement.total_norm)
+        if self.engine.reads_loss and measurement.loss is not None:
+            self._interval.add(LOSS_KEY, measurement.loss)
+
+    def _governance_keys(
+        self, measurement: GradientMeasurement, checks: list[Check], measured: bool, tripped: bool
+    ) -> dict[str, float]:
+        """Counters and thresholds on measured steps (every one, so charts are continuous) and on
+        steps where something tripped; the interval's max/mean and the loss on measured steps."""
+        if measurement.skipped_by_scaler:  # not logged (unless halted): the interval goes on
+            return self.engine.counters() if tripped else {}
+        if not (measured or tripped):
+            return {}
+        keys = {**self.engine.counters(), **self.engine.clip_thresholds(checks)}
+        if measured:
+            keys.update(self._interval.flush())
+            if self.engine.reads_loss and measurement.loss is not None:
+                keys[LOSS_KEY] = measurement.loss
+        return keys
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data: the rules' counters and statistics, whether training was halted, and the
+        every-step figures gathered since the last measured step."""
+        return {
+            "rules": self.engine.state_dict(),
+            "halted": self.halted,
+            "halt_reason": self.halt_reason,
+            "interval": self._interval.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.engine.load_state_dict(state.get("rules", {}))
+        self.halted = bool(state.get("halted", False))
+        self.halt_reason = state.get("halt_reason")
+        self._interval.load_state_dict(state.get("interval", {}))
+
+
+def _backoff(count: int) -> bool:
+    """Warn at a rule's 1st, 2nd, 4th, 8th, ... trip (rate limit for rules that trip every step)."""
+    return count & (count - 1) == 0
+
+
+def default_alerts_path(trainer: pl.Trainer) -> str:
+    """``gradwatch_alerts.jsonl`` in the first logger's ``log_dir``, else ``default_root_dir``."""
+    directory = None
+    if trainer.loggers:
+        directory = getattr(trainer.loggers[0], "log_dir", None)
+    return os.path.join(directory or trainer.default_root_dir, ALERTS_FILENAME)

@@ -1,0 +1,55 @@
+"""What happened between two measured steps: the maximum and mean of the figures the every-step
+check computed, so a spike between two logged points still shows on the chart. Host floats only."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from lightning_gradwatch.keys import interval_max_key, interval_mean_key
+
+__all__ = ["IntervalAggregates"]
+
+
+class IntervalAggregates:
+    """Count, sum and maximum of each figure since the last :meth:`flush`.
+
+    Non-finite values are left out (an AMP-skipped step's overflow, a NaN the ``nonfinite`` rule
+    records), so one of them does not blank a whole interval.
+
+    Example::
+
+        interval = IntervalAggregates()
+        interval.add("grad_norm_total", 1.0)
+        interval.add("grad_norm_total", 3.0)
+        interval.flush()  # {"grad_norm_total_max": 3.0, "grad_norm_total_mean": 2.0}
+    """
+
+    def __init__(self) -> None:
+        self._figures: dict[str, list[float]] = {}  # key -> [count, sum, max]
+
+    def add(self, key: str, value: float) -> None:
+        if not math.isfinite(value):
+            return
+        entry = self._figures.setdefault(key, [0.0, 0.0, -math.inf])
+        entry[0] += 1
+        entry[1] += value
+        entry[2] = max(entry[2], value)
+
+    def flush(self) -> dict[str, float]:
+        """``<key>_max`` and ``<key>_mean`` of every figure seen since the last flush; starts over."""
+        out: dict[str, float] = {}
+        for key, (count, total, peak) in self._figures.items():
+            if count > 0:
+                out[interval_max_key(key)] = peak
+                out[interval_mean_key(key)] = total / count
+        # Keys stay (reset in place): the same small dict for the whole run.
+        for entry in self._figures.values():
+            entry[:] = [0.0, 0.0, -math.inf]
+        return out
+
+    def state_dict(self) -> dict[str, list[float]]:
+        return {key: list(entry) for key, entry in self._figures.items()}
+
+    def load_state_dict(self, state: Mapping[str, list[float]]) -> None:
+        self._figures = {key: [float(v) for v in entry] for key, entry in state.items()}

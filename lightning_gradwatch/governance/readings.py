@@ -1,0 +1,58 @@
+"""What the rules read from one step's :class:`~lightning_gradwatch.measurement.GradientMeasurement`:
+the values by key, whether anything was non-finite, and where a NaN/Inf started."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Optional
+
+from lightning_gradwatch.diagnosis import NonFiniteReport, locate_nonfinite
+from lightning_gradwatch.keys import LOSS, TOTAL_NORM_KEY
+from lightning_gradwatch.measurement import GradientMeasurement
+
+__all__ = ["has_nonfinite", "nonfinite_report", "rule_values"]
+
+
+def rule_values(measurement: GradientMeasurement, measured: bool) -> dict[str, float]:
+    """The logged figures (an unmeasured step knows the total norm only, so nothing else may match
+    there) and ``"loss"``."""
+    values = dict(measurement.metrics) if measured else {TOTAL_NORM_KEY: measurement.total_norm}
+    if not measurement.param_norms:  # no parameter has a gradient: there is no total norm
+        values.pop(TOTAL_NORM_KEY, None)
+    if measurement.loss is not None:
+        values[LOSS] = measurement.loss
+    return values
+
+
+def has_nonfinite(
+    measurement: GradientMeasurement, measured: bool, params_measured: bool
+) -> Optional[bool]:
+    """A NaN/Inf in a parameter or block-output gradient or in the loss (``None``: unknown, the
+    gradients are measured neither here nor by parameter, and the loss is finite or unread)."""
+    loss = measurement.loss
+    bad_loss = loss is not None and not math.isfinite(loss)
+    if not (measured or params_measured):
+        return True if bad_loss else None
+    # Per-parameter norms, not the total: with no gradient at all the total is NaN too.
+    bad_params = not all(math.isfinite(v) for v in measurement.param_norms.values())
+    return bad_loss or bad_params or bool(measurement.nonfinite_blocks)
+
+
+def nonfinite_report(
+    block_names: Sequence[str], measurement: GradientMeasurement
+) -> Optional[NonFiniteReport]:
+    """Where a NaN/Inf in this rank's gradients or loss started (``None``: there is none)."""
+    params = [name for name, v in measurement.param_norms.items() if not math.isfinite(v)]
+    loss = measurement.loss
+    bad_loss = None if loss is None else not math.isfinite(loss)
+    if not (params or measurement.nonfinite_blocks or bad_loss):
+        return None
+    measured = bool(measurement.block_names)
+    return locate_nonfinite(
+        block_names,
+        params,
+        measurement.block_norms if measured else None,
+        bad_loss,
+        chained=measurement.chained if measured else None,
+    )
