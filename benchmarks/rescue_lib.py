@@ -378,7 +378,7 @@ class Variant:
 
 def _adaptive_clip() -> list[Rule]:
     # ZClip's defaults: clip to the EMA mean + 2.5 EMA std of the total norm (EMA factor 0.97).
-    return [Rule("grad_norm_total", zscore=2.5, ema=0.97, warmup=25, action="clip")]  # type: ignore[call-arg]
+    return [Rule("grad_norm_total", zscore=2.5, ema=0.97, warmup=25, action="clip")]
 
 
 def _spike_skip() -> list[Rule]:
