@@ -30,7 +30,7 @@ Definitions (also printed with the table):
 Usage::
 
     .venv/bin/python benchmarks/rescue.py            # 3 seeds, 45 runs, 2 at a time
-    .venv/bin/python benchmarks/rescue.py --quick    # 1 seed, 40-step runs (smoke test)
+    .venv/bin/python benchmarks/rescue.py --quick    # 1 seed, 32-step runs, 2 blocks (smoke test)
 
 Writes ``rescue.md`` and ``rescue.json`` to ``--out`` (default ``benchmarks/results/``).
 """
@@ -44,6 +44,7 @@ import math
 import multiprocessing
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -115,8 +116,13 @@ def run_all(
     if jobs <= 1:
         return [_run_task(task) for task in tasks]
     # spawn: a fresh interpreter per worker, no torch thread pool inherited through fork
-    with multiprocessing.get_context("spawn").Pool(jobs, initializer=_init_worker) as pool:
+    pool = multiprocessing.get_context("spawn").Pool(jobs, initializer=_init_worker)
+    try:
         return pool.map(_run_task, tasks, chunksize=1)
+    finally:
+        # close + join, not terminate: workers that exit normally count in RUSAGE_CHILDREN
+        pool.close()
+        pool.join()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,7 +278,7 @@ def _recovery(values: Sequence[Optional[int]]) -> str:
 def table(rows: Sequence[dict[str, Any]], first_fault: int) -> list[str]:
     """The Markdown table: one line per (scenario, variant)."""
     lines = [
-        f"| scenario | variant | held-out @{first_fault} | held-out at end | end vs clean no-rules "
+        f"| scenario | variant | held-out before faults (step {first_fault}) | held-out at end | end vs clean no-rules "
         "| loss jump at fault | worst loss after | recovery steps | steps skipped | steps clipped "
         "| wall s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -312,7 +318,8 @@ def markdown(result: dict[str, Any]) -> str:
             else ""
         ),
         f"Load average at start: {m['loadavg_start']}; at end: {m['loadavg_end']}. "
-        f"Total wall time {result['seconds'] / 60:.1f} min.",
+        f"Total wall time {result['seconds'] / 60:.1f} min; CPU time of all processes "
+        f"{result['cpu_seconds'] / 60:.1f} min.",
         "",
         f"Command: `{result['command']}`",
         "",
@@ -377,6 +384,13 @@ def machine() -> dict[str, Any]:
     }
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (the workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def load() -> str:
     """The 1/5/15-minute load averages (``n/a`` where the OS has none)."""
     return " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
@@ -384,12 +398,19 @@ def load() -> str:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one seed, 40-step runs (smoke test)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="one seed, 32-step runs of a 2-block model (smoke test)",
+    )
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (processes)")
     parser.add_argument("--scenarios", nargs="+", default=None, help="subset (natural is added)")
     parser.add_argument("--variants", nargs="+", default=None, help="subset (none is added)")
+    parser.add_argument(
+        "--render", default=None, help="only recompute the table from this rescue.json's runs"
+    )
     parser.add_argument(
         "--out",
         default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
@@ -400,11 +421,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.render:
+        return render(args.render, args.out)
     lib.quiet_lightning()
     start = time.perf_counter()
     config = lib.RunConfig()
     if args.quick:
-        config = replace(config, steps=40, eval_every=4, eval_windows=16, log_every_n_steps=10)
+        # a smoke run: a smaller model, and just enough steps for three non-overlapping bursts
+        config = replace(
+            config,
+            steps=32,
+            d_model=32,
+            n_blocks=2,
+            eval_every=4,
+            eval_windows=16,
+            log_every_n_steps=8,
+        )
     if args.steps:
         config = replace(config, steps=args.steps)
     seeds = list(range(args.seeds if args.seeds else (1 if args.quick else 3)))
@@ -451,14 +483,33 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     result["rows"] = summarize(runs, config, scenario_list, result["first_fault"])
     result["runs"] = runs
     result["seconds"] = time.perf_counter() - start
+    result["cpu_seconds"] = cpu_seconds()
     result["machine"]["loadavg_end"] = load()
-    os.makedirs(args.out, exist_ok=True)
+    write(result, args.out)
+    return result
+
+
+def write(result: dict[str, Any], out: str) -> None:
+    """``rescue.md`` and ``rescue.json`` into ``out``; the table also on stdout."""
+    os.makedirs(out, exist_ok=True)
     text = markdown(result)
-    with open(os.path.join(args.out, "rescue.md"), "w", encoding="utf-8") as handle:
+    with open(os.path.join(out, "rescue.md"), "w", encoding="utf-8") as handle:
         handle.write(text)
-    with open(os.path.join(args.out, "rescue.json"), "w", encoding="utf-8") as handle:
-        json.dump(result, handle, indent=1, default=str)
+    with open(os.path.join(out, "rescue.json"), "w", encoding="utf-8") as handle:
+        # compact: the per-step losses of every run make an indented file ten times as long
+        json.dump(result, handle, separators=(",", ":"), default=str)
     print(text)
+
+
+def render(path: str, out: str) -> dict[str, Any]:
+    """Recompute the table from the runs saved in a ``rescue.json`` (no training)."""
+    with open(path, encoding="utf-8") as handle:
+        result: dict[str, Any] = json.load(handle)
+    config = lib.RunConfig(**result["config"])
+    names = {s["name"] for s in result["scenarios"]}
+    scenario_list = [s for s in lib.scenarios(config.steps) if s.name in names]
+    result["rows"] = summarize(result["runs"], config, scenario_list, result["first_fault"])
+    write(result, out)
     return result
 
 

@@ -1,7 +1,7 @@
 """``benchmarks/rescue.py --quick`` runs end to end and writes its Markdown table and JSON.
 
-A smoke test only (one seed, 40-step runs): nothing here asserts that a variant helps; that is the
-full benchmark's job.
+A smoke test only (one seed, 32-step runs of a 2-block model): nothing here asserts that a variant
+helps; that is the full benchmark's job.
 """
 
 from __future__ import annotations
