@@ -1,4 +1,4 @@
-"""Example 1, activations (seeds 002/003): 10-layer sigmoid vs tanh vs ReLU MLPs.
+"""Example 1, activations: 10-layer sigmoid vs tanh vs ReLU MLPs.
 
 sigmoid'(x) <= 0.25, so every sigmoid block shrinks the gradient going backward: the report shows
 DAMPING transitions and a tiny end-to-end gain (the "vanishing ratio": first block's norm / last

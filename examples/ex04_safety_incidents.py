@@ -1,10 +1,10 @@
-"""Example 4, the safety-incident classifier of seed 000: 10 % positives and unscaled features.
+"""Example 4, a safety-incident classifier: 10 % positives and unscaled features.
 
 Raw sensor-like features (scales from 1 to 1000) and a rare positive class make the first layers'
-gradients large and spiky. Rules turn that into governance (seed 000: "norm > 5.0 means pause and
-notify"): every step whose total gradient norm is above 5 is clipped by norm and recorded, spikes are
-flagged, and when a corrupted batch (a NaN reading) makes the gradients NaN, training halts before the
-update and a checkpoint of the last good weights is saved. Every alert lands in
+gradients large and spiky. Rules turn that into governance (the policy "a norm above 5.0 means
+pause and notify"): every step whose total gradient norm is above 5 is clipped by norm and
+recorded, spikes are flagged, and when a corrupted batch (a NaN reading) makes the gradients NaN,
+training halts before the update and a checkpoint of the last good weights is saved. Every alert lands in
 ``gradwatch_alerts.jsonl`` next to the logs and in the report's alert timeline.
 
 Run: ``python examples/ex04_safety_incidents.py [--root runs] [--fast]``

@@ -2,7 +2,7 @@
 
 The monitor hooks the blocks once; each backward fills in the block-output gradient norms, which
 stay on the device until asked for. ``reset()`` before every backward (strict single-backward mode
-raises on a second backward otherwise). The same API as the seed-001 ``GradientGainMonitor``.
+raises on a second backward otherwise). The ``GradientGainMonitor`` API.
 
 Run: ``python examples/ex05_plain_pytorch.py [--fast]``
 """

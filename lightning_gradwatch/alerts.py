@@ -133,61 +133,72 @@ def build_alert(
         checkpoint: the halt checkpoint written at this step, if any.
         peer_value: the value a tripping rank saw (when this rank's own check did not trip).
     """
-    rule, check, worst = decision.rule, decision.check, decision.check.worst
-    condition = worst.condition if worst else (NONFINITE if rule.is_nonfinite else "")
-    nonfinite = report if condition == NONFINITE else None
-    block, blocks, params, loss_nonfinite = _where(check, block_names, nonfinite)
-    fields: dict[str, Any] = {
-        "step": decision.step,
-        "epoch": epoch,
-        "rank": decision.ranks[0] if decision.ranks else rank,
-        "ranks": list(decision.ranks),
-        "rule": label,
-        "rule_repr": repr(rule),
+    what = _what(decision, peer_value)
+    nonfinite = report if what["condition"] == NONFINITE else None
+    halt_checkpoint = checkpoint if decision.action == "halt" else None
+    ranks = list(decision.ranks)
+    summary = nonfinite.message() if nonfinite else _describe(what)
+    done = _outcome(decision, what["condition"], scaler, step_action, halt_checkpoint)
+    on = f" on rank(s) {ranks}" if ranks else ""
+    return Alert(
+        step=decision.step,
+        epoch=epoch,
+        rank=ranks[0] if ranks else rank,
+        ranks=ranks,
+        rule=label,
+        rule_repr=repr(decision.rule),
+        action=decision.action,
+        consecutive=decision.consecutive,
+        patience=decision.patience,
+        checkpoint=halt_checkpoint,
+        clip_to=decision.clip_to if decision.action == "clip" else None,
+        message=f"GradientFlowCallback: rule {label!r} tripped at step {decision.step}{on}: "
+        f"{summary}; {done}.",
+        **what,
+        **_where(decision.check, block_names, nonfinite),
+    )
+
+
+def _what(decision: Decision, peer_value: float) -> dict[str, Any]:
+    """``metric``, ``value``, ``threshold``, ``condition``, ``zscore`` and ``keys`` of an alert:
+    the worst violating key on this rank, else (it tripped on another rank) the rule's metric."""
+    rule, worst = decision.rule, decision.check.worst
+    return {
         "metric": worst.key if worst else rule.metric,
         "value": worst.value if worst else peer_value,
         "threshold": worst.threshold if worst else None,
-        "condition": condition,
+        "condition": worst.condition if worst else (NONFINITE if rule.is_nonfinite else ""),
         "zscore": worst.zscore if worst else None,
-        "action": decision.action,
-        "consecutive": decision.consecutive,
-        "patience": decision.patience,
-        "keys": {v.key: v.value for v in check.violations},
-        "block": block,
-        "blocks": blocks,
-        "params": params,
-        "where": list(dict.fromkeys([*([block] if block else []), *blocks])) + params,
-        "loss_nonfinite": loss_nonfinite,
-        "checkpoint": checkpoint if decision.action == "halt" else None,
-        "clip_to": decision.clip_to if decision.action == "clip" else None,
+        "keys": {v.key: v.value for v in decision.check.violations},
     }
-    what = nonfinite.message() if nonfinite else _describe(fields)
-    done = _outcome(decision, condition, scaler, step_action, fields["checkpoint"])
-    ranks = f" on rank(s) {fields['ranks']}" if fields["ranks"] else ""
-    message = (
-        f"GradientFlowCallback: rule {label!r} tripped at step {decision.step}{ranks}: "
-        f"{what}; {done}."
-    )
-    return Alert(**fields, message=message)
 
 
 def _where(
     check: Check, block_names: Sequence[str], report: Optional[NonFiniteReport]
-) -> tuple[Optional[str], list[str], list[str], Optional[bool]]:
-    """``block``, ``blocks``, ``params`` and ``loss_nonfinite`` of an alert."""
+) -> dict[str, Any]:
+    """``block``, ``blocks``, ``params``, ``where`` and ``loss_nonfinite`` of an alert."""
+    loss_nonfinite = None
     if report is not None:
-        return report.block, list(report.blocks), list(report.params), report.loss_nonfinite
-    keys = [v.key for v in check.violations]
-    blocks = [b for b in block_names if any(key.endswith("/" + b) for key in keys)]
-    params = [k[len(PARAM_NORM_PREFIX) :] for k in keys if k.startswith(PARAM_NORM_PREFIX)]
-    return (blocks[0] if blocks else None), blocks, params, None
+        block, blocks, params = report.block, list(report.blocks), list(report.params)
+        loss_nonfinite = report.loss_nonfinite
+    else:
+        keys = [v.key for v in check.violations]
+        blocks = [b for b in block_names if any(key.endswith("/" + b) for key in keys)]
+        params = [k[len(PARAM_NORM_PREFIX) :] for k in keys if k.startswith(PARAM_NORM_PREFIX)]
+        block = blocks[0] if blocks else None
+    where = list(dict.fromkeys([*([block] if block else []), *blocks])) + params
+    return {
+        "block": block,
+        "blocks": blocks,
+        "params": params,
+        "where": where,
+        "loss_nonfinite": loss_nonfinite,
+    }
 
 
-def _describe(fields: dict[str, Any]) -> str:
-    what = (
-        f"{fields['metric']} = {fields['value']:.6g} ({fields['condition']} {fields['threshold']})"
-    )
-    return what + (f", z = {fields['zscore']:.3g}" if fields["zscore"] is not None else "")
+def _describe(what: dict[str, Any]) -> str:
+    text = f"{what['metric']} = {what['value']:.6g} ({what['condition']} {what['threshold']})"
+    return text + (f", z = {what['zscore']:.3g}" if what["zscore"] is not None else "")
 
 
 def _outcome(

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_gradwatch._compat import COMPILED_MODULE_ATTR
 from lightning_gradwatch.alerts import Alert
 from lightning_gradwatch.blocks import resolve_blocks, validate_blocks_spec
 from lightning_gradwatch.diagnosis import FirstStepReport
@@ -21,9 +22,10 @@ from lightning_gradwatch.distributed import ReductionPlan, plan_reduction
 from lightning_gradwatch.figures import TensorBoardPictures
 from lightning_gradwatch.governance import Rule, validate_rules
 from lightning_gradwatch.governance.enforcer import RuleEnforcer
-from lightning_gradwatch.keys import DEFAULT_EPS
+from lightning_gradwatch.keys import DEFAULT_EPS, TOTAL_NORM_KEY, total_norm_key
 from lightning_gradwatch.measurement import GradientMeasurement, MeasurementSpec, measure
 from lightning_gradwatch.norms import validate_norm_type
+from lightning_gradwatch.optimizers import OptimizerSteps, optimizer_names
 from lightning_gradwatch.probe import GradientProbe
 from lightning_gradwatch.sinks import log_histograms, log_metrics
 from lightning_gradwatch.strategies import check_strategy, loss_scale
@@ -171,6 +173,8 @@ class GradientFlowCallback(Callback):
         self._spec = self.spec
         self._plan = ReductionPlan()
         self._params: list[tuple[str, nn.Parameter]] = []
+        #: Several optimizers: each step is measured over what its optimizer updates.
+        self._steps: Optional[OptimizerSteps] = None
         self._armed_step = -1
         self._measured_step = -1
         self._warned_histograms = False
@@ -197,6 +201,7 @@ class GradientFlowCallback(Callback):
             for n, p in pl_module.named_parameters()
             if p.requires_grad and self._spec.measure_params
         ]
+        self._steps = self._optimizer_steps(trainer, blocks)
         self._armed_step = self._measured_step = -1
         self._enforcer.setup(trainer, self.block_names, self._spec, self._plan)
         rank_zero_info(
@@ -205,6 +210,22 @@ class GradientFlowCallback(Callback):
         )
         if trainer.is_global_zero:
             self._pictures.start(trainer.loggers, self.block_names, self._spec)
+
+    def _optimizer_steps(
+        self, trainer: pl.Trainer, blocks: list[tuple[str, nn.Module]]
+    ) -> Optional[OptimizerSteps]:
+        if len(trainer.optimizers) < 2 or self._probe is None:
+            return None
+        names = optimizer_names(trainer.optimizers, trainer.lr_scheduler_configs)
+        steps = OptimizerSteps(
+            trainer.optimizers, names, blocks, self._params, self._probe.buffer.device
+        )
+        if steps.ownership.notes:
+            rank_zero_warn(
+                "GradientFlowCallback: with several optimizers each block is measured at the steps "
+                "of the optimizer that owns it; " + "; ".join(steps.ownership.notes) + "."
+            )
+        return steps
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
@@ -230,7 +251,10 @@ class GradientFlowCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if self._probe is None or step == self._armed_step or not self.is_measured_step(step):
+        # Several optimizers step within one batch: arm when any of them may be measured.
+        steps = range(step, step + (len(self._steps) if self._steps is not None else 1))
+        measured = any(self.is_measured_step(s) for s in steps)
+        if self._probe is None or step == self._armed_step or not measured:
             return
         # First micro-batch of a measured step: start from zero and keep the probe armed until the
         # optimizer step, so every micro-batch of the step is combined.
@@ -243,14 +267,15 @@ class GradientFlowCallback(Callback):
     ) -> None:
         step = trainer.global_step
         probe = self._probe
+        k = self._steps.index(optimizer) if self._steps is not None else 0
+        params = self._steps.params[k] if self._steps is not None else self._params
         measurement = None
-        if probe is not None and step == self._armed_step and step != self._measured_step:
+        if probe is not None and self._is_armed_for(step, probe) and step != self._measured_step:
             self._measured_step = step
-            probe.disarm()
-            measurement = self._measure(trainer, probe, step)
+            measurement = self._measure(trainer, probe, step, k)
         # Rules see the pre-clip figures; they may clip, drop the gradients or stop training.
         extra = self._enforcer.on_before_optimizer_step(
-            trainer, pl_module, optimizer, self._params, measurement
+            trainer, pl_module, optimizer, params, measurement
         )
         if measurement is not None and measurement.skipped_by_scaler:
             # The AMP scaler skips this step (inf/NaN gradients) and lowers its scale: its job, not
@@ -263,7 +288,7 @@ class GradientFlowCallback(Callback):
         if not trainer.is_global_zero:
             return
         if measurement is not None and probe is not None:
-            self._log(trainer, measurement, probe, extra)
+            self._log(trainer, measurement, probe, params, extra)
         elif extra:
             log_metrics(trainer.loggers, extra, step)
 
@@ -276,10 +301,14 @@ class GradientFlowCallback(Callback):
         batch_idx: int,
     ) -> None:
         self._enforcer.end_step(trainer)
+        if self._steps is not None and self._probe is not None:
+            self._probe.disarm()
 
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
     ) -> None:
+        if self._steps is not None and self._probe is not None and self._probe.armed:
+            self._steps.forget_zeroed(self._probe.buffer)
         self._enforcer.on_before_backward(trainer, pl_module, loss, self._params)
 
     @property
@@ -305,18 +334,36 @@ class GradientFlowCallback(Callback):
         measured step."""
         return self._enforcer.first_step_report
 
-    def _measure(self, trainer: pl.Trainer, probe: GradientProbe, step: int) -> GradientMeasurement:
+    def _is_armed_for(self, step: int, probe: GradientProbe) -> bool:
+        if self._steps is None:  # one optimizer: armed from the first micro-batch of the step
+            return step == self._armed_step
+        return probe.armed and self.is_measured_step(step)
+
+    def _measure(
+        self, trainer: pl.Trainer, probe: GradientProbe, step: int, k: int = 0
+    ) -> GradientMeasurement:
+        steps = self._steps
+        if steps is None:
+            probe.disarm()
+        params = steps.params[k] if steps is not None else self._params
         measurement = measure(
-            probe.buffer,
-            [(name, p.grad) for name, p in self._params if p.grad is not None],
+            probe.buffer if steps is None else steps.rows(probe.buffer, k),
+            [(name, p.grad) for name, p in params if p.grad is not None],
             self._spec,
             self._plan,
             step=step,
-            block_names=probe.names,
+            block_names=probe.names if steps is None else steps.block_names[k],
             scale=loss_scale(trainer),
             loss=self._enforcer.step_loss(trainer),
         )
-        measurement.chained = list(probe.chained)
+        if steps is None:
+            measurement.chained = list(probe.chained)
+            return measurement
+        steps.clear(probe.buffer, k)  # later steps of this batch start afresh
+        measurement.optimizer = steps.names[k]
+        total = measurement.metrics.pop(TOTAL_NORM_KEY, None)
+        if total is not None:
+            measurement.metrics[total_norm_key(steps.names[k])] = total
         return measurement
 
     def _log(
@@ -324,6 +371,7 @@ class GradientFlowCallback(Callback):
         trainer: pl.Trainer,
         measurement: GradientMeasurement,
         probe: GradientProbe,
+        params: Sequence[tuple[str, nn.Parameter]],
         extra: dict[str, float],
     ) -> None:
         # One log_metrics call per logger and step: the figures and governance's own keys.
@@ -344,7 +392,7 @@ class GradientFlowCallback(Callback):
                 trainer.loggers,
                 measurement.step,
                 list(zip(probe.names, probe.grads)),
-                [(n, p.grad) for n, p in self._params if p.grad is not None],
+                [(n, p.grad) for n, p in params if p.grad is not None],
             )
 
     # -- state -----------------------------------------------------------------------------------
@@ -369,7 +417,7 @@ class GradientFlowCallback(Callback):
 def _eager_name(name: str) -> str:
     """``name`` without the ``_orig_mod`` components that ``torch.compile(module)`` wrappers add
     (``blocks.0._orig_mod.linear.weight`` -> ``blocks.0.linear.weight``)."""
-    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+    return ".".join(part for part in name.split(".") if part != COMPILED_MODULE_ATTR)
 
 
 def _check_param_filter(value: object) -> Union[bool, str, list[str]]:

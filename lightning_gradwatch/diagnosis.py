@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from lightning_gradwatch._compat import foreach_norm
 from lightning_gradwatch.distributed import local_tensor
 from lightning_gradwatch.norms import Category
 
@@ -174,7 +175,7 @@ def holds_stale_gradients(grads: Sequence[Tensor]) -> bool:
     """
     if not grads:
         return False
-    norms = torch._foreach_norm([local_tensor(g) for g in grads], math.inf)
+    norms = foreach_norm([local_tensor(g) for g in grads], math.inf)
     return bool(torch.stack([n.float() for n in norms]).max() > 0)
 
 

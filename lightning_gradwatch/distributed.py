@@ -21,12 +21,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_gradwatch.grad_stats import combine_stat_partials, grad_stat_partials
 from lightning_gradwatch.norms import (
     NormType,
     combine_partials,
-    combine_stat_partials,
     foreach_partial_norms,
-    grad_stat_partials,
 )
 
 __all__ = [
@@ -93,7 +92,7 @@ def param_partials(
     assume_finite: bool = False,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """The norm partials of every gradient in ``grads`` and, with ``stats``, the
-    :func:`~lightning_gradwatch.norms.grad_stat_partials` row over all of them, both for the full
+    :func:`~lightning_gradwatch.grad_stats.grad_stat_partials` row over all of them, both for the full
     gradients (sharded ones combined across ranks). No host sync."""
     local = [local_tensor(grad) for grad in grads]
     partials = foreach_partial_norms(local, norm_type)

@@ -287,6 +287,7 @@ class TensorBoardPictures:
         self._history: Optional[FlowHistory] = None
         self._measured = 0
         self._eps = DEFAULT_EPS
+        self._names: list[str] = []
 
     def start(
         self,
@@ -301,6 +302,7 @@ class TensorBoardPictures:
         self._measured = 0
         self._eps = DEFAULT_EPS if spec is None else spec.eps
         self._history = FlowHistory(len(block_names), self.history_size)
+        self._names = list(block_names)
         if not self._writers:
             if loggers:
                 rank_zero_info(
@@ -321,12 +323,14 @@ class TensorBoardPictures:
         """Record one measured step; log the heatmap when it is due."""
         if not self._writers or self.figure_every_n_steps is None or self._history is None:
             return
-        self._history.append(measurement.step, measurement.block_norms)
+        # A step may measure some blocks only (several optimizers): the others are missing there.
+        measured = dict(zip(measurement.block_names, measurement.block_norms))
+        self._history.append(measurement.step, [measured.get(name) for name in self._names])
         self._measured += 1
         if self._measured % self.figure_every_n_steps:
             return
         steps, norms = self._history.arrays()
-        figure = render_flow_heatmap(steps, measurement.block_names, norms, eps=self._eps)
+        figure = render_flow_heatmap(steps, self._names, norms, eps=self._eps)
         image = figure_to_array(figure)
         for writer in self._writers:
             writer.add_image(HEATMAP_TAG, image, measurement.step, dataformats="HWC")

@@ -8,6 +8,8 @@ Per-block keys are ``<prefix><block>`` (``grad_norm/blocks.3``), per-parameter k
 
 from __future__ import annotations
 
+from typing import Optional
+
 __all__ = [
     "ADAPTIVE_CLIP_METRICS",
     "ALERTS_PREFIX",
@@ -41,6 +43,7 @@ __all__ = [
     "norm_key",
     "param_norm_key",
     "stats_key",
+    "total_norm_key",
 ]
 
 #: Norms at or below this count as zero (a gain into them is ``inf``: vanishing).
@@ -118,6 +121,11 @@ KEY_PREFIXES: tuple[str, ...] = (
     PARAM_NORM_PREFIX,
     ALERTS_PREFIX,
 )
+
+
+def total_norm_key(optimizer: Optional[str] = None) -> str:
+    """``grad_norm_total``, or ``grad_norm_total/<optimizer>`` in runs with several optimizers."""
+    return TOTAL_NORM_KEY if optimizer is None else f"{TOTAL_NORM_KEY}/{optimizer}"
 
 
 def norm_key(block: str) -> str:

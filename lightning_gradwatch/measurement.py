@@ -18,6 +18,11 @@ import torch
 from torch import Tensor
 
 from lightning_gradwatch.distributed import ReductionPlan, param_partials, reduce_block_rows
+from lightning_gradwatch.grad_stats import (
+    N_STAT_PARTIALS,
+    finalize_grad_stats,
+    stat_partials_finite,
+)
 from lightning_gradwatch.keys import (
     DEFAULT_EPS,
     END_TO_END_KEY,
@@ -31,16 +36,13 @@ from lightning_gradwatch.keys import (
     stats_key,
 )
 from lightning_gradwatch.norms import (
-    N_STAT_PARTIALS,
     Category,
     NormType,
     classify_gain,
     compute_gains,
     compute_log_gains,
     end_to_end_gain,
-    finalize_grad_stats,
     finalize_norm,
-    stat_partials_finite,
     summarize_gains,
 )
 from lightning_gradwatch.probe import CALLS, NUMEL, PARTIAL
@@ -59,7 +61,7 @@ class GradientMeasurement:
         gains: ``block_norms[i-1] / block_norms[i]`` for ``i >= 1`` (keyed by block ``i``).
         log_gains: the log of each gain.
         categories: the :class:`~lightning_gradwatch.norms.Category` of each transition.
-        summary: the GradientGainMonitor summary keys plus ``end_to_end_gain``.
+        summary: the gain summary keys (``SUMMARY_KEYS``) plus ``end_to_end_gain``.
         total_norm: the norm over all parameter gradients.
         param_norms: per-parameter gradient norms.
         grad_stats: ``mean``, ``std``, ``min``, ``max``, ``zero_fraction``, ``large_fraction``,
@@ -70,6 +72,8 @@ class GradientMeasurement:
             halts training).
         chained: per block, whether its input was block ``i - 1``'s output tensor itself (nothing
             in between), as seen by the probe in this step's forward (empty: unknown).
+        optimizer: with several optimizers, the name of the one stepping (its parameters and
+            blocks are what was measured); ``None`` with one.
         loss: the step's training loss as governance reads it (``None``: not read), copied to the
             host with the rest.
     """
@@ -88,6 +92,7 @@ class GradientMeasurement:
     metrics: dict[str, float] = field(default_factory=dict)
     skipped_by_scaler: bool = False
     chained: list[bool] = field(default_factory=list)
+    optimizer: Optional[str] = None
     loss: Optional[float] = None
 
     @property

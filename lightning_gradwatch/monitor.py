@@ -1,6 +1,6 @@
 """``GradientGainMonitor``: gradient-flow diagnostics for plain PyTorch loops (no Lightning needed).
 
-Drop-in for the seed-001 ``GradientGainMonitor``: same constructor, methods, summary keys and report.
+Keeps the ``GradientGainMonitor`` API: constructor, methods, summary keys and the report format.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def format_report(
     block_notes: Optional[Sequence[str]] = None,
     transition_notes: Optional[Sequence[str]] = None,
 ) -> str:
-    """The seed-001 text report (shared by the monitor and ``gradwatch report``).
+    """The GradientGainMonitor text report (shared by the monitor and ``gradwatch report``).
 
     ``block_notes``/``transition_notes`` (one string per block/transition) are appended to the
     norm and gain lines; ``gradwatch report`` puts its over-the-run figures there.

@@ -16,18 +16,14 @@ from typing import Literal, Optional
 
 import torch
 from torch import Tensor
-from torch._utils import _flatten_dense_tensors
 
-from lightning_gradwatch.keys import DEFAULT_EPS, GRAD_STAT_KEYS
+from lightning_gradwatch._compat import foreach_norm
+from lightning_gradwatch.keys import DEFAULT_EPS
 
 NormType = Literal["l2", "l1", "linf", "mean"]
 NORM_TYPES: tuple[str, ...] = ("l2", "l1", "linf", "mean")
 
 _ORD = {"l2": 2.0, "l1": 1.0, "linf": math.inf, "mean": 1.0}
-
-#: Length of a :func:`grad_stat_partials` row: sum, sum of squares, min, max, zeros, large,
-#: non-finite, element count.
-N_STAT_PARTIALS = 8
 
 
 class Category(str, Enum):
@@ -103,8 +99,8 @@ def foreach_partial_norms(grads: Sequence[Tensor], norm_type: NormType) -> Tenso
 def _foreach_norm(tensors: list[Tensor], ord: float, dtype: torch.dtype) -> Sequence[Tensor]:
     # Low-precision gradients overflow their own dtype when squared and summed: accumulate in fp32.
     if dtype in (torch.float16, torch.bfloat16):
-        return torch._foreach_norm(tensors, ord, dtype=torch.float32)
-    return torch._foreach_norm(tensors, ord)
+        return foreach_norm(tensors, ord, dtype=torch.float32)
+    return foreach_norm(tensors, ord)
 
 
 def combine_partials(partials: Tensor, norm_type: NormType, dim: int = 0) -> Tensor:
@@ -112,148 +108,6 @@ def combine_partials(partials: Tensor, norm_type: NormType, dim: int = 0) -> Ten
     if combines_by_max(norm_type):
         return partials.amax(dim=dim)
     return partials.sum(dim=dim)
-
-
-def grad_stat_partials(
-    grads: Sequence[Tensor], large_threshold: float, *, assume_finite: bool = False
-) -> Tensor:
-    """Combinable partial statistics over all elements of ``grads`` as a float64 vector.
-
-    Layout: ``[sum, sum_of_squares, min, max, zero_count, large_count, nonfinite_count, numel]``.
-    One flattened copy per (device, dtype) group; the result lives on the first tensor's device.
-
-    ``assume_finite=True`` takes about a third fewer passes over the gradients: it counts no
-    non-finite elements (reports 0) and its other counts are only right when every element is
-    finite. Use it when :func:`stat_partials_finite` of the result is checked on the host, and
-    recompute without it where that fails (a NaN/Inf makes the sum non-finite).
-    """
-    device = grads[0].device if grads else None
-    grads = [grad for grad in grads if grad.numel() > 0]  # empty FSDP2 shards: nothing to add
-    if not grads:
-        return torch.tensor(
-            [0.0, 0.0, math.inf, -math.inf, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64, device=device
-        )
-    target = grads[0].device
-    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
-    for grad in grads:
-        groups[(grad.device, grad.dtype)].append(grad)
-    with torch.no_grad():
-        rows = [
-            row.to(target)
-            for tensors in groups.values()
-            for row in _stat_rows(tensors, large_threshold, assume_finite)
-        ]
-    return combine_stat_partials(torch.stack(rows)) if len(rows) > 1 else rows[0]
-
-
-#: On CPU, gradients are copied into one reused buffer of this many float32 elements (1 MiB) and
-#: reduced chunk by chunk: each of the passes then reads cache instead of memory, and no
-#: gradient-sized buffer is allocated (the page faults of a fresh 25 MB copy cost more than a pass).
-#: 6.3 M parameters (one thread, finite gradients): about 13 ms, against 30 ms for one flat copy
-#: reduced with ``count_nonzero``.
-CPU_STAT_CHUNK = 1 << 18
-
-
-def stat_partials_finite(partials: Sequence[float]) -> bool:
-    """Whether a :func:`grad_stat_partials` row (on the host) saw only finite elements: any NaN or
-    Inf makes the sum or the sum of squares NaN/Inf (as does an overflow, which is then merely
-    counted exactly)."""
-    return math.isfinite(partials[0]) and math.isfinite(partials[1])
-
-
-def _stat_rows(tensors: list[Tensor], large_threshold: float, assume_finite: bool) -> list[Tensor]:
-    """:func:`_stat_row` rows of one (device, dtype) group: one row from one flat copy on an
-    accelerator (few kernel launches) or when small, one row per chunk on CPU."""
-    stat_row = _finite_stat_row if assume_finite else _stat_row
-    if tensors[0].device.type != "cpu" or sum(t.numel() for t in tensors) <= CPU_STAT_CHUNK:
-        flat = _flat_copy(tensors).float()
-        return [stat_row(flat, torch.empty_like(flat), large_threshold)]
-    buffer, scratch = torch.empty(2, CPU_STAT_CHUNK, dtype=torch.float32)
-    rows: list[Tensor] = []
-    pending: list[Tensor] = []
-    size = 0
-    for tensor in tensors:
-        flat = tensor.reshape(-1)
-        for start in range(0, flat.numel(), CPU_STAT_CHUNK):
-            piece = flat[start : start + CPU_STAT_CHUNK]
-            if size + piece.numel() > CPU_STAT_CHUNK:
-                chunk = torch.cat(pending, out=buffer[:size])
-                rows.append(stat_row(chunk, scratch[:size], large_threshold))
-                pending, size = [], 0
-            pending.append(piece)
-            size += piece.numel()
-    rows.append(stat_row(torch.cat(pending, out=buffer[:size]), scratch[:size], large_threshold))
-    return rows
-
-
-def _flat_copy(tensors: list[Tensor]) -> Tensor:
-    """A new 1-D tensor holding every element of ``tensors`` (never a view of one of them)."""
-    if len(tensors) == 1:  # flatten_dense_tensors would return a view of the only tensor
-        return tensors[0].reshape(-1).clone()
-    # One C++ call instead of one Python-level reshape per tensor (1,000 tensors: 0.6 vs 2.5 ms).
-    return _flatten_dense_tensors(tensors)
-
-
-def _stat_row(flat: Tensor, scratch: Tensor, large_threshold: float) -> Tensor:
-    """One :func:`grad_stat_partials` row of ``flat``, a fresh float copy that this overwrites;
-    ``scratch`` is a float buffer of the same size.
-
-    Float passes only: comparisons write 0.0/1.0 into ``scratch`` and a float sum counts them.
-    Bool tensors, ``count_nonzero`` and integer accumulation are several times slower on CPU.
-    """
-    numel, count_dtype = flat.numel(), _count_dtype(flat)
-    head = _stat_head(flat)
-    zeros = torch.eq(flat, 0.0, out=scratch).sum(dtype=count_dtype)
-    # In place on the copy: |g| (NaN is not "large", inf is), then 0 * |g|, which is 0 for finite
-    # values and NaN for inf/NaN; NaN is the only value unequal to itself.
-    large = torch.gt(flat.abs_(), large_threshold, out=scratch).sum(dtype=count_dtype)
-    flat.mul_(0.0)
-    nonfinite = torch.ne(flat, flat, out=scratch).sum(dtype=count_dtype)
-    return _assemble_row(head, zeros, large, nonfinite, numel)
-
-
-def _finite_stat_row(flat: Tensor, scratch: Tensor, large_threshold: float) -> Tensor:
-    """:func:`_stat_row` for gradients without NaN/Inf: in-place passes on ``flat`` (cheaper than
-    comparisons into ``scratch``) and no non-finite count. ``sign`` maps NaN to 0, so with a NaN the
-    zero count is off; :func:`stat_partials_finite` tells, from the sum, when to recompute."""
-    numel, count_dtype = flat.numel(), _count_dtype(flat)
-    head = _stat_head(flat)
-    large = torch.gt(flat.abs_(), large_threshold, out=scratch).sum(dtype=count_dtype)
-    nonzeros = flat.sign_().sum(dtype=count_dtype)  # |g| -> 1, 0 -> 0
-    nonfinite = torch.zeros((), dtype=count_dtype, device=flat.device)
-    return _assemble_row(head, numel - nonzeros, large, nonfinite, numel)
-
-
-def _count_dtype(flat: Tensor) -> torch.dtype:
-    # float32 counts exactly up to 2**24 (every CPU chunk); beyond, accumulate in float64.
-    return torch.float32 if flat.numel() < 1 << 24 else torch.float64
-
-
-def _stat_head(flat: Tensor) -> Tensor:
-    """``[sum, sum of squares, min, max]`` of ``flat`` as float64 (leaves ``flat`` as it is)."""
-    # The sum of squares as a squared norm: vector_norm accumulates pairwise (relative error ~1e-7),
-    # a float32 dot over millions of elements drifts by ~1e-4. amin + amax: faster than aminmax.
-    norm = torch.linalg.vector_norm(flat)
-    head = torch.stack([flat.sum(), norm, flat.amin(), flat.amax()]).double()
-    head[1].square_()
-    return head
-
-
-def _assemble_row(
-    head: Tensor, zeros: Tensor, large: Tensor, nonfinite: Tensor, numel: int
-) -> Tensor:
-    counts = torch.stack([zeros, large, nonfinite]).double()
-    return torch.cat(
-        [head, counts, torch.full((1,), float(numel), dtype=torch.float64, device=head.device)]
-    )
-
-
-def combine_stat_partials(rows: Tensor) -> Tensor:
-    """Combine a ``(k, 8)`` stack of :func:`grad_stat_partials` rows into one row."""
-    summed = rows.sum(dim=0)
-    return torch.cat(
-        [summed[0:2], rows[:, 2].amin().reshape(1), rows[:, 3].amax().reshape(1), summed[4:]]
-    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,27 +124,6 @@ def finalize_norm(partial: float, numel: float, norm_type: NormType, scale: floa
     else:
         value = partial
     return value / scale
-
-
-def finalize_grad_stats(partials: Sequence[float]) -> dict[str, float]:
-    """Turn a :func:`grad_stat_partials` row (as floats) into the ``GRAD_STAT_KEYS`` figures.
-
-    ``std`` is the unbiased (Bessel-corrected) standard deviation, like ``torch.std``.
-    """
-    total, total_sq, low, high, zeros, large, nonfinite, numel = partials
-    if numel <= 0:
-        return {key: math.nan for key in GRAD_STAT_KEYS} | {"nonfinite_count": 0.0}
-    mean = total / numel
-    var = (total_sq - numel * mean * mean) / (numel - 1) if numel > 1 else 0.0
-    return {
-        "mean": mean,
-        "std": math.sqrt(max(var, 0.0)) if math.isfinite(var) else math.nan,
-        "min": low,
-        "max": high,
-        "zero_fraction": zeros / numel,
-        "large_fraction": large / numel,
-        "nonfinite_count": nonfinite,
-    }
 
 
 def compute_gains(
@@ -351,7 +184,8 @@ def summarize_gains(
     damping_threshold: float = 0.5,
     amplifying_threshold: float = 2.0,
 ) -> dict[str, float]:
-    """The GradientGainMonitor summary: ``SUMMARY_KEYS``. Means, minima and maxima use finite gains only
+    """The gain summary (``SUMMARY_KEYS``, as ``GradientGainMonitor.summary_stats()`` gives it). Means,
+    minima and maxima use finite gains only
     (NaN when there is none); counts are floats so every value can be logged as a scalar."""
     finite = [g for g in gains if g is not None and math.isfinite(g)]
     finite_logs = [g for g in log_gains if g is not None and math.isfinite(g)]

@@ -10,6 +10,7 @@ from typing import Any, Optional
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from torch import Tensor
 
+from lightning_gradwatch._compat import summary_file_writer, tensorboard_prefixed
 from lightning_gradwatch.distributed import local_tensor
 from lightning_gradwatch.keys import HIST_BLOCK_PREFIX, HIST_PARAM_PREFIX
 
@@ -33,12 +34,11 @@ def _log_tensorboard_scalars(logger: Logger, metrics: Mapping[str, float], step:
     writer = logger.experiment
     if not type(writer).__module__.startswith("torch.utils.tensorboard"):
         return False  # tensorboardX: its own protobufs; take the generic path
-    from lightning.fabric.utilities.logger import _add_prefix
     from tensorboard.compat.proto.summary_pb2 import Summary
 
-    prefixed = _add_prefix(dict(metrics), logger._prefix, logger.LOGGER_JOIN_CHAR)
+    prefixed = tensorboard_prefixed(logger, metrics)
     values = [Summary.Value(tag=key, simple_value=float(value)) for key, value in prefixed.items()]
-    writer._get_file_writer().add_summary(Summary(value=values), step)
+    summary_file_writer(writer).add_summary(Summary(value=values), step)
     return True
 
 

@@ -29,6 +29,12 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
+from lightning_gradwatch._compat import (
+    grad_scaler_scale,
+    optimizer_unscales_in_step,
+    tensor_parallel_size,
+)
+
 #: FSDP1 sharding strategies under which ``p.grad`` holds the full gradient on every rank.
 _FSDP1_UNSHARDED = ("NO_SHARD",)
 
@@ -80,8 +86,8 @@ def check_strategy(trainer: pl.Trainer) -> StrategySupport:
             "grad_stats/* are not measured; block-output figures are. Use ModelParallelStrategy with "
             "fully_shard (FSDP2) to measure parameter gradients too."
         )
-    tensor_parallel = getattr(strategy, "_tensor_parallel_size", 1)
-    if isinstance(tensor_parallel, int) and tensor_parallel > 1:
+    tensor_parallel = tensor_parallel_size(strategy)
+    if tensor_parallel > 1:
         reasons.append(
             f"tensor_parallel_size={tensor_parallel}: block-output gradients are combined over all "
             "ranks as if each held different samples, so with tensor parallelism (replicated "
@@ -89,7 +95,7 @@ def check_strategy(trainer: pl.Trainer) -> StrategySupport:
             "gains are unaffected."
         )
     if scaler_enabled(trainer) and any(
-        getattr(optimizer, "_step_supports_amp_scaling", False) for optimizer in trainer.optimizers
+        optimizer_unscales_in_step(optimizer) for optimizer in trainer.optimizers
     ):
         reasons.append(
             "an optimizer unscales gradients inside its own step() (e.g. fused=True) under a "
@@ -110,8 +116,7 @@ def loss_scale(trainer: pl.Trainer) -> Optional[Tensor]:
     """
     if not scaler_enabled(trainer):
         return None
-    scale = getattr(trainer.precision_plugin.scaler, "_scale", None)  # type: ignore[attr-defined]
-    return scale if isinstance(scale, Tensor) else None
+    return grad_scaler_scale(trainer.precision_plugin.scaler)  # type: ignore[attr-defined]
 
 
 def scaler_enabled(trainer: pl.Trainer) -> bool:

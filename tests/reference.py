@@ -87,7 +87,7 @@ def ref_category(gain: Optional[float], low: float = 0.5, high: float = 2.0) -> 
 def ref_summary(
     norms: Sequence[Optional[float]], eps: float = 1e-30, low: float = 0.5, high: float = 2.0
 ) -> dict[str, float]:
-    """The seed-001 summary (means/min/max over finite gains) plus ``end_to_end_gain``."""
+    """The gain summary (means/min/max over finite gains) plus ``end_to_end_gain``."""
     gains = ref_gains(norms, eps)
     finite = [g for g in gains if g is not None and math.isfinite(g)]
     logs = [math.log(g) for g in finite if g > 0]

@@ -20,7 +20,7 @@ VARIANTS = (
     "unmeasured",
     "governance",
     "builtin",
-    "seed_hooks",
+    "backward_hooks",
     "floor",
     "floor_blocks",
 )
@@ -53,6 +53,6 @@ def test_quick_benchmark_writes_table_and_json(tmp_path: Any) -> None:
     assert result["memory"]["steps"] == 12
 
     table = (out / "overhead.md").read_text()
-    assert "| variant |" in table and "## Goals (issue 6)" in table and "## Memory" in table
+    assert "| variant |" in table and "## Goals" in table and "## Memory" in table
     assert "Lightning `grad_norm` + `self.log_dict`" in table
     assert "quick mode" in table

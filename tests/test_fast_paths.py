@@ -13,14 +13,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from reference import ref_grad_stats, ref_norm
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_gradwatch import norms
-from lightning_gradwatch.norms import (
-    GRAD_STAT_KEYS,
+from lightning_gradwatch import grad_stats
+from lightning_gradwatch.grad_stats import (
     finalize_grad_stats,
-    foreach_partial_norms,
     grad_stat_partials,
     stat_partials_finite,
 )
+from lightning_gradwatch.keys import GRAD_STAT_KEYS
+from lightning_gradwatch.norms import foreach_partial_norms
 from lightning_gradwatch.sinks import _log_tensorboard_scalars, log_metrics
 
 
@@ -43,7 +43,7 @@ def test_grad_stats_leave_gradients_untouched_and_match_reference(
     case: int, chunk: Optional[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if chunk is not None:  # the CPU path that reduces chunk by chunk through one reused buffer
-        monkeypatch.setattr(norms, "CPU_STAT_CHUNK", chunk)
+        monkeypatch.setattr(grad_stats, "CPU_STAT_CHUNK", chunk)
     grads = _grads()[case]
     before = [g.clone() for g in grads]
     stats = finalize_grad_stats(grad_stat_partials(grads, 1.0).tolist())
@@ -61,7 +61,7 @@ def test_cheap_finite_stats_pass_matches_reference_or_says_it_cannot(
     case: int, chunk: Optional[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if chunk is not None:
-        monkeypatch.setattr(norms, "CPU_STAT_CHUNK", chunk)
+        monkeypatch.setattr(grad_stats, "CPU_STAT_CHUNK", chunk)
     grads = _grads()[case]
     before = [g.clone() for g in grads]
     partials = grad_stat_partials(grads, 1.0, assume_finite=True).tolist()

@@ -1,4 +1,4 @@
-"""Contract checks of issues 2 and 5 that the other files leave open: ``"auto"`` discovery on models
+"""Block discovery and report checks that the other files leave open: ``"auto"`` discovery on models
 whose blocks hold same-class containers themselves, ModelOutput-like dataclass outputs, the heatmap
 size per block count read back from the event file, our event reader against tensorboard's
 ``EventAccumulator``, and ``gradwatch report`` as a real subprocess (console script and

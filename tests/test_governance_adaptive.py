@@ -17,14 +17,14 @@ from faults import FaultNet, make_trainer, same_weights
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
-from reference import csv_metrics
+from reference import csv_metrics, ref_norm
 from torch import Tensor
 
 from lightning_gradwatch import GradientFlowCallback, Rule
 
 
 def total_norm(grads: dict[str, Tensor]) -> float:
-    return float(torch.cat([g.double().reshape(-1) for g in grads.values()]).norm())
+    return ref_norm(list(grads.values()), "l2")
 
 
 def logged(tmp_path: Path) -> dict[int, dict[str, float]]:

@@ -1,4 +1,4 @@
-"""Issue 3 read the way a user would use it: ``Rule`` built with keyword arguments or from a
+"""Governance read the way a user would use it: ``Rule`` built with keyword arguments or from a
 LightningCLI ``class_path`` entry, a halt checkpoint opened with a plain ``torch.load`` (holding the
 weights and the Adam state before the bad update), the callback's state round trip after a halt,
 clipping on an unmeasured step logging the pre-clip total next to the clipped one, and a NaN made by
@@ -49,7 +49,7 @@ def csv_column(tmp_path: Path, key: str) -> dict[int, float]:
         return {int(r["step"]): float(r[key]) for r in csv.DictReader(handle) if r.get(key)}
 
 
-def test_rule_is_a_keyword_dataclass_with_the_issue_fields() -> None:
+def test_rule_is_a_keyword_dataclass_with_the_documented_fields() -> None:
     assert dataclasses.is_dataclass(Rule)
     fields = {f.name for f in dataclasses.fields(Rule)}
     assert fields >= {

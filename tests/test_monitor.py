@@ -1,4 +1,5 @@
-"""``GradientGainMonitor`` (plain PyTorch): the seed-001 contract, checked against references."""
+"""``GradientGainMonitor`` (plain PyTorch): constructor, methods, summary keys and report format,
+checked against references."""
 
 from __future__ import annotations
 

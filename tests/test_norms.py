@@ -20,18 +20,17 @@ from reference import (
 )
 
 from lightning_gradwatch import keys, norms
+from lightning_gradwatch.grad_stats import finalize_grad_stats, grad_stat_partials
+from lightning_gradwatch.keys import GRAD_STAT_KEYS
 from lightning_gradwatch.norms import (
-    GRAD_STAT_KEYS,
     Category,
     classify_gain,
     combine_partials,
     compute_gains,
     compute_log_gains,
     end_to_end_gain,
-    finalize_grad_stats,
     finalize_norm,
     foreach_partial_norms,
-    grad_stat_partials,
     partial_norm,
     summarize_gains,
     validate_norm_type,

@@ -1,5 +1,5 @@
-"""Issue 4's contract, checked against a reference that shares nothing with the callback or the other
-strategy tests: a plain PyTorch loop (``retain_grad`` on every block output, a hand-written SGD
+"""The strategy contract, checked against a reference that shares nothing with the callback or the
+other strategy tests: a plain PyTorch loop (``retain_grad`` on every block output, a hand-written SGD
 update) on the *global* batch of each optimizer step, fp32, one process.
 
 Every run here uses the callback's defaults besides the interval (so the default ``nonfinite`` rule

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from lightning_gradwatch._compat import foreach_mul_
+
 __all__ = [
     "GradientActions",
     "NamedParams",
@@ -57,7 +59,7 @@ def clip_gradients(
         # The same coefficient as clip_grad_norm_, from the total already on the host.
         coef = by_norm / (total + 1e-6)
         if coef < 1.0:
-            torch._foreach_mul_([p.grad for p in with_grad], coef)  # type: ignore[misc]
+            foreach_mul_([p.grad for p in with_grad], coef)  # type: ignore[misc]
             return total * coef
     return total
 

@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Read TensorBoard event files (or CSVLogger metrics.csv) and gradwatch_alerts.jsonl "
             "under LOGDIR and report per block: last/median/max norm, median gain, category "
-            "counts, the seed-001 report of one step, the summary and the alert timeline. A "
-            "LOGDIR holding several runs reports each of them."
+            "counts, the GradientGainMonitor report of one step, the summary and the alert "
+            "timeline. A LOGDIR holding several runs reports each of them."
         ),
     )
     report.add_argument("logdir", metavar="LOGDIR", help="a run's log folder (or a parent of runs)")

@@ -1,5 +1,6 @@
 """What a report says about one run: per-block norms over the run (last/median/max), per-transition
-median gain and category counts, the seed-001 report of one step, and the alert timeline; as text
+median gain and category counts, the GradientGainMonitor report of one step, and the alert timeline;
+as text
 (through :func:`lightning_gradwatch.monitor.format_report`) or as a JSON-ready dict.
 """
 
@@ -168,8 +169,8 @@ def _setting(value: Optional[float], run: RunLog, key: str, default: float) -> f
 
 
 def format_text(report: RunReport) -> str:
-    """The text report: header, the seed-001 report of the reported step (each line annotated with
-    the figures over the run), the run summary and the alert timeline."""
+    """The text report: header, the GradientGainMonitor report of the reported step (each line
+    annotated with the figures over the run), the run summary and the alert timeline."""
     steps = report.steps
     span = f"{len(steps)} measured step{'s' if len(steps) != 1 else ''} ({steps[0]} .. {steps[-1]})"
     header = [

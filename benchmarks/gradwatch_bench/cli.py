@@ -1,0 +1,99 @@
+"""Command line: which models, how many rounds, where to write; runs them and writes the results."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import torch
+
+import gradwatch_bench
+from gradwatch_bench.harness import run_model
+from gradwatch_bench.memory import run_memory
+from gradwatch_bench.models import model_specs
+from gradwatch_bench.writer import goals, loadavg, machine_info, write_results
+
+#: Where a full run writes by default (committed; the README cites it) and where a quick one does
+#: (scratch, ignored by git), so that a smoke run never overwrites the committed results.
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
+QUICK_RESULTS = os.path.join(RESULTS, "quick")
+
+
+def _quiet() -> None:
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_utilities"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    doc = gradwatch_bench.__doc__ or ""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny models, 2 rounds (smoke test)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per model (override)")
+    parser.add_argument(
+        "--models", nargs="+", default=None, help="subset of: mlp gpt stress params"
+    )
+    parser.add_argument("--warmup", type=int, default=None, help="untimed baseline steps first")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on a shared machine, threads that other processes "
+        "preempt make every parallel op erratic; 0 keeps torch's default)",
+    )
+    parser.add_argument(
+        "--memory-steps", type=int, default=None, help="steps of the memory check (0: skip)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--out",
+        default=None,
+        help=f"folder for overhead.md / overhead.json (default {RESULTS}, the committed results; "
+        f"--quick: {QUICK_RESULTS}, scratch)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    _quiet()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warmup = args.warmup if args.warmup is not None else (2 if args.quick else 10)
+    memory_steps = (
+        args.memory_steps if args.memory_steps is not None else (30 if args.quick else 2000)
+    )
+    specs = model_specs(args.quick, args.rounds)
+    if args.models:
+        specs = [s for s in specs if s.name in args.models]
+    result: dict[str, Any] = {
+        "command": " ".join(["python benchmarks/overhead.py", *argv]),
+        "machine": machine_info(torch.get_num_threads()),
+        "quick": args.quick,
+        "warmup": warmup,
+        "models": [],
+        "goals": [],
+    }
+    with tempfile.TemporaryDirectory() as root:
+        for spec in specs:
+            print(
+                f"[{spec.name}] {spec.label}: {spec.rounds} rounds ...", file=sys.stderr, flush=True
+            )
+            model = run_model(spec, warmup, args.seed, root)
+            result["models"].append(model)
+            result["goals"] += goals(model)
+            print(f"[{spec.name}] done in {model['seconds']:.0f} s", file=sys.stderr, flush=True)
+        if memory_steps > 0:
+            print(f"[memory] {memory_steps} steps ...", file=sys.stderr, flush=True)
+            result["memory"] = run_memory(memory_steps, root)
+    result["machine"]["loadavg_end"] = loadavg()
+    out = args.out or (QUICK_RESULTS if args.quick else RESULTS)
+    print(write_results(result, out))
+    return result

@@ -1,0 +1,78 @@
+"""The declared dependencies tell the truth: every runtime dependency is imported by the package,
+and the pinned requirement sets install exactly the declared packages plus the test tools."""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "lightning_gradwatch"
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    tomllib = None
+
+pytestmark = pytest.mark.skipif(tomllib is None, reason="tomllib needs Python 3.11")
+
+#: Installed for the tests and checks only, never imported by the package.
+TEST_TOOLS = {
+    "pytest",
+    "pytest-timeout",
+    "ruff",
+    "mypy",
+    "jsonargparse",  # LightningCLI (tests/test_cli_config.py, examples/ex06_lightning_cli.py)
+    "setuptools",  # the editable install of this package (--no-build-isolation)
+}
+
+
+def distribution(requirement: str) -> str:
+    """``"torch>=2.3"`` -> ``"torch"``; ``"jsonargparse[signatures]==4.5"`` -> ``"jsonargparse"``."""
+    match = re.match(r"[A-Za-z0-9_.-]+", requirement.strip())
+    assert match, requirement
+    return match.group(0).lower()
+
+
+def declared() -> tuple[set[str], set[str]]:
+    """Runtime dependencies and optional ones (extras) from ``pyproject.toml``."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = {distribution(r) for r in project["dependencies"]}
+    extras = {distribution(r) for deps in project["optional-dependencies"].values() for r in deps}
+    return runtime, extras
+
+
+def imported_top_level_names() -> set[str]:
+    names: set[str] = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names.add(node.module.split(".")[0])
+    return names
+
+
+def test_every_declared_dependency_is_imported() -> None:
+    runtime, extras = declared()
+    unused = sorted(
+        d for d in runtime | extras if d.replace("-", "_") not in imported_top_level_names()
+    )
+    assert not unused, f"declared in pyproject.toml but imported nowhere in the package: {unused}"
+
+
+@pytest.mark.parametrize("name", ["test.txt", "oldest.txt"])
+def test_requirement_sets_install_the_declared_packages_and_test_tools(name: str) -> None:
+    path = ROOT / "requirements" / name
+    if not path.exists():
+        pytest.skip(f"no requirements/{name}")
+    lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+    pinned = {distribution(line) for line in lines if line}
+    runtime, extras = declared()
+    assert runtime <= pinned, f"requirements/{name} lacks {sorted(runtime - pinned)}"
+    extra = sorted(pinned - runtime - extras - TEST_TOOLS)
+    assert not extra, f"requirements/{name} installs packages nothing declares or uses: {extra}"
