@@ -32,18 +32,17 @@ Usage::
     .venv/bin/python benchmarks/rescue.py            # 3 seeds, 45 runs, 2 at a time
     .venv/bin/python benchmarks/rescue.py --quick    # 1 seed, 32-step runs, 2 blocks (smoke test)
 
-Writes ``rescue.md`` and ``rescue.json`` to ``--out`` (default ``benchmarks/results/``).
+A full run writes ``rescue.md`` and ``rescue.json`` to ``benchmarks/results/`` (committed: the README
+cites them); ``--quick`` writes to ``benchmarks/results/quick/`` (scratch); ``--out`` chooses.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import multiprocessing
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -52,13 +51,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, replace
 from typing import Any, Optional
 
-import lightning
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import rescue_lib as lib
+from gradwatch_bench.writer import loadavg, machine_info
 
+#: A full run writes here (committed, cited by the README); --quick into the scratch "quick/" below it.
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TOLERANCE = 0.02  # recovery band: within 2 % of the clean run's held-out loss
 AFTER_HORIZON = 20  # steps after a fault's last step searched for the worst clean-batch loss
 
@@ -364,36 +365,11 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def machine() -> dict[str, Any]:
-    """Date, processor, versions and load: what a reader needs to weigh the wall times."""
-    cpu = platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as handle:
-            names = [
-                line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")
-            ]
-        cpu = names[0] if names else cpu
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "lightning": lightning.__version__,
-        "python": platform.python_version(),
-        "loadavg_start": load(),
-    }
-
-
 def cpu_seconds() -> float:
     """User + system CPU time of this process and its finished children (the workers)."""
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
-def load() -> str:
-    """The 1/5/15-minute load averages (``n/a`` where the OS has none)."""
-    return " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -413,8 +389,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--out",
-        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
-        help="folder for rescue.md / rescue.json",
+        default=None,
+        help=f"folder for rescue.md / rescue.json (default {RESULTS}, the committed results; "
+        f"--quick: {os.path.join(RESULTS, 'quick')}, scratch)",
     )
     return parser.parse_args(argv)
 
@@ -422,7 +399,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.render:
-        return render(args.render, args.out)
+        return render(args.render, args.out or os.path.dirname(os.path.abspath(args.render)))
     lib.quiet_lightning()
     start = time.perf_counter()
     config = lib.RunConfig()
@@ -451,7 +428,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         if args.variants is None or v.name in args.variants or v.name == "none"
     ]
     result: dict[str, Any] = {
-        "machine": machine(),
+        "machine": machine_info(threads=1),
         "command": " ".join(["python", "benchmarks/rescue.py", *(argv or sys.argv[1:])]),
         "quick": args.quick,
         "jobs": args.jobs,
@@ -484,8 +461,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     result["runs"] = runs
     result["seconds"] = time.perf_counter() - start
     result["cpu_seconds"] = cpu_seconds()
-    result["machine"]["loadavg_end"] = load()
-    write(result, args.out)
+    result["machine"]["loadavg_end"] = loadavg()
+    write(result, args.out or (os.path.join(RESULTS, "quick") if args.quick else RESULTS))
     return result
 
 
