@@ -1,13 +1,13 @@
 """Does governance rescue a training run from loss spikes? Faults injected into a real training run.
 
-A small Post-LN character transformer (4 blocks, d 64, 233 k parameters, AdamW, constant lr 5e-3
+A small Post-LN character transformer (4 blocks, d 64, 237 k parameters, AdamW, constant lr 5e-3
 without warm-up, context 64, batch 16, 500 steps) learns the CPython standard library's own source
 (fixed file lists and held-out modules in ``rescue_lib.py``). Left alone this setup shows no loss spike
 (largest single-step jump of the train loss about 1.2x), so spikes are caused the way they arise in
 practice:
 
 * ``bad_batches``: 4 consecutive out-of-distribution batches at each of 3 steps (random bytes,
-  misaligned targets, a zero-filled block): the cause large-model reports give for most spikes;
+  misaligned targets, a zero-filled block): unusual batches, the usual suspect in large-model reports;
 * ``lr_jump``: the learning rate x10 for 3 steps mid-run (a misconfigured schedule, a warm restart);
 * ``natural``: the run unmodified (and the clean counterfactual of the two others).
 
