@@ -56,10 +56,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import rescue_lib as lib
+from gradwatch_bench.cli import QUICK_RESULTS, RESULTS
 from gradwatch_bench.writer import loadavg, machine_info
 
-#: A full run writes here (committed, cited by the README); --quick into the scratch "quick/" below it.
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TOLERANCE = 0.02  # recovery band: within 2 % of the clean run's held-out loss
 AFTER_HORIZON = 20  # steps after a fault's last step searched for the worst clean-batch loss
 
@@ -391,7 +390,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--out",
         default=None,
         help=f"folder for rescue.md / rescue.json (default {RESULTS}, the committed results; "
-        f"--quick: {os.path.join(RESULTS, 'quick')}, scratch)",
+        f"--quick: {QUICK_RESULTS}, scratch)",
     )
     return parser.parse_args(argv)
 
@@ -462,7 +461,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     result["seconds"] = time.perf_counter() - start
     result["cpu_seconds"] = cpu_seconds()
     result["machine"]["loadavg_end"] = loadavg()
-    write(result, args.out or (os.path.join(RESULTS, "quick") if args.quick else RESULTS))
+    # the shared results folders: a full run's results are committed, a quick run's are scratch
+    write(result, args.out or (QUICK_RESULTS if args.quick else RESULTS))
     return result
 
 
