@@ -97,6 +97,14 @@ def test_ex06_lightning_cli(tmp_path: Path) -> None:
     assert (run / "report" / "report.html").is_file()
 
 
+def test_ex07_spike_rescue(tmp_path: Path) -> None:
+    out = _run("ex07_spike_rescue.py", tmp_path)
+    assert "[ex07] faults: 4 x random_bytes at step 16" in out
+    for run in ("none", "governed"):
+        (line,) = [x for x in out.splitlines() if x.startswith(f"[ex07] {run:>8}: held-out loss")]
+        assert 0.0 < float(line.split()[4]) < 6.0  # trained: below the untrained ~5.9 nats
+
+
 def test_ex08_gan(tmp_path: Path) -> None:
     out = _run("ex08_gan.py", tmp_path)
     assert "[ex08] 20 optimizer steps" in out
