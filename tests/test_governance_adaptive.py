@@ -6,6 +6,7 @@ run resumed from a mid-run checkpoint continuing every piece of governance state
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from pathlib import Path
 from typing import Any, Optional
@@ -181,9 +182,12 @@ def test_loss_rule_reads_the_step_loss_over_micro_batches(scaled: bool, tmp_path
             sum(interval) / len(interval), rel=1e-5
         )
     assert "loss" not in {key for row in rows.values() for key in row}  # never the bare key
-    # The window holds the accepted steps' losses, the spike left out.
+    # The window holds the accepted steps' losses and, for the spike, the bound in force then
+    # (mean + 6 std of the window before it), not the spike itself.
     window = callback.state_dict()["governance"]["rules"]["loss_spike"]["windows"]["loss"]
-    accepted = [step_loss[s] for s in range(steps) if s != spike]
+    before = [step_loss[s] for s in range(spike)]
+    bound = statistics.fmean(before) + 6.0 * statistics.pstdev(before)
+    accepted = [*before, bound, *(step_loss[s] for s in range(spike + 1, steps))]
     assert window == pytest.approx(accepted, rel=1e-5)
 
 

@@ -5,8 +5,8 @@ plus the NaN localisation of ``diagnosis`` against hand-built cases."""
 from __future__ import annotations
 
 import math
+import random
 import statistics
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -237,8 +237,10 @@ def test_zscore_window_warmup_and_accepted_values_only() -> None:
     [decision] = run(engine, {"grad_norm_total": spike}, 5)
     assert decision.check.worst.zscore == pytest.approx(4.5)
     assert decision.check.worst.threshold == 4.0
-    # The spike stayed out of the window; a value below the band does not trip (spikes are upward).
-    assert engine.statistics[0]["grad_norm_total"].values == deque(values)
+    # The spike entered capped at the bound in force (mean + 4 std), not as itself; a value below
+    # the band does not trip (spikes are upward).
+    window = engine.statistics[0]["grad_norm_total"].values
+    assert list(window)[:5] == values and window[5] == pytest.approx(mean + 4.0 * std)
     assert run(engine, {"grad_norm_total": mean - 10 * std}, 6) == []
     assert run(engine, {"grad_norm_total": math.inf}, 7)[0].check.worst.zscore == math.inf
     # The window keeps only the last `window` accepted values.
@@ -331,16 +333,32 @@ def test_adaptive_clip_with_an_ema_against_hand_computed_numbers() -> None:
     }
 
 
-def test_a_non_clip_ema_rule_keeps_trips_out_and_loss_is_a_metric() -> None:
+def test_a_non_clip_ema_rule_takes_trips_in_capped_and_loss_is_a_metric() -> None:
     engine = RuleEngine([Rule("loss", zscore=3.0, ema=0.9, warmup=3, action="skip")])
     for step, value in enumerate([2.0, 2.1, 1.9]):
         assert run(engine, {"loss": value, "grad_norm_total": 1e6}, step) == []
     ema = engine.statistics[0]["loss"]
-    before = (ema.count, ema.mean, ema.var)
+    mean, var = ema.mean, ema.var
+    bound = mean + 3.0 * math.sqrt(var)
     [decision] = run(engine, {"loss": 50.0}, 3)
     assert decision.action == "skip" and decision.clip_to is None
-    assert (ema.count, ema.mean, ema.var) == before  # the spike stayed out
+    # The spike entered as the bound in force, not as 50 (ZClip's update with the capped value).
+    new_mean = 0.9 * mean + 0.1 * bound
+    assert ema.mean == pytest.approx(new_mean)
+    assert ema.var == pytest.approx(0.9 * var + 0.1 * (bound - new_mean) ** 2)
     assert engine.reads_loss and engine.needs_every_step
+
+
+def test_a_lasting_shift_is_accepted_after_some_trips() -> None:
+    """A level shift (a new learning rate) trips a skip rule for a while, not forever: the trips
+    enter the window capped at the bound, which rises until the new level is within it."""
+    engine = RuleEngine([Rule("loss", zscore=6.0, window=128, warmup=64, action="skip")])
+    g = random.Random(0)
+    for step in range(128):
+        run(engine, {"loss": 2.0 + g.gauss(0, 0.02)}, step)
+    trips = [bool(run(engine, {"loss": 3.0 + g.gauss(0, 0.02)}, 128 + k)) for k in range(200)]
+    assert trips[0] and not any(trips[-50:])
+    assert 1 < sum(trips) < 150
 
 
 def test_strongest_action() -> None:

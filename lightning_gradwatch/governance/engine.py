@@ -172,9 +172,9 @@ class RuleEngine:
         """Update statistics and counters from the agreed trips and return one decision per trip.
 
         ``tripped[i]`` says whether ``checks[i]`` tripped on any rank (the callback reduces that
-        across ranks), ``ranks[i]`` which ranks. The values of a step where a rule tripped stay out of
-        its statistics, so a spike does not widen the band that should catch the next one; an
-        adaptive clip rule takes in the value it clips to instead.
+        across ranks), ``ranks[i]`` which ranks. A ``zscore`` rule that tripped takes its values in
+        capped at the bound in force (an adaptive clip: the value it clips to), so a spike does not
+        widen the band that should catch the next one, and a lasting shift is accepted in time.
         """
         decisions = []
         for i, (check, trip) in enumerate(zip(checks, tripped)):
@@ -197,10 +197,7 @@ class RuleEngine:
         index, rule = check.index, check.rule
         self.consecutive[index] += 1
         self.counts[index] += 1
-        # The bar is the clipped value whether the clip acts or not (patience), and it is the same
-        # on every rank (unlike this rank's own value), so the statistics stay identical.
-        for key, bar in check.bars.items():
-            self._statistics(check, key).append(bar)
+        self._take_in_capped(check)
         clip_to = (
             rule.clip_to if rule.clip_to is not None else min(check.bars.values(), default=None)
         )
@@ -219,6 +216,24 @@ class RuleEngine:
             count=self.counts[index],
             clip_to=clip_to if rule.action == "clip" else None,
         )
+
+    def _take_in_capped(self, check: Check) -> None:
+        """A tripped ``zscore`` rule takes each value in capped at the bound in force (an adaptive
+        clip: the value it clips to), not the spike itself: one spike barely moves the band that
+        should catch the next one, yet a lasting shift (a new learning rate, a new data mix) is
+        accepted after a number of trips instead of tripping, and skipping, forever."""
+        rule = check.rule
+        if rule.zscore is None:
+            return
+        for key, value in check.values.items():
+            bar = check.bars.get(key)  # adaptive clip: the bar, the same on every rank
+            if bar is None:
+                band = self._band(check.index, rule, key)
+                if band is None:  # still warming up: a value that tripped stays out
+                    continue
+                bar = min(value, band.upper(rule.zscore))
+            if math.isfinite(bar):
+                self._statistics(check, key).append(bar)
 
     def _statistics(self, check: Check, key: str) -> RunningStatistics:
         stats = self.statistics[check.index]
