@@ -25,7 +25,6 @@ from lightning_gradwatch.grad_stats import (
 )
 from lightning_gradwatch.keys import (
     DEFAULT_EPS,
-    END_TO_END_KEY,
     GRAD_STAT_KEYS,
     TOTAL_NORM_KEY,
     flow_key,
@@ -39,11 +38,8 @@ from lightning_gradwatch.norms import (
     Category,
     NormType,
     classify_gain,
-    compute_gains,
-    compute_log_gains,
-    end_to_end_gain,
     finalize_norm,
-    summarize_gains,
+    step_flow,
 )
 from lightning_gradwatch.probe import CALLS, NUMEL, PARTIAL
 
@@ -319,11 +315,8 @@ def build_measurement(
         name: finalize_norm(partial, numel, spec.norm_type)
         for name, partial, numel in zip(param_names, partials, param_numels)
     }
-    gains = compute_gains(block_norms, spec.eps)
-    log_gains = compute_log_gains(block_norms, spec.eps)
     lo, hi = spec.damping_threshold, spec.amplifying_threshold
-    summary = summarize_gains(gains, log_gains, lo, hi)
-    summary[END_TO_END_KEY] = end_to_end_gain(block_norms, spec.eps)
+    gains, log_gains, summary = step_flow(block_norms, spec.eps, lo, hi)
     measurement = GradientMeasurement(
         step=step,
         norm_type=spec.norm_type,

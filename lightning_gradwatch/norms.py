@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from lightning_gradwatch._compat import foreach_norm
-from lightning_gradwatch.keys import DEFAULT_EPS
+from lightning_gradwatch.keys import DEFAULT_EPS, END_TO_END_KEY
 
 NormType = Literal["l2", "l1", "linf", "mean"]
 NORM_TYPES: tuple[str, ...] = ("l2", "l1", "linf", "mean")
@@ -210,3 +210,18 @@ def end_to_end_gain(norms: Sequence[Optional[float]], eps: float = DEFAULT_EPS) 
     if len(norms) < 2 or norms[0] is None or norms[-1] is None:
         return math.nan
     return compute_gains([norms[0], norms[-1]], eps)[0]  # type: ignore[return-value]
+
+
+def step_flow(
+    norms: Sequence[Optional[float]],
+    eps: float = DEFAULT_EPS,
+    damping_threshold: float = 0.5,
+    amplifying_threshold: float = 2.0,
+) -> tuple[list[Optional[float]], list[Optional[float]], dict[str, float]]:
+    """The flow of one step from its block norms: gains, log-gains and the gain summary with the
+    end-to-end gain (``end_to_end_gain``), as the callback logs them and the report reads them."""
+    gains = compute_gains(norms, eps)
+    log_gains = compute_log_gains(norms, eps)
+    summary = summarize_gains(gains, log_gains, damping_threshold, amplifying_threshold)
+    summary[END_TO_END_KEY] = end_to_end_gain(norms, eps)
+    return gains, log_gains, summary

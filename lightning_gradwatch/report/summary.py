@@ -16,14 +16,7 @@ import numpy as np
 from lightning_gradwatch.flow_arrays import category_masks, gains_array
 from lightning_gradwatch.keys import DEFAULT_EPS
 from lightning_gradwatch.monitor import format_report
-from lightning_gradwatch.norms import (
-    Category,
-    classify_gain,
-    compute_gains,
-    compute_log_gains,
-    end_to_end_gain,
-    summarize_gains,
-)
+from lightning_gradwatch.norms import Category, classify_gain, step_flow
 from lightning_gradwatch.report.diagnosis import RunDiagnosisReport, diagnose_run
 from lightning_gradwatch.report.reader import NORM_PREFIX, TOTAL_NORM_TAG, ReportError, RunLog
 
@@ -83,6 +76,26 @@ class RunReport:
     diagnosis: Optional[RunDiagnosisReport] = None
 
 
+def _transitions(
+    names: Sequence[str], norms: np.ndarray, eps: float, low: float, high: float
+) -> tuple[list[TransitionStats], dict[str, np.ndarray]]:
+    """Each transition's median gain and category counts over the steps, and the counts."""
+    gains = gains_array(norms, eps)
+    masks = category_masks(gains, low, high)
+    counts = {category.value: mask.sum(axis=0) for category, mask in masks.items()}
+    transitions = [
+        TransitionStats(
+            index=i,
+            source=names[i],
+            target=names[i + 1],
+            median_gain=_nanmedian(gains[:, i]),
+            counts={key: int(column[i]) for key, column in counts.items()},
+        )
+        for i in range(len(names) - 1)
+    ]
+    return transitions, counts
+
+
 def build_report(
     run: RunLog,
     step: Optional[int] = None,
@@ -113,26 +126,10 @@ def build_report(
         steps, norms = steps[rows], norms[rows]
         alerts = [a for a in alerts if a.get("step") == step]
     step_row = _step_norms(run, names, int(steps[-1]), norms[-1])
-    step_gains = compute_gains(step_row, eps)
-    step_log_gains = compute_log_gains(step_row, eps)
-    step_summary = summarize_gains(
-        step_gains, step_log_gains, damping_threshold, amplifying_threshold
+    step_gains, step_log_gains, step_summary = step_flow(
+        step_row, eps, damping_threshold, amplifying_threshold
     )
-    step_summary["end_to_end_gain"] = end_to_end_gain(step_row, eps)
-
-    gains = gains_array(norms, eps)
-    masks = category_masks(gains, damping_threshold, amplifying_threshold)
-    counts = {category.value: mask.sum(axis=0) for category, mask in masks.items()}
-    transitions = [
-        TransitionStats(
-            index=i,
-            source=names[i],
-            target=names[i + 1],
-            median_gain=_nanmedian(gains[:, i]),
-            counts={key: int(column[i]) for key, column in counts.items()},
-        )
-        for i in range(len(names) - 1)
-    ]
+    transitions, counts = _transitions(names, norms, eps, damping_threshold, amplifying_threshold)
     e2e = (
         gains_array(norms[:, [0, -1]], eps)[:, 0] if len(names) > 1 else np.full(len(steps), np.nan)
     )
