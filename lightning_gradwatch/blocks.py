@@ -20,6 +20,8 @@ from typing import Any, Callable, Optional, Union
 
 from torch import Tensor, nn
 
+from lightning_gradwatch._compat import COMPILED_MODULE_ATTR
+
 BlockList = list[tuple[str, nn.Module]]
 BlocksSpec = Union[str, Sequence[str], Callable[[nn.Module], Sequence[tuple[str, nn.Module]]]]
 
@@ -161,3 +163,9 @@ def primary_tensor(output: Any) -> Optional[Tensor]:
             if found is not None:
                 return found
     return None
+
+
+def eager_name(name: str) -> str:
+    """``name`` without the ``_orig_mod`` components that ``torch.compile(module)`` wrappers add
+    (``blocks.0._orig_mod.linear.weight`` -> ``blocks.0.linear.weight``): keys as in eager mode."""
+    return ".".join(part for part in name.split(".") if part != COMPILED_MODULE_ATTR)

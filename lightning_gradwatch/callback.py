@@ -14,9 +14,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_gradwatch._compat import COMPILED_MODULE_ATTR
 from lightning_gradwatch.alerts import Alert
-from lightning_gradwatch.blocks import resolve_blocks, validate_blocks_spec
+from lightning_gradwatch.blocks import eager_name, resolve_blocks, validate_blocks_spec
 from lightning_gradwatch.diagnosis import FirstStepReport
 from lightning_gradwatch.distributed import ReductionPlan, plan_reduction
 from lightning_gradwatch.figures import TensorBoardPictures
@@ -27,12 +26,13 @@ from lightning_gradwatch.keys import DEFAULT_EPS, TOTAL_NORM_KEY, total_norm_key
 from lightning_gradwatch.measurement import GradientMeasurement, MeasurementSpec, measure
 from lightning_gradwatch.noise_monitor import NoiseScaleMonitor
 from lightning_gradwatch.norms import validate_norm_type
-from lightning_gradwatch.optimizers import OptimizerSteps, check_optimizer_names, optimizer_names
+from lightning_gradwatch.optimizers import OptimizerSteps, optimizer_steps
 from lightning_gradwatch.probe import GradientProbe
 from lightning_gradwatch.run_diagnosis import RunDiagnosis
 from lightning_gradwatch.sinks import log_histograms, log_metrics
 from lightning_gradwatch.strategies import check_strategy, loss_scale
 from lightning_gradwatch.validation import (
+    check_param_filter,
     check_path,
     check_positive,
     check_positive_int,
@@ -166,7 +166,7 @@ class GradientFlowCallback(Callback):
             amplifying_threshold=high,
             large_threshold=check_positive(large_threshold, "large_threshold"),
             grad_stats=check_type(log_grad_stats, bool, "log_grad_stats"),
-            log_param_norms=_check_param_filter(log_param_norms),
+            log_param_norms=check_param_filter(log_param_norms),
         )
         self.log_histograms = check_type(log_histograms, bool, "log_histograms")
         self.require_logger = check_type(require_logger, bool, "require_logger")
@@ -214,7 +214,7 @@ class GradientFlowCallback(Callback):
                 "read `callback.last`."
             )
         # Keys as in eager mode: without the `_orig_mod` of torch.compile wrappers (OptimizedModule).
-        blocks = [(_eager_name(n), m) for n, m in resolve_blocks(pl_module, self.blocks)]
+        blocks = [(eager_name(n), m) for n, m in resolve_blocks(pl_module, self.blocks)]
         self._remove_hooks()
         self._probe = GradientProbe(blocks, self.spec.norm_type, keep_grads=self.log_histograms)
         self.block_names = self._probe.names
@@ -222,11 +222,13 @@ class GradientFlowCallback(Callback):
         self._spec = dataclasses.replace(self.spec, measure_params=check_strategy(trainer).params)
         self._plan = plan_reduction(trainer)
         self._params = [
-            (_eager_name(n), p)
+            (eager_name(n), p)
             for n, p in pl_module.named_parameters()
             if p.requires_grad and self._spec.measure_params
         ]
-        self._steps = self._optimizer_steps(trainer, blocks)
+        self._steps = optimizer_steps(
+            trainer, blocks, self._params, self._probe.buffer.device, self.rules
+        )
         self._armed_step = self._measured_step = -1
         self._first_step_report, self._reported = None, set()
         self._enforcer.setup(trainer, self.block_names, self._spec)
@@ -238,24 +240,6 @@ class GradientFlowCallback(Callback):
         )
         if trainer.is_global_zero:
             self._pictures.start(trainer.loggers, self.block_names, self._spec)
-
-    def _optimizer_steps(
-        self, trainer: pl.Trainer, blocks: list[tuple[str, nn.Module]]
-    ) -> Optional[OptimizerSteps]:
-        if len(trainer.optimizers) < 2 or self._probe is None:
-            check_optimizer_names(self.rules, [])
-            return None
-        names = optimizer_names(trainer.optimizers, trainer.lr_scheduler_configs)
-        check_optimizer_names(self.rules, names)
-        steps = OptimizerSteps(
-            trainer.optimizers, names, blocks, self._params, self._probe.buffer.device
-        )
-        if steps.ownership.notes:
-            rank_zero_warn(
-                "GradientFlowCallback: with several optimizers each block is measured at the steps "
-                "of the optimizer that owns it; " + "; ".join(steps.ownership.notes) + "."
-            )
-        return steps
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
@@ -476,20 +460,3 @@ class GradientFlowCallback(Callback):
         self._measured_step = int(state_dict.get("measured_step", -1))
         self._enforcer.load_state_dict(state_dict.get("governance", {}))
         self._noise.estimator.load_state_dict(state_dict.get("noise_scale", {}))
-
-
-def _eager_name(name: str) -> str:
-    """``name`` without the ``_orig_mod`` components that ``torch.compile(module)`` wrappers add
-    (``blocks.0._orig_mod.linear.weight`` -> ``blocks.0.linear.weight``)."""
-    return ".".join(part for part in name.split(".") if part != COMPILED_MODULE_ATTR)
-
-
-def _check_param_filter(value: object) -> Union[bool, str, list[str]]:
-    if isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise TypeError(
-        "`log_param_norms` must be a bool, a glob pattern (str) or a list of patterns, got "
-        f"{type(value).__name__}: {value!r}."
-    )

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -27,6 +28,7 @@ __all__ = [
     "block_owners",
     "check_optimizer_names",
     "optimizer_names",
+    "optimizer_steps",
 ]
 
 
@@ -225,3 +227,27 @@ class OptimizerSteps:
         for k, params in enumerate(self.params):
             if params and all(p.grad is None for _, p in params):
                 self.clear(buffer, k)
+
+
+def optimizer_steps(
+    trainer: Any,
+    blocks: Sequence[tuple[str, nn.Module]],
+    named_params: Sequence[tuple[str, nn.Parameter]],
+    device: torch.device,
+    rules: Sequence[Any],
+) -> Optional[OptimizerSteps]:
+    """The :class:`OptimizerSteps` of a fit with several optimizers (``None`` with one), after
+    checking that every rule naming an optimizer's total names one of them; one warning lists the
+    blocks whose owner had to be chosen."""
+    if len(trainer.optimizers) < 2:
+        check_optimizer_names(rules, [])
+        return None
+    names = optimizer_names(trainer.optimizers, trainer.lr_scheduler_configs)
+    check_optimizer_names(rules, names)
+    steps = OptimizerSteps(trainer.optimizers, names, blocks, named_params, device)
+    if steps.ownership.notes:
+        rank_zero_warn(
+            "GradientFlowCallback: with several optimizers each block is measured at the steps "
+            "of the optimizer that owns it; " + "; ".join(steps.ownership.notes) + "."
+        )
+    return steps

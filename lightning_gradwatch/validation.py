@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional, TypeVar, Union
 
 __all__ = [
     "check_choice",
@@ -114,3 +114,15 @@ def check_choice(value: Any, choices: Sequence[str], name: str) -> str:
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
     return str(value)
+
+
+def check_param_filter(value: object, name: str = "log_param_norms") -> Union[bool, str, list[str]]:
+    """``value`` if it is a bool, a glob pattern or a list of patterns (a tuple becomes a list)."""
+    if isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise TypeError(
+        f"`{name}` must be a bool, a glob pattern (str) or a list of patterns, got "
+        f"{type(value).__name__}: {value!r}."
+    )
