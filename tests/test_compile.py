@@ -17,16 +17,21 @@ from __future__ import annotations
 import csv
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+from lightning.pytorch.plugins import Precision
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from models import BlockNet
 from reference import trainer
 from torch import Tensor
 from torch._dynamo.utils import counters
+from torch_features import needs_compile_without_graph_breaks
 
-from lightning_gradwatch import GradientFlowCallback
+from lightning_gradwatch import GradientFlowCallback, _compat
+from lightning_gradwatch.strategies import check_strategy
 
 STEPS = 4
 
@@ -114,11 +119,33 @@ def check_compiled_like_eager(
             assert compiled[step][key] == pytest.approx(value, rel=1e-4, abs=1e-9), key
 
 
+@needs_compile_without_graph_breaks
 @pytest.mark.parametrize("how", ["fit", "configure_model", "histograms"])
 def test_compiled_model_measures_like_eager_without_graph_breaks(tmp_path: Path, how: str) -> None:
     check_compiled_like_eager(tmp_path, "aot_eager", how)
 
 
+@needs_compile_without_graph_breaks
 @pytest.mark.slow
 def test_inductor_compiled_model_measures_like_eager(tmp_path: Path) -> None:
     check_compiled_like_eager(tmp_path, "inductor")
+
+
+def test_compiled_model_on_an_older_torch_is_warned_about_at_fit_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As if graph-break-free hooks needed a newer torch than the installed one.
+    monkeypatch.setattr(_compat, "TORCH_FOR_COMPILE_WITHOUT_GRAPH_BREAKS", "999.0")
+    fit = SimpleNamespace(
+        strategy=SingleDeviceStrategy("cpu"),
+        precision="32-true",
+        precision_plugin=Precision(),
+        optimizers=[],
+        lightning_module=torch.compile(BlockNet(depth=2, width=4), backend="aot_eager"),
+    )
+    with pytest.warns(UserWarning, match=r"torch\.compile with torch .* need torch >= 999\.0"):
+        check_strategy(fit)  # type: ignore[arg-type]
+    fit.lightning_module = BlockNet(depth=2, width=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_strategy(fit)  # type: ignore[arg-type]

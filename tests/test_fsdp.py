@@ -26,6 +26,7 @@ from parallel import (
     run_worker,
 )
 from reference import ref_metrics, trainer
+from torch_features import needs_fsdp2_on_cpu
 
 from lightning_gradwatch import GradientFlowCallback
 from lightning_gradwatch.strategies import check_strategy
@@ -39,6 +40,7 @@ def fsdp_run(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     return run_worker("fsdp2", tmp_path_factory.mktemp("fsdp2"))
 
 
+@needs_fsdp2_on_cpu
 def test_fsdp2_gradients_are_shards(fsdp_run: list[dict[str, Any]]) -> None:
     shapes = fsdp_run[0]["shapes"][0]
     # A (8, 8) block weight is split over the 2 ranks: each holds (4, 8) of its gradient.
@@ -46,6 +48,7 @@ def test_fsdp2_gradients_are_shards(fsdp_run: list[dict[str, Any]]) -> None:
     assert shapes["head.bias"][1] == (1,)
 
 
+@needs_fsdp2_on_cpu
 def test_fsdp2_param_norms_equal_full_gradient_norms(fsdp_run: list[dict[str, Any]]) -> None:
     for step in MEASURED:
         full_grads = fsdp_run[0]["grads"][step]  # full_tensor() in the module's own hook
@@ -57,6 +60,7 @@ def test_fsdp2_param_norms_equal_full_gradient_norms(fsdp_run: list[dict[str, An
                 )
 
 
+@needs_fsdp2_on_cpu
 def test_fsdp2_all_figures_equal_single_process_on_global_batch(
     fsdp_run: list[dict[str, Any]],
 ) -> None:

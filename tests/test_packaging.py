@@ -65,11 +65,32 @@ def test_every_declared_dependency_is_imported() -> None:
     assert not unused, f"declared in pyproject.toml but imported nowhere in the package: {unused}"
 
 
+def pins(name: str) -> dict[str, str]:
+    """``{distribution: version}`` of the ``==`` pins in ``requirements/<name>``."""
+    lines = (ROOT / "requirements" / name).read_text().splitlines()
+    found = (re.match(r"([A-Za-z0-9_.-]+)(?:\[[^]]*\])?==(\S+)", line.strip()) for line in lines)
+    return {match.group(1).lower(): match.group(2) for match in found if match}
+
+
+def test_every_floor_is_the_version_of_the_oldest_tested_set() -> None:
+    """A floor in pyproject.toml is a version the suite ran on: the pin in requirements/oldest.txt."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = list(project["dependencies"])
+    requirements += [r for deps in project["optional-dependencies"].values() for r in deps]
+    oldest = pins("oldest.txt")
+    for requirement in requirements:
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)>=(\S+)", requirement.replace(" ", ""))
+        assert match, f"{requirement!r}: declare a floor (name>=version)"
+        name, floor = match.group(1).lower(), match.group(2)
+        assert oldest.get(name) == floor, (
+            f"pyproject.toml says {requirement} but requirements/oldest.txt pins "
+            f"{name}=={oldest.get(name)}: `make test-oldest` must run the floor itself"
+        )
+
+
 @pytest.mark.parametrize("name", ["test.txt", "oldest.txt"])
 def test_requirement_sets_install_the_declared_packages_and_test_tools(name: str) -> None:
     path = ROOT / "requirements" / name
-    if not path.exists():
-        pytest.skip(f"no requirements/{name}")
     lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
     pinned = {distribution(line) for line in lines if line}
     runtime, extras = declared()

@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.plugins import MixedPrecision
 from parallel import assert_figures_equal
 from reference import RefNet, ref_metrics, trainer
+from torch_features import needs_cpu_bf16_mse, needs_cpu_fused_optimizer
 
 from lightning_gradwatch import GradientFlowCallback
 
@@ -98,6 +99,7 @@ def test_step_skipped_by_the_scaler_is_not_logged(tmp_path: Path) -> None:
     assert all(math.isfinite(value) for value in last.metrics.values())
 
 
+@needs_cpu_bf16_mse
 def test_bf16_true_gradients_are_measured(tmp_path: Path) -> None:
     model, callback, _ = run(tmp_path, precision="bf16-true")
     ref = model.refs[0]
@@ -113,6 +115,7 @@ class FusedAdamNet(RefNet):
         return torch.optim.AdamW(self.parameters(), lr=1e-3, fused=True)
 
 
+@needs_cpu_fused_optimizer
 def test_optimizer_unscaling_in_step_is_warned_about(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = FusedAdamNet()

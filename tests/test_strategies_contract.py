@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch._dynamo.utils import counters
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 from torch.utils.data import DataLoader, TensorDataset
+from torch_features import needs_compile_without_graph_breaks, needs_fsdp2_on_cpu
 
 from lightning_gradwatch import GradientFlowCallback
 from lightning_gradwatch.probe import CALLS
@@ -207,6 +208,7 @@ def fsdp2_worker(out: Path) -> None:
     torch.save(record, out / f"rank{fit.global_rank}.pt")
 
 
+@needs_fsdp2_on_cpu
 def test_fsdp2_logs_full_gradient_norms_and_global_batch_figures(tmp_path: Path) -> None:
     process = subprocess.run(
         [sys.executable, __file__, "fsdp2", str(tmp_path)],
@@ -270,6 +272,7 @@ def test_separately_compiled_blocks_log_the_eager_keys_and_values(tmp_path: Path
     assert_same_figures(compiled, eager)
 
 
+@needs_compile_without_graph_breaks
 def test_compiled_model_with_accumulation_measures_like_eager(tmp_path: Path) -> None:
     torch.manual_seed(0)
     eager = _fit_csv(tmp_path / "eager", BlockNet(depth=3, width=8), accumulate_grad_batches=2)
