@@ -14,6 +14,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from expected_warnings import RULE_TRIPS
 from faults import FaultNet, same_weights, snapshot
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from reference import csv_metrics, hooks_of, ref_norm
@@ -21,6 +22,8 @@ from torch import Tensor, nn
 
 from lightning_gradwatch import GradientFlowCallback, GradientGainMonitor, Rule
 from lightning_gradwatch.alerts import read_alerts
+
+pytestmark = RULE_TRIPS
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lightning_gradwatch"

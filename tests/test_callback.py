@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from expected_warnings import WIRING_REPORT
 from reference import (
     FLOW_KEYS,
     NORM_TYPES,
@@ -22,6 +23,8 @@ from torch import Tensor
 
 from lightning_gradwatch import GradientFlowCallback, GradientMeasurement
 from lightning_gradwatch.norms import Category
+
+pytestmark = WIRING_REPORT
 
 OUTPUTS = ("tensor", "tuple", "dict", "model_output")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import pytest
+from expected_warnings import WIRING_REPORT
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from models import BlockNet
 from PIL import Image
@@ -23,6 +24,8 @@ from lightning_gradwatch.figures import (
     heatmap_size_px,
     render_flow_heatmap,
 )
+
+pytestmark = WIRING_REPORT
 
 
 def _fit(tmp_path: Path, depth: int, loggers: list, **kwargs) -> GradientFlowCallback:

@@ -12,6 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from expected_warnings import RULE_TRIPS
 from faults import FaultNet, make_trainer, same_weights
 from lightning.pytorch.plugins import MixedPrecision
 from models import BlockNet
@@ -20,6 +21,8 @@ from torch import Tensor
 from lightning_gradwatch import GradientFlowCallback, Rule
 from lightning_gradwatch.alerts import read_alerts
 from lightning_gradwatch.norms import Category
+
+pytestmark = RULE_TRIPS
 
 
 def csv_rows(tmp_path: Path) -> list[dict[str, str]]:

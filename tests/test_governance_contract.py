@@ -18,6 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from expected_warnings import RULE_TRIPS
 from faults import (
     FaultNet,
     NaNBackward,
@@ -34,6 +35,8 @@ from torch import Tensor
 from lightning_gradwatch import GradientFlowCallback, Rule
 from lightning_gradwatch.alerts import read_alerts
 from lightning_gradwatch.diagnosis import locate_nonfinite
+
+pytestmark = RULE_TRIPS
 
 
 def fit(

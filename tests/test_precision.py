@@ -15,12 +15,15 @@ from typing import Any
 
 import pytest
 import torch
+from expected_warnings import RULE_TRIPS
 from lightning.pytorch.plugins import MixedPrecision
 from parallel import assert_figures_equal
 from reference import RefNet, ref_metrics, trainer
 from torch_features import needs_cpu_bf16_mse, needs_cpu_fused_optimizer
 
 from lightning_gradwatch import GradientFlowCallback
+
+pytestmark = RULE_TRIPS
 
 SCALE = 2.0**10
 
