@@ -22,11 +22,12 @@ from typing import Any
 
 import pytest
 import torch
+from global_batch import logged_rows
 from lightning.pytorch.plugins import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from models import BlockNet
 from reference import trainer
-from torch import Tensor
+from torch import Tensor, nn
 from torch._dynamo.utils import counters
 from torch_features import needs_compile_without_graph_breaks
 
@@ -149,3 +150,56 @@ def test_compiled_model_on_an_older_torch_is_warned_about_at_fit_start(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_strategy(fit)  # type: ignore[arg-type]
+
+
+class CompiledBlocksNet(BlockNet):
+    """Each block wrapped by ``torch.compile`` (an ``OptimizedModule``) when ``compiled``."""
+
+    def __init__(self, compiled: bool) -> None:
+        torch.manual_seed(0)
+        super().__init__(depth=3, width=8)
+        if compiled:
+            self.blocks = nn.ModuleList(torch.compile(b, backend="aot_eager") for b in self.blocks)
+
+
+def _graph_breaks() -> dict[str, int]:
+    return {**counters["graph_break"], **counters["unimplemented"]}
+
+
+def _fit_csv(tmp_path: Path, model: Any, **kwargs: Any) -> dict[int, dict[str, float]]:
+    callback = GradientFlowCallback(log_every_n_steps=2, log_param_norms=True)
+    trainer(tmp_path, [callback], max_steps=4, **kwargs).fit(model)
+    return dict(logged_rows(tmp_path))
+
+
+def assert_same_figures(compiled: dict[int, dict[str, float]], eager: dict[int, Any]) -> None:
+    assert sorted(compiled) == sorted(eager) == [0, 2]
+    for step, metrics in eager.items():
+        assert sorted(compiled[step]) == sorted(metrics)  # the same keys
+        for key, value in metrics.items():
+            assert compiled[step][key] == pytest.approx(value, rel=1e-4, abs=1e-9), key
+
+
+def test_separately_compiled_blocks_log_the_eager_keys_and_values(tmp_path: Path) -> None:
+    eager = _fit_csv(tmp_path / "eager", CompiledBlocksNet(compiled=False))
+    torch._dynamo.reset()
+    counters.clear()
+    model = CompiledBlocksNet(compiled=True)
+    compiled = _fit_csv(tmp_path / "compiled", model)
+    assert counters["stats"]["unique_graphs"] >= 1 and _graph_breaks() == {}
+    assert not any("_orig_mod" in key for key in compiled[0])  # e.g. grad_param_norm/blocks.0.*
+    assert "grad_param_norm/blocks.0.linear.weight" in compiled[0]
+    assert_same_figures(compiled, eager)
+
+
+@needs_compile_without_graph_breaks
+def test_compiled_model_with_accumulation_measures_like_eager(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    eager = _fit_csv(tmp_path / "eager", BlockNet(depth=3, width=8), accumulate_grad_batches=2)
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = torch.compile(BlockNet(depth=3, width=8), backend="aot_eager")
+    compiled = _fit_csv(tmp_path / "compiled", model, accumulate_grad_batches=2)
+    assert counters["stats"]["unique_graphs"] >= 1 and _graph_breaks() == {}
+    assert_same_figures(compiled, eager)
