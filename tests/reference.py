@@ -8,7 +8,7 @@ import math
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 from unittest import mock
 
 import lightning.pytorch as pl
@@ -33,6 +33,11 @@ SUMMARY_KEYS = (
 )
 FLOW_KEYS = (*SUMMARY_KEYS, "end_to_end_gain")
 STAT_KEYS = ("mean", "std", "min", "max", "zero_fraction", "large_fraction", "nonfinite_count")
+
+if TYPE_CHECKING:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_gradwatch import GradientFlowCallback
 
 
 def ref_norm(grads: Union[Tensor, Sequence[Tensor]], norm_type: str) -> float:
@@ -303,3 +308,10 @@ def callback_from_cli_config(tmp_path: Any, config: dict[str, Any]) -> Any:
     cli = lightning_cli(BlockNet, args=["--config", str(path)], run=False)
     [callback] = [c for c in cli.trainer.callbacks if type(c).__name__ == "GradientFlowCallback"]
     return callback
+
+
+def logger_trainer(
+    logger: TensorBoardLogger, callback: GradientFlowCallback, max_steps: int
+) -> pl.Trainer:
+    """:func:`trainer` with ``callback`` and ``logger`` as its only logger, under its root dir."""
+    return trainer(logger.root_dir, [callback], max_steps=max_steps, logger=[logger])

@@ -60,3 +60,31 @@ def test_trip_on_one_rank_halts_every_rank_at_the_same_step(tmp_path: Path) -> N
     assert records[-1]["checkpoint"] == checkpoint and Path(checkpoint).exists()
     state = torch.load(checkpoint, weights_only=False)["state_dict"]
     assert same_weights(state, ranks[0]["weights_before"][s])
+
+
+@pytest.mark.slow
+def test_ddp_skip_when_one_rank_trips_skips_every_rank_and_training_goes_on(
+    tmp_path: Path,
+) -> None:
+    result = subprocess.run(
+        [sys.executable, str(WORKER), "ddp_skip", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=90,  # a rank left waiting in a collective would hang: fail instead
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        cwd=Path(__file__).parent.parent,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    s = FAULT_STEP
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for record in ranks:
+        assert record["global_step"] == 6 and not record["halted"]
+        assert record["alerts"] == [(s, "nonfinite", "skip", 1, [1])]
+        weights = record["weights"]
+        assert same_weights(weights[s + 1], weights[s])  # the poisoned step changed nothing
+        for step in (s - 1, s + 1):
+            assert not same_weights(weights[step + 1], weights[step])  # the others trained
+        assert all(torch.isfinite(w).all() for w in record["final"].values())
+    assert same_weights(ranks[0]["final"], ranks[1]["final"])
+    [line] = read_alerts(str(tmp_path / "csv" / "version_0" / "gradwatch_alerts.jsonl"))
+    assert (line["step"], line["action"], line["rank"], line["ranks"]) == (s, "skip", 1, [1])
