@@ -2,13 +2,27 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo bench rescue clean
+# The oldest supported versions (the floors in pyproject.toml) in their own environment, tested
+# the way Lightning's CI tests its oldest requirements. Never part of `make test`.
+OLDEST_VENV := .venv-oldest
+OLDEST_PY := $(OLDEST_VENV)/bin/python
+OLDEST_STAMP := $(OLDEST_VENV)/.installed
+
+.PHONY: setup test test-oldest lint demo bench rescue clean
+
+# $(call install,VENV,REQUIREMENTS): a virtualenv with REQUIREMENTS and this package (editable).
+define install
+	test -x $(1)/bin/python || python3 -m venv $(1)
+	$(1)/bin/python -m pip install -q -r $(2)
+	$(1)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(1)/.installed
+endef
 
 $(STAMP): requirements/test.txt pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements/test.txt
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
-	touch $(STAMP)
+	$(call install,$(VENV),requirements/test.txt)
+
+$(OLDEST_STAMP): requirements/oldest.txt pyproject.toml
+	$(call install,$(OLDEST_VENV),requirements/oldest.txt)
 
 setup: $(STAMP)
 
@@ -20,6 +34,9 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
+test-oldest: $(OLDEST_STAMP)
+	$(OLDEST_PY) -m pytest -q -p no:cacheprovider
+
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
@@ -30,4 +47,4 @@ rescue: $(STAMP)
 	$(PY) benchmarks/rescue.py
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) $(OLDEST_VENV) runs build *.egg-info

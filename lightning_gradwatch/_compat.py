@@ -12,7 +12,37 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+# --------------------------------------------------------------------------------------------------
+# Versions: features that need a newer torch than the floor in pyproject.toml
+# --------------------------------------------------------------------------------------------------
+
+#: The oldest torch on which the callback's block hooks were verified to compile without graph
+#: breaks. torch 2.3.1, 2.4.1, 2.6.0 and 2.9.0 break the graph at each hooked block output
+#: ("Compilation of intermediate hooks requires compiled autograd"); the figures are still right.
+TORCH_FOR_COMPILE_WITHOUT_GRAPH_BREAKS = "2.13"
+
+
+def torch_older_than(version: str) -> bool:
+    """Whether the installed torch is older than ``version`` (a local suffix such as ``+cpu`` is
+    ignored: ``torch.__version__`` compares as a version, not as a string)."""
+    return bool(torch.__version__ < version)
+
+
+def torch_feature_gaps(module: Optional[nn.Module]) -> list[str]:
+    """One sentence for each feature ``module`` uses that needs a newer torch than the installed one
+    (emitted as warnings at fit start)."""
+    gaps = []
+    needed = TORCH_FOR_COMPILE_WITHOUT_GRAPH_BREAKS
+    if module is not None and torch_older_than(needed) and is_compiled(module):
+        gaps.append(
+            f"torch.compile with torch {torch.__version__}: the callback's block hooks break the "
+            "compiled graph at every block output (the figures are right, the model runs as "
+            f"several graphs). Hooks that compile without graph breaks need torch >= {needed}."
+        )
+    return gaps
+
 
 # --------------------------------------------------------------------------------------------------
 # torch
@@ -70,6 +100,23 @@ def flatten_dense_tensors(tensors: Sequence[Tensor]) -> Tensor:
     from torch._utils import _flatten_dense_tensors
 
     return _flatten_dense_tensors(list(tensors))
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """Whether ``module`` went through ``torch.compile``: a compiled submodule (an
+    ``OptimizedModule``, seen by its :data:`COMPILED_MODULE_ATTR` attribute), or a compiled
+    LightningModule passed to ``Trainer.fit``, which Lightning unwraps and marks with
+    ``_compiler_ctx``.
+
+    Why private: torch offers no public test for a compiled module, and Lightning keeps the mark of
+    an unwrapped compiled module in ``_compiler_ctx`` only. A function compiled inside the module
+    (``torch.compile(self.method)``) is not seen.
+    """
+    if getattr(module, "_compiler_ctx", None) is not None:
+        return True
+    return any(
+        isinstance(getattr(m, COMPILED_MODULE_ATTR, None), nn.Module) for m in module.modules()
+    )
 
 
 #: The attribute under which ``torch.compile(module)`` (an ``OptimizedModule``) keeps the original

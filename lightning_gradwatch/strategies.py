@@ -33,6 +33,7 @@ from torch import Tensor
 from lightning_gradwatch._compat import (
     grad_scaler_scale,
     optimizer_unscales_in_step,
+    torch_feature_gaps,
 )
 from lightning_gradwatch.distributed import plan_reduction
 
@@ -105,6 +106,7 @@ def check_strategy(trainer: pl.Trainer) -> StrategySupport:
             "GradScaler: parameter figures (grad_norm_total, grad_param_norm/*, grad_stats/*) "
             "include the loss scale; block-output figures and gains do not."
         )
+    reasons += torch_feature_gaps(getattr(trainer, "lightning_module", None))
     for reason in reasons:
         rank_zero_warn(f"GradientFlowCallback: {reason}")
     return StrategySupport(params=params, reasons=tuple(reasons))

@@ -3,13 +3,18 @@ loss spike, a per-rank gradient fault, and a module that records its weights and
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
 from models import BlockNet
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from lightning_gradwatch import GradientFlowCallback
 
 
 class NaNBackward(torch.autograd.Function):
@@ -164,3 +169,32 @@ def make_trainer(tmp_path: Any, callbacks: list[Any], max_steps: int, **kwargs: 
         default_root_dir=str(tmp_path),
         **kwargs,
     )
+
+
+def fit_csv(
+    tmp_path: Path, model: pl.LightningModule, callbacks: list[Any], **kwargs: Any
+) -> pl.Trainer:
+    """Fit ``model`` on one CPU process with ``callbacks``, a CSVLogger writing
+    ``tmp_path/csv/version_0/metrics.csv`` and 4 steps, any Trainer option overridable."""
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "max_steps": 4,
+        "logger": CSVLogger(str(tmp_path), name="csv", version=0),
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "default_root_dir": str(tmp_path),
+    }
+    options.update(kwargs)
+    trainer = pl.Trainer(callbacks=callbacks, **options)
+    trainer.fit(model)
+    return trainer
+
+
+def fit_steps(
+    tmp_path: Path, model: pl.LightningModule, callback: GradientFlowCallback, steps: int
+) -> Any:
+    """Fit ``model`` for ``steps`` steps in a :func:`make_trainer` Trainer with ``callback``."""
+    trainer = make_trainer(tmp_path, [callback], max_steps=steps)
+    trainer.fit(model)
+    return trainer

@@ -5,6 +5,8 @@
   is put into one parameter gradient on rank 1 only at step ``FAULT_STEP``, after the all-reduce; the
   ``nonfinite`` rule trips there on rank 1 only. A ``grad_norm/blocks.0`` rule trips on both ranks
   at every measured step. Each rank saves ``rank<r>.pt`` with what it saw.
+* ``ddp_skip``: the same fault with ``Rule("nonfinite", action="skip")``: every rank skips that
+  step and training goes on. Each rank saves ``rank<r>.pt``.
 * ``kill``: a single process whose warn rule trips every step; the module kills its own process with
   ``SIGKILL`` at step ``KILL_STEP``, mid-run, with no chance to clean up.
 * ``loss_ddp``: ``strategy="ddp"`` on 2 CPU processes with a ``loss`` rule; rank 1's loss alone is
@@ -115,6 +117,24 @@ def loss_ddp(out_dir: str) -> None:
     torch.save(record, Path(out_dir) / f"rank{trainer.global_rank}.pt")
 
 
+def ddp_skip(out_dir: str) -> None:
+    """One rank of a 2-process DDP run where an Inf reaches rank 1's gradients only at one step."""
+    pl.seed_everything(0, verbose=False)
+    model = FaultNet(n_samples=128, batch_size=8)
+    callback = GradientFlowCallback(log_every_n_steps=50, rules=[Rule("nonfinite", action="skip")])
+    callbacks = [RankFault(rank=1, step=FAULT_STEP), callback]
+    trainer = ddp_trainer(out_dir, callbacks, max_steps=6)
+    trainer.fit(model)
+    record = {
+        "global_step": trainer.global_step,
+        "halted": callback.halted,
+        "alerts": [(a.step, a.rule, a.action, a.rank, list(a.ranks)) for a in callback.alerts],
+        "weights": model.weights,
+        "final": snapshot(model),
+    }
+    torch.save(record, Path(out_dir) / f"rank{trainer.global_rank}.pt")
+
+
 def kill(out_dir: str) -> None:
     pl.seed_everything(0, verbose=False)
     callback = GradientFlowCallback(
@@ -136,4 +156,4 @@ def kill(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    {"ddp": ddp, "kill": kill, "loss_ddp": loss_ddp}[sys.argv[1]](sys.argv[2])
+    {"ddp": ddp, "ddp_skip": ddp_skip, "kill": kill, "loss_ddp": loss_ddp}[sys.argv[1]](sys.argv[2])

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
+from unittest import mock
 
 import lightning.pytorch as pl
 import pytest
@@ -31,6 +33,11 @@ SUMMARY_KEYS = (
 )
 FLOW_KEYS = (*SUMMARY_KEYS, "end_to_end_gain")
 STAT_KEYS = ("mean", "std", "min", "max", "zero_fraction", "large_fraction", "nonfinite_count")
+
+if TYPE_CHECKING:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_gradwatch import GradientFlowCallback
 
 
 def ref_norm(grads: Union[Tensor, Sequence[Tensor]], norm_type: str) -> float:
@@ -286,11 +293,25 @@ def csv_metrics(log_dir: str) -> dict[int, dict[str, float]]:
     return rows
 
 
+def lightning_cli(*args: Any, **kwargs: Any) -> LightningCLI:
+    """``LightningCLI(*args, **kwargs)`` with pytest's own command line out of ``sys.argv``: given
+    both ``args=`` and command-line arguments, LightningCLI warns that it got both."""
+    with mock.patch.object(sys, "argv", sys.argv[:1]):
+        return LightningCLI(*args, **kwargs)
+
+
 def callback_from_cli_config(tmp_path: Any, config: dict[str, Any]) -> Any:
     """The ``GradientFlowCallback`` that ``LightningCLI`` builds from ``config`` (a YAML dict with
     a ``trainer.callbacks`` entry), written to ``tmp_path/config.yaml``; raises what the CLI raises."""
     path = Path(tmp_path) / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    cli = LightningCLI(BlockNet, args=["--config", str(path)], run=False)
+    cli = lightning_cli(BlockNet, args=["--config", str(path)], run=False)
     [callback] = [c for c in cli.trainer.callbacks if type(c).__name__ == "GradientFlowCallback"]
     return callback
+
+
+def logger_trainer(
+    logger: TensorBoardLogger, callback: GradientFlowCallback, max_steps: int
+) -> pl.Trainer:
+    """:func:`trainer` with ``callback`` and ``logger`` as its only logger, under its root dir."""
+    return trainer(logger.root_dir, [callback], max_steps=max_steps, logger=[logger])

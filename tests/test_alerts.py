@@ -12,8 +12,14 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+import pytest
+import torch
+from expected_warnings import RULE_TRIPS
+from faults import FaultNet, fit_csv
 from governance_worker import KILL_STEP
+from lightning.pytorch.loggers import TensorBoardLogger
 
+from lightning_gradwatch import GradientFlowCallback, Rule
 from lightning_gradwatch.alerts import Alert, JsonlAlertSink, read_alerts
 
 WORKER = Path(__file__).with_name("governance_worker.py")
@@ -91,3 +97,38 @@ def test_alerts_survive_sigkill_mid_run(tmp_path: Path) -> None:
     records = [json.loads(line) for line in lines]  # every line written before the kill parses
     assert [r["step"] for r in records] == list(range(KILL_STEP))
     assert all(r["rule"] == "always" and r["action"] == "warn" for r in records)
+
+
+@RULE_TRIPS
+def test_alerts_name_where_and_read_like_jsonl_records(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = FaultNet(depth=3)
+    callback = GradientFlowCallback(
+        log_every_n_steps=1,
+        log_param_norms="*.weight",
+        rules=[
+            Rule("grad_param_norm/*", max=1e-12, action="warn", name="params"),
+            Rule("grad_norm/*", max=1e-12, action="warn"),
+        ],
+    )
+    logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
+    fit_csv(tmp_path, model, [callback], max_steps=1, logger=logger)
+
+    weights = sorted(n for n, _ in model.named_parameters() if n.endswith(".weight"))
+    blocks = [f"blocks.{i}" for i in range(3)]
+    by_rule = {a.rule: a for a in callback.alerts}
+    assert set(by_rule) == {"params", "grad_norm/*"}
+    params, block = by_rule["params"], by_rule["grad_norm/*"]
+    assert sorted(params.params) == weights and sorted(params.where) == weights
+    assert params.blocks == [] and params.block is None
+    assert block.blocks == blocks and block.where == blocks and block.params == []
+    # The same records in the audit trail inside the logger's log_dir, dict-like in Python too.
+    records = read_alerts(str(Path(logger.log_dir) / "gradwatch_alerts.jsonl"))
+    assert [r["rule"] for r in records] == [a.rule for a in callback.alerts]
+    for alert, record in zip(callback.alerts, records):
+        assert set(record) == set(alert.to_dict())
+        for key in ("time", "step", "epoch", "rank", "rule", "metric", "action", "where"):
+            assert alert[key] == record[key] == getattr(alert, key)
+        assert alert["value"] == pytest.approx(record["value"]) and record["threshold"] == 1e-12
+    with pytest.raises(KeyError):
+        callback.alerts[0]["nope"]

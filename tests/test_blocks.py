@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from models import ModelOutput
-from reference import RefNet, assert_metrics_equal, hooks_of, ref_metrics, trainer
+from reference import RefNet, assert_metrics_equal, hooks_of, logger_trainer, ref_metrics, trainer
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -377,3 +380,59 @@ def test_callback_missing_block_name_raises_at_fit_start(
         trainer(tmp_path, [callback]).fit(model)
     assert model.refs == {}  # raised before any training step
     assert hooks_of(model) == 0
+
+
+class HeadedBlock(nn.Module):
+    """A GPT-2-like block whose attention is a ModuleList of four same-class heads."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Linear(width, width // 4) for _ in range(4))
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.Linear(width, width))
+
+    def forward(self, h: Tensor) -> Tensor:
+        h = h + torch.cat([head(h) for head in self.heads], dim=-1)
+        return h + torch.tanh(self.mlp(h))
+
+
+class HeadedGPT(pl.LightningModule):
+    """``transformer.h`` holds 3 blocks; each block holds a longer (4) ModuleList of heads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transformer = nn.Module()
+        self.transformer.wte = nn.Linear(4, 8)
+        self.transformer.h = nn.ModuleList(HeadedBlock() for _ in range(3))
+        self.lm_head = nn.Linear(8, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.transformer.wte(x)
+        for block in self.transformer.h:
+            h = block(h)
+        return self.lm_head(h)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(0)
+        return DataLoader(TensorDataset(torch.randn(16, 4, generator=g), torch.zeros(16, 1)), 8)
+
+
+def test_auto_picks_the_block_container_not_the_heads_inside_a_block(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    logger = TensorBoardLogger(tmp_path, name="tb", version="", default_hp_metric=False)
+    callback = GradientFlowCallback(log_every_n_steps=1, rules=[])
+    logger_trainer(logger, callback, max_steps=2).fit(HeadedGPT())
+    blocks = ["transformer.h.0", "transformer.h.1", "transformer.h.2"]
+    assert callback.block_names == blocks
+    accumulator = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
+    accumulator.Reload()
+    scalars = set(accumulator.Tags()["scalars"])
+    assert {f"grad_norm/{b}" for b in blocks} <= scalars
+    assert {f"grad_gain/{b}" for b in blocks[1:]} <= scalars
+    assert not any("heads" in tag for tag in scalars)

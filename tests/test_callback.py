@@ -3,11 +3,17 @@ LightningModule itself; hook removal; argument validation; missing blocks; the l
 
 from __future__ import annotations
 
+import ast
+import inspect
 import math
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from expected_warnings import WIRING_REPORT
+from faults import FaultNet, fit_csv
 from reference import (
     FLOW_KEYS,
     NORM_TYPES,
@@ -23,7 +29,11 @@ from torch import Tensor
 from lightning_gradwatch import GradientFlowCallback, GradientMeasurement
 from lightning_gradwatch.norms import Category
 
+pytestmark = WIRING_REPORT
+
 OUTPUTS = ("tensor", "tuple", "dict", "model_output")
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _fit(model: RefNet, tmp_path: Any, max_steps: int = 3, **kwargs: Any) -> GradientFlowCallback:
@@ -321,3 +331,49 @@ def test_defaults() -> None:
     assert (callback.spec.damping_threshold, callback.spec.amplifying_threshold) == (0.5, 2.0)
     assert callback.require_logger is True and callback.log_histograms is False
     assert callback.last is None
+
+
+def _readme_row(readme: str, key: str) -> list[str]:
+    [row] = [line for line in readme.splitlines() if line.startswith(f"| `{key}`")]
+    meaning = row.split("|")[2]
+    return [t for t in re.findall(r"`([^`]+)`", meaning) if re.fullmatch(r"[a-z_]+", t)]
+
+
+def test_readme_table_and_arguments_match_the_code(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    model = FaultNet(depth=3)
+    callback = GradientFlowCallback(log_every_n_steps=1, log_param_norms=True, norm_type="l1")
+    assert callback.norm_type == "l1" and GradientFlowCallback().norm_type == "l2"
+    trainer = fit_csv(tmp_path, model, [callback], max_steps=1, log_every_n_steps=1000)
+    logged = set(csv_metrics(str(trainer.logger.log_dir))[0])  # type: ignore[union-attr]
+    blocks = [f"blocks.{i}" for i in range(3)]
+    params = [name for name, _ in model.named_parameters()]
+    expected = {"grad_norm_total"}
+    expected |= {f"grad_norm/{b}" for b in blocks}
+    expected |= {f"grad_{kind}/{b}" for kind in ("gain", "log_gain") for b in blocks[1:]}
+    expected |= {f"grad_param_norm/{p}" for p in params}
+    expected |= {f"grad_flow/{s}" for s in _readme_row(readme, "grad_flow/<stat>")}
+    expected |= {f"grad_stats/{s}" for s in _readme_row(readme, "grad_stats/<stat>")}
+    assert "grad_flow/end_to_end_gain" in expected and "grad_stats/nonfinite_count" in expected
+    # The default rule's own keys (its counter; the interval's max and mean of the total norm it
+    # checks every step) are described in the README's governance section.
+    governance = {"grad_alerts/nonfinite", "grad_norm_total_max", "grad_norm_total_mean"}
+    section = readme.split("## Governance", 1)[1]
+    assert all(f"`{key.split('/')[0]}" in section for key in governance)
+    assert logged == expected | governance
+    # The README's categories are the code's, and categories read as their names.
+    section = readme.split("### Categories", 1)[1].split("\n\n")[1]
+    documented = {row.split("|")[1].strip() for row in section.splitlines()[2:]}
+    assert documented == {"healthy", "damping", "amplifying", "vanishing", "missing"}
+    assert callback.last is not None and len(callback.last.categories) == 2
+    assert {str(c) for c in callback.last.categories} <= documented
+    for key in ("grad_norm/<block>", "grad_gain/<block>", "grad_log_gain/<block>"):
+        assert key in readme and key in (GradientFlowCallback.__doc__ or "")
+
+    # The README's argument list is the constructor's, defaults included.
+    match = re.search(r"`GradientFlowCallback\((blocks=.*?)\)`", readme, re.S)
+    assert match is not None
+    call = ast.parse("f(" + " ".join(match.group(1).split()) + ")").body[0].value  # type: ignore[attr-defined]
+    documented = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+    signature = inspect.signature(GradientFlowCallback).parameters
+    assert documented == {name: p.default for name, p in signature.items()}

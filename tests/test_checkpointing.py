@@ -15,8 +15,8 @@ import pytest
 import torch
 from models import Block, BlockNet
 from reference import assert_metrics_equal, trainer
-from torch import Tensor
-from torch.utils.checkpoint import checkpoint
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 from lightning_gradwatch import GradientFlowCallback
 from lightning_gradwatch.probe import CALLS
@@ -78,3 +78,54 @@ def test_one_measurement_per_block_and_backward(
     # One tensor-hook call per block and micro-batch, at both measured steps.
     assert model.calls == {0: [float(ACCUMULATE)] * 4, 1: [float(ACCUMULATE)] * 4}
     assert_metrics_equal(measured, plain, rel=1e-6)
+
+
+class SegmentCheckpointNet(BlockNet):
+    """Checkpoints several blocks at once: ``"sequential"`` (``checkpoint_sequential`` in 2
+    segments), ``"pairs"`` (one ``checkpoint`` around blocks 0-1 and one around 2-3), or none."""
+
+    def __init__(self, mode: Any = None, reentrant: bool = True) -> None:
+        torch.manual_seed(0)
+        super().__init__(depth=4, width=8)
+        self.mode, self.reentrant = mode, reentrant
+        self.calls: dict[int, list[float]] = {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.stem(x)
+        blocks = self.blocks
+        if self.mode == "sequential":
+            h = checkpoint_sequential(blocks, 2, h, use_reentrant=self.reentrant)
+        elif self.mode == "pairs":
+            for i in (0, 2):
+                pair = nn.Sequential(blocks[i], blocks[i + 1])
+                h = checkpoint(pair, h, use_reentrant=self.reentrant)
+        else:
+            for block in blocks:
+                h = block(h)
+        return self.head(h)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        probe = self.trainer.callbacks[0]._probe  # type: ignore[attr-defined]
+        self.calls[self.trainer.global_step] = probe.buffer[:, CALLS].tolist()
+
+
+def _fit_last(tmp_path: Path, model: SegmentCheckpointNet) -> dict[str, float]:
+    callback = GradientFlowCallback(log_every_n_steps=1, log_param_norms=True)
+    trainer(tmp_path, [callback], max_steps=2, accumulate_grad_batches=2).fit(model)
+    assert callback.last is not None and callback.last.step == 1
+    return callback.last.metrics
+
+
+@pytest.mark.parametrize("mode", ["sequential", "pairs"])
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_checkpointed_segments_measure_each_block_once(
+    tmp_path: Path, mode: str, reentrant: bool
+) -> None:
+    plain = _fit_last(tmp_path / "plain", SegmentCheckpointNet())
+    model = SegmentCheckpointNet(mode, reentrant)
+    measured = _fit_last(tmp_path / "checkpointed", model)
+    # One tensor-hook call per block and micro-batch (2 per step), not one more per recomputation.
+    assert model.calls == {0: [2.0] * 4, 1: [2.0] * 4}
+    # A second measurement of any block would change its L2 norm by sqrt(2).
+    for key, value in plain.items():
+        assert measured[key] == pytest.approx(value, rel=1e-6, abs=1e-12, nan_ok=True), key

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 from lightning.pytorch.cli import LightningCLI
 from models import BlockNet
-from reference import csv_metrics
+from reference import csv_metrics, lightning_cli
 
 from lightning_gradwatch import GradientFlowCallback
 
@@ -38,16 +37,10 @@ model:
 """
 
 
-@pytest.fixture(autouse=True)
-def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
-    # LightningCLI warns when given both `args` and pytest's own command line.
-    monkeypatch.setattr(sys, "argv", sys.argv[:1])
-
-
 def _cli(tmp_path: Path, norm_type: str, blocks: str) -> LightningCLI:
     config = tmp_path / "config.yaml"
     config.write_text(CONFIG.format(save_dir=tmp_path, norm_type=norm_type, blocks=blocks))
-    return LightningCLI(BlockNet, args=["fit", "--config", str(config)], save_config_callback=None)
+    return lightning_cli(BlockNet, args=["fit", "--config", str(config)], save_config_callback=None)
 
 
 @pytest.mark.parametrize(

@@ -83,6 +83,27 @@ def test_compiled_module_prefixes_parameter_names() -> None:
     ], broken("OptimizedModule._orig_mod", f"compiled parameter names are now {names}")
 
 
+def test_compiled_modules_are_recognised() -> None:
+    from lightning.pytorch.utilities.compile import from_compiled
+
+    class Net(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Linear(2, 2), torch.compile(nn.Linear(2, 2))])
+
+    plain = pl.LightningModule()
+    assert not _compat.is_compiled(plain)
+    assert _compat.is_compiled(Net()), broken(
+        "OptimizedModule._orig_mod", "not seen on a submodule"
+    )
+    # What Trainer.fit(torch.compile(model)) does: unwrap, and mark the module.
+    unwrapped = from_compiled(torch.compile(pl.LightningModule()))
+    assert _compat.is_compiled(unwrapped), broken(
+        "LightningModule._compiler_ctx",
+        "not set by lightning.pytorch.utilities.compile.from_compiled",
+    )
+
+
 def test_fused_optimizers_unscale_in_step() -> None:
     # The flag GradScaler.step reads to leave unscaling to the optimizer.
     source = inspect.getsource(torch.amp.GradScaler.step)

@@ -17,16 +17,22 @@ from __future__ import annotations
 import csv
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+from global_batch import logged_rows
+from lightning.pytorch.plugins import Precision
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from models import BlockNet
 from reference import trainer
-from torch import Tensor
+from torch import Tensor, nn
 from torch._dynamo.utils import counters
+from torch_features import needs_compile_without_graph_breaks
 
-from lightning_gradwatch import GradientFlowCallback
+from lightning_gradwatch import GradientFlowCallback, _compat
+from lightning_gradwatch.strategies import check_strategy
 
 STEPS = 4
 
@@ -114,11 +120,86 @@ def check_compiled_like_eager(
             assert compiled[step][key] == pytest.approx(value, rel=1e-4, abs=1e-9), key
 
 
+@needs_compile_without_graph_breaks
 @pytest.mark.parametrize("how", ["fit", "configure_model", "histograms"])
 def test_compiled_model_measures_like_eager_without_graph_breaks(tmp_path: Path, how: str) -> None:
     check_compiled_like_eager(tmp_path, "aot_eager", how)
 
 
+@needs_compile_without_graph_breaks
 @pytest.mark.slow
 def test_inductor_compiled_model_measures_like_eager(tmp_path: Path) -> None:
     check_compiled_like_eager(tmp_path, "inductor")
+
+
+def test_compiled_model_on_an_older_torch_is_warned_about_at_fit_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As if graph-break-free hooks needed a newer torch than the installed one.
+    monkeypatch.setattr(_compat, "TORCH_FOR_COMPILE_WITHOUT_GRAPH_BREAKS", "999.0")
+    fit = SimpleNamespace(
+        strategy=SingleDeviceStrategy("cpu"),
+        precision="32-true",
+        precision_plugin=Precision(),
+        optimizers=[],
+        lightning_module=torch.compile(BlockNet(depth=2, width=4), backend="aot_eager"),
+    )
+    with pytest.warns(UserWarning, match=r"torch\.compile with torch .* need torch >= 999\.0"):
+        check_strategy(fit)  # type: ignore[arg-type]
+    fit.lightning_module = BlockNet(depth=2, width=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_strategy(fit)  # type: ignore[arg-type]
+
+
+class CompiledBlocksNet(BlockNet):
+    """Each block wrapped by ``torch.compile`` (an ``OptimizedModule``) when ``compiled``."""
+
+    def __init__(self, compiled: bool) -> None:
+        torch.manual_seed(0)
+        super().__init__(depth=3, width=8)
+        if compiled:
+            self.blocks = nn.ModuleList(torch.compile(b, backend="aot_eager") for b in self.blocks)
+
+
+def _graph_breaks() -> dict[str, int]:
+    return {**counters["graph_break"], **counters["unimplemented"]}
+
+
+def _fit_csv(tmp_path: Path, model: Any, **kwargs: Any) -> dict[int, dict[str, float]]:
+    callback = GradientFlowCallback(log_every_n_steps=2, log_param_norms=True)
+    trainer(tmp_path, [callback], max_steps=4, **kwargs).fit(model)
+    return dict(logged_rows(tmp_path))
+
+
+def assert_same_figures(compiled: dict[int, dict[str, float]], eager: dict[int, Any]) -> None:
+    assert sorted(compiled) == sorted(eager) == [0, 2]
+    for step, metrics in eager.items():
+        assert sorted(compiled[step]) == sorted(metrics)  # the same keys
+        for key, value in metrics.items():
+            assert compiled[step][key] == pytest.approx(value, rel=1e-4, abs=1e-9), key
+
+
+def test_separately_compiled_blocks_log_the_eager_keys_and_values(tmp_path: Path) -> None:
+    eager = _fit_csv(tmp_path / "eager", CompiledBlocksNet(compiled=False))
+    torch._dynamo.reset()
+    counters.clear()
+    model = CompiledBlocksNet(compiled=True)
+    compiled = _fit_csv(tmp_path / "compiled", model)
+    assert counters["stats"]["unique_graphs"] >= 1 and _graph_breaks() == {}
+    assert not any("_orig_mod" in key for key in compiled[0])  # e.g. grad_param_norm/blocks.0.*
+    assert "grad_param_norm/blocks.0.linear.weight" in compiled[0]
+    assert_same_figures(compiled, eager)
+
+
+@needs_compile_without_graph_breaks
+def test_compiled_model_with_accumulation_measures_like_eager(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    eager = _fit_csv(tmp_path / "eager", BlockNet(depth=3, width=8), accumulate_grad_batches=2)
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = torch.compile(BlockNet(depth=3, width=8), backend="aot_eager")
+    compiled = _fit_csv(tmp_path / "compiled", model, accumulate_grad_batches=2)
+    assert counters["stats"]["unique_graphs"] >= 1 and _graph_breaks() == {}
+    assert_same_figures(compiled, eager)

@@ -12,11 +12,22 @@ import csv
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from dist_worker import ACCUMULATE, DEPTH, NORM_TYPES
+from global_batch import (
+    MICRO,
+    ShardedDataNet,
+    assert_logged_like_reference,
+    fit_kwargs,
+    logged_rows,
+    plain_reference,
+    watchers,
+)
+from lightning.fabric.plugins.environments.lightning import find_free_network_port
 from parallel import assert_figures_equal, global_batch_reference, run_worker
-from reference import ref_metrics
+from reference import ref_metrics, ref_norm
 
 MEASURED = (0, 2)
 BLOCKS = [f"blocks.{i}" for i in range(DEPTH)]
@@ -75,3 +86,22 @@ def test_ddp_logged_once_by_rank_zero(ddp_run: tuple[Path, list[dict[str, Any]]]
     # What was logged is the combined measurement, callback by callback.
     for index, (step, metrics) in enumerate(rank0["logged"]):
         assert metrics == rank0["measured"][NORM_TYPES[index % len(NORM_TYPES)]][step]
+
+
+def test_ddp_spawn_logs_the_single_process_figures_of_the_global_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ddp_spawn sets MASTER_PORT in this process: undo it afterwards for the tests that follow.
+    monkeypatch.setenv("MASTER_PORT", str(find_free_network_port()))
+    torch.manual_seed(0)
+    model = ShardedDataNet()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fit = pl.Trainer(callbacks=watchers(), strategy="ddp_spawn", **fit_kwargs(tmp_path))
+    fit.fit(model)
+    assert_logged_like_reference(tmp_path, weights, world=2)
+    # Rank 0's own share (the first ACCUMULATE * MICRO rows of the global batch) would not do.
+    block0 = plain_reference(weights, world=2)[0][0][0]
+    (_, first), *_ = logged_rows(tmp_path)  # the l2 callback at step 0
+    share = ref_norm(block0[: ACCUMULATE * MICRO], "l2")
+    assert first["grad_norm/blocks.0"] == pytest.approx(ref_norm(block0, "l2"), rel=1e-4)
+    assert first["grad_norm/blocks.0"] > 1.05 * share

@@ -10,9 +10,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import pytest
+from expected_warnings import WIRING_REPORT
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from models import BlockNet
 from PIL import Image
+from reference import logger_trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
@@ -23,6 +25,8 @@ from lightning_gradwatch.figures import (
     heatmap_size_px,
     render_flow_heatmap,
 )
+
+pytestmark = WIRING_REPORT
 
 
 def _fit(tmp_path: Path, depth: int, loggers: list, **kwargs) -> GradientFlowCallback:
@@ -133,3 +137,21 @@ def test_heatmap_uses_the_callbacks_eps(tmp_path: Path) -> None:
         pictures[eps] = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)))
         assert callback.last is not None
     assert not np.array_equal(pictures[1e-30], pictures[1e6])
+
+
+def test_heatmap_in_event_file_grows_with_every_block(tmp_path: Path) -> None:
+    heights = {}
+    for depth in (2, 3):
+        logger = TensorBoardLogger(tmp_path, name=f"d{depth}", version="", default_hp_metric=False)
+        callback = GradientFlowCallback(log_every_n_steps=1, figure_every_n_steps=1, rules=[])
+        logger_trainer(logger, callback, max_steps=1).fit(BlockNet(depth=depth, n_samples=16))
+        accumulator = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+        accumulator.Reload()
+        (image,) = accumulator.Images(HEATMAP_TAG)
+        assert (image.width, image.height) == heatmap_size_px(depth)
+        heights[depth] = image.height
+    assert heights[2] < heights[3]
+    # One more row per block all the way to 100 blocks, and bounded beyond.
+    sizes = [heatmap_size_px(n) for n in range(2, 101)]
+    assert all(a[1] < b[1] for a, b in zip(sizes, sizes[1:]))
+    assert heatmap_size_px(1000)[1] <= 3000

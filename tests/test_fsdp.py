@@ -9,6 +9,8 @@ is not the gradient, must say so at fit start and leave the parameter figures ou
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -16,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 from dist_worker import DEPTH, NORM_TYPES
+from global_batch import MAX_STEPS, ROOT, SCRIPT, WIDTH, assert_logged_like_reference, logged_rows
 from lightning.pytorch.plugins import Precision
 from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
 from models import BlockNet
@@ -26,6 +29,7 @@ from parallel import (
     run_worker,
 )
 from reference import ref_metrics, trainer
+from torch_features import needs_fsdp2_on_cpu
 
 from lightning_gradwatch import GradientFlowCallback
 from lightning_gradwatch.strategies import check_strategy
@@ -39,6 +43,7 @@ def fsdp_run(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     return run_worker("fsdp2", tmp_path_factory.mktemp("fsdp2"))
 
 
+@needs_fsdp2_on_cpu
 def test_fsdp2_gradients_are_shards(fsdp_run: list[dict[str, Any]]) -> None:
     shapes = fsdp_run[0]["shapes"][0]
     # A (8, 8) block weight is split over the 2 ranks: each holds (4, 8) of its gradient.
@@ -46,6 +51,7 @@ def test_fsdp2_gradients_are_shards(fsdp_run: list[dict[str, Any]]) -> None:
     assert shapes["head.bias"][1] == (1,)
 
 
+@needs_fsdp2_on_cpu
 def test_fsdp2_param_norms_equal_full_gradient_norms(fsdp_run: list[dict[str, Any]]) -> None:
     for step in MEASURED:
         full_grads = fsdp_run[0]["grads"][step]  # full_tensor() in the module's own hook
@@ -57,6 +63,7 @@ def test_fsdp2_param_norms_equal_full_gradient_norms(fsdp_run: list[dict[str, An
                 )
 
 
+@needs_fsdp2_on_cpu
 def test_fsdp2_all_figures_equal_single_process_on_global_batch(
     fsdp_run: list[dict[str, Any]],
 ) -> None:
@@ -118,3 +125,24 @@ def test_plain_strategies_measure_everything(tmp_path: Path) -> None:
     fit.fit(BlockNet())
     assert check_strategy(fit).params
     assert "grad_norm_total" in callback.last.metrics  # type: ignore[union-attr]
+
+
+@needs_fsdp2_on_cpu
+def test_fsdp2_logs_full_gradient_norms_and_global_batch_figures(tmp_path: Path) -> None:
+    process = subprocess.run(
+        [sys.executable, str(SCRIPT), "fsdp2", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert rank0["global_step"] == rank1["global_step"] == MAX_STEPS
+    local, full = rank0["shapes"][0]["blocks.0.linear.weight"]
+    assert tuple(local) == (WIDTH // 2, WIDTH) and tuple(full) == (WIDTH, WIDTH)  # real shards
+    assert_logged_like_reference(tmp_path, rank0["weights"], world=2)
+    # The per-parameter and total norms are those of full_tensor() in the module's own hook.
+    for index, (step, logged) in enumerate(logged_rows(tmp_path)):
+        norm_type = NORM_TYPES[index % len(NORM_TYPES)]
+        assert_full_gradient_norms(logged, rank0["grads"][step], norm_type)

@@ -5,6 +5,7 @@ false alarms, AMP, resume, manual optimization and the first-step wiring report.
 from __future__ import annotations
 
 import csv
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -12,14 +13,18 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from faults import FaultNet, make_trainer, same_weights
+from expected_warnings import RULE_TRIPS
+from faults import FaultNet, NaNBackward, fit_csv, fit_steps, make_trainer, same_weights, snapshot
 from lightning.pytorch.plugins import MixedPrecision
-from models import BlockNet
+from models import Block, BlockNet
+from reference import csv_metrics, hooks_of
 from torch import Tensor
 
 from lightning_gradwatch import GradientFlowCallback, Rule
 from lightning_gradwatch.alerts import read_alerts
 from lightning_gradwatch.norms import Category
+
+pytestmark = RULE_TRIPS
 
 
 def csv_rows(tmp_path: Path) -> list[dict[str, str]]:
@@ -412,3 +417,211 @@ def test_check_every_n_steps(tmp_path: Path) -> None:
     total = [a.step for a in callback.alerts if a.rule == "total"]
     assert total == [0, 3, 4, 6, 8, 9]
     assert [a.step for a in callback.alerts if a.rule == "gain"] == [0, 4, 8]
+
+
+def test_documented_example_rules_work_together(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    spike = 24
+    model = FaultNet(spike_step=spike, spike=1000.0)
+    rules = [
+        Rule("grad_norm_total", max=5.0, action="clip", clip_to=1.0),
+        Rule("grad_gain/*", max=2.0, patience=3, action="warn"),  # wildcard over blocks
+        Rule("grad_norm_total", zscore=6.0, window=200, action="skip"),  # adaptive spike detection
+        Rule("nonfinite", action="halt"),
+    ]
+    callback = GradientFlowCallback(log_every_n_steps=4, rules=rules)  # no name= needed
+    assert callback.rules == rules
+    trainer = fit_csv(tmp_path, model, [callback], max_steps=spike + 3, log_every_n_steps=1000)
+
+    assert not callback.halted
+    at_spike = [a for a in callback.alerts if a.step == spike]
+    assert {(a.rule, a.action) for a in at_spike} == {
+        ("grad_norm_total", "clip"),
+        ("grad_norm_total#2", "skip"),
+    }
+    assert not [a for a in callback.alerts if a.metric == "grad_norm_total" and a.step != spike]
+    # Skip beats clip: the spiked step changed no weight, training went on afterwards.
+    assert same_weights(model.weights[spike + 1], model.weights[spike])
+    assert not same_weights(model.weights[spike + 2], model.weights[spike + 1])
+    spiked = model.grads_after_backward[spike]
+    value = float(torch.cat([g.reshape(-1) for g in spiked.values()]).norm())
+    for alert in at_spike:
+        assert alert.value == pytest.approx(value, rel=1e-5)
+    # One counter per rule, each under its own name.
+    logged = csv_metrics(str(trainer.logger.log_dir))  # type: ignore[union-attr]
+    labels = ["grad_norm_total", "grad_gain/*", "grad_norm_total#2", "nonfinite"]
+    counters = {k: v for k, v in logged[spike].items() if k.startswith("grad_alerts/")}
+    assert set(counters) == {f"grad_alerts/{label}" for label in labels}
+    assert counters["grad_alerts/grad_norm_total"] == counters["grad_alerts/grad_norm_total#2"] == 1
+    assert set(callback.state_dict()["governance"]["rules"]) == set(labels)
+
+
+def test_default_rules_halt_on_nan_with_a_pathlib_alerts_path(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    s = 3
+    model = FaultNet(poison_block=2, poison_steps=(s,))
+    trail = tmp_path / "audit" / "trail.jsonl"
+    callback = GradientFlowCallback(log_every_n_steps=2, alerts_path=trail)  # rules=None
+    assert callback.rules == [Rule("nonfinite", action="halt")]
+    with pytest.raises(TypeError, match=r"`alerts_path` must be a path .*got int: 3"):
+        GradientFlowCallback(alerts_path=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`alerts_path` must be a non-empty path"):
+        GradientFlowCallback(alerts_path="")
+    trainer = fit_csv(tmp_path, model, [callback], max_steps=10)
+
+    assert callback.halted is True and "blocks.2" in (callback.halt_reason or "")
+    assert trainer.should_stop and max(model.weights) == s
+    assert same_weights(snapshot(model), model.weights[s])  # the last good weights
+    assert hooks_of(model) == 1  # only FaultNet's own poisoning hook: ours are gone
+    [record] = read_alerts(str(trail))
+    assert (record["step"], record["action"], record["block"]) == (s, "halt", "blocks.2")
+    assert "blocks.2" in record["where"]
+    checkpoint = Path(record["checkpoint"])
+    assert checkpoint.parent == trail.parent and checkpoint.exists()
+    restored = FaultNet.load_from_checkpoint(str(checkpoint))
+    assert same_weights(snapshot(restored), model.weights[s])
+
+
+class _ClipValueSeen(pl.Callback):
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.seen.append(trainer.gradient_clip_val)
+
+
+def test_skip_with_trainer_value_clipping(tmp_path: Path) -> None:
+    # torch's clip_grad_value_ raises when no parameter has a gradient: a skipped step must not
+    # hand Lightning's value clipping an empty list, and clipping must work again afterwards.
+    torch.manual_seed(0)
+    s, clip = 2, 0.01
+    model = FaultNet(poison_block=1, poison_steps=(s,))
+    seen = _ClipValueSeen()
+    callback = GradientFlowCallback(log_every_n_steps=3, rules=[Rule("nonfinite", action="skip")])
+    trainer = fit_csv(
+        tmp_path,
+        model,
+        [callback, seen],
+        max_steps=5,
+        gradient_clip_val=clip,
+        gradient_clip_algorithm="value",
+    )
+    assert [(a.step, a.action) for a in callback.alerts] == [(s, "skip")]
+    assert same_weights(model.weights[s + 1], model.weights[s])
+    assert trainer.gradient_clip_val == clip and seen.seen == [clip] * 5
+    # After the skip the optimizer sees clamped gradients again: w' = w - lr * clamp(g).
+    step = s + 1
+    grads: dict[str, Tensor] = model.grads_at_step[step]
+    for name, before in model.weights[step].items():
+        expected = before - model.lr * grads[name].clamp(-clip, clip)
+        assert torch.allclose(model.weights[step + 1][name], expected, atol=1e-7)
+    assert any(g.abs().max() > clip for g in grads.values())  # the clamp did bind
+    assert all(math.isfinite(float(w.sum())) for w in snapshot(model).values())
+
+
+def test_halt_checkpoint_opens_with_plain_torch_load_and_holds_adam_before_the_update(
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(0)
+    s = 3
+    model = FaultNet(poison_block=1, poison_steps=(s,), optimizer="adam", lr=0.01)
+    callback = GradientFlowCallback(log_every_n_steps=50)  # rules=None: halt on non-finite
+    trainer = fit_steps(tmp_path, model, callback, steps=10)
+
+    assert callback.halted and trainer.global_step == s + 1 and max(model.weights) == s
+    [alert] = callback.alerts
+    assert alert.block == "blocks.1" and "blocks.1" in alert.where
+    checkpoint = torch.load(alert["checkpoint_path"])  # torch's default weights_only=True
+    assert checkpoint["global_step"] == s
+    assert same_weights(checkpoint["state_dict"], model.weights[s])
+    assert same_weights(dict(model.named_parameters()), model.weights[s])
+    # Adam had taken s steps when the checkpoint was written, and took no step at s or later.
+    saved = checkpoint["optimizer_states"][0]["state"]
+    assert {int(v["step"]) for v in saved.values()} == {s}
+    live = trainer.optimizers[0].state
+    assert {int(live[p]["step"]) for p in model.parameters()} == {s}
+    for index, p in enumerate(model.parameters()):
+        torch.testing.assert_close(live[p]["exp_avg"], saved[index]["exp_avg"], rtol=0, atol=0)
+    [record] = read_alerts(str(tmp_path / "csv" / "version_0" / "gradwatch_alerts.jsonl"))
+    assert record["checkpoint_path"] == alert.checkpoint and record["rank"] == 0
+
+
+def test_state_round_trip_after_a_halt(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    rules = [
+        Rule("nonfinite", action="halt"),
+        Rule("grad_norm_total", zscore=100.0, window=10, name="z"),
+        Rule("grad_norm_total", max=0.0, patience=100, name="never_acts"),
+    ]
+    callback = GradientFlowCallback(log_every_n_steps=50, rules=rules)
+    fit_steps(tmp_path, FaultNet(poison_steps=(4,)), callback, steps=10)
+    state = callback.state_dict()
+    governance = state["governance"]
+    assert governance["halted"] is True and "blocks.2" in governance["halt_reason"]
+    assert governance["rules"]["never_acts"] == {"count": 5, "consecutive": 5, "windows": {}}
+    assert len(governance["rules"]["z"]["windows"]["grad_norm_total"]) == 4  # steps 0-3 only
+
+    restored = GradientFlowCallback(log_every_n_steps=50, rules=rules)
+    assert not restored.halted
+    restored.load_state_dict(state)
+    assert restored.state_dict() == state
+    assert restored.halted and restored.halt_reason == callback.halt_reason
+
+
+def test_clip_on_an_unmeasured_step_logs_pre_and_post_clip_totals(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = FaultNet()
+    rule = Rule("grad_norm_total", max=0.05, action="clip", clip_to=0.02)
+    callback = GradientFlowCallback(log_every_n_steps=50, rules=[rule])  # only step 0 measured
+    fit_steps(tmp_path, model, callback, steps=3)
+    total = csv_column(tmp_path, "grad_norm_total")
+    clipped = csv_column(tmp_path, "grad_norm_total_clipped")
+    assert set(total) == set(clipped) == {0, 1, 2}
+    for step in range(3):
+        before = model.grads_after_backward[step]
+        pre = float(torch.cat([g.double().reshape(-1) for g in before.values()]).norm())
+        seen = model.grads_at_step[step]
+        post = float(torch.cat([g.double().reshape(-1) for g in seen.values()]).norm())
+        assert total[step] == pytest.approx(pre, rel=1e-5) and pre > 0.05
+        assert clipped[step] == pytest.approx(post, rel=1e-4) == pytest.approx(0.02, rel=1e-4)
+    assert csv_column(tmp_path, "grad_alerts/grad_norm_total") == {0: 1.0, 1: 2.0, 2: 3.0}
+
+
+class PoisonInputBlock(Block):
+    """A block whose forward starts with the NaN function: its backward's last operation makes the
+    NaN, so its own parameters and output gradient stay finite and only its input gradient is NaN."""
+
+    poison = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.poison:
+            x = NaNBackward.apply(x)
+        return super().forward(x)
+
+
+class PoisonInputNet(BlockNet):
+    def __init__(self, k: int, s: int) -> None:
+        super().__init__()
+        self.k, self.s = k, s
+        self.blocks[k] = PoisonInputBlock(8)
+        self.weights: dict[int, dict[str, Tensor]] = {}
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.weights[self.trainer.global_step] = snapshot(self)
+        self.blocks[self.k].poison = self.trainer.global_step == self.s  # type: ignore[union-attr]
+
+
+def test_nan_made_at_the_input_side_of_block_k_names_block_k(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    k, s = 2, 3
+    model = PoisonInputNet(k, s)
+    callback = GradientFlowCallback(log_every_n_steps=1, blocks="blocks")
+    fit_steps(tmp_path, model, callback, steps=8)
+    assert callback.halted and max(model.weights) == s
+    [alert] = callback.alerts
+    assert (alert.step, alert.action, alert.block) == (s, "halt", f"blocks.{k}")
+    assert alert.where[0] == f"blocks.{k}" and f"blocks.{k}" in (callback.halt_reason or "")
+    # Only the blocks below k saw the NaN; block k's own parameters did not.
+    assert alert.blocks == [f"blocks.{i}" for i in range(k)]
+    assert not any(p.startswith(f"blocks.{k}.") for p in alert.params)
+    assert same_weights(snapshot(model), model.weights[s])

@@ -7,6 +7,7 @@ logged with ``sync_dist=True``, so both ranks keep the same window and take the 
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -81,11 +82,14 @@ def test_loss_rule_reads_the_mean_over_ranks_and_decides_the_same_on_both(tmp_pa
         assert value == pytest.approx(mean[s], rel=1e-6)
         assert same_weights(record["weights"][s + 1], record["weights"][s])
         assert not same_weights(record["weights"][s], record["weights"][s - 1])
-    # The same window on both ranks: the averaged losses of the accepted steps.
+    # The same window on both ranks: the averaged losses, the spike's taken in as the bound in
+    # force then (mean + 6 std of the 8 values before it).
     assert ranks[0]["governance"] == ranks[1]["governance"]
     window = ranks[0]["governance"]["rules"]["loss_spike"]["windows"]["loss"]
-    accepted = [mean[step] for step in range(12) if step != s][-8:]
-    assert window == pytest.approx(accepted, rel=1e-6)
+    before = [mean[step] for step in range(s)][-8:]
+    bound = statistics.fmean(before) + 6.0 * statistics.pstdev(before)
+    accepted = [*(mean[step] for step in range(s)), bound, *(mean[t] for t in range(s + 1, 12))]
+    assert window == pytest.approx(accepted[-8:], rel=1e-6)
     # The logged loss is the value Lightning logs with sync_dist=True (its mean over the ranks).
     rows = csv_metrics(str(tmp_path / "csv" / "version_0"))
     measured = [step for step in range(12) if step % LOG_EVERY == 0]
@@ -93,3 +97,30 @@ def test_loss_rule_reads_the_mean_over_ranks_and_decides_the_same_on_both(tmp_pa
         assert rows[step]["gradwatch/loss"] == pytest.approx(rows[step]["lightning_loss"], rel=1e-6)
         assert rows[step]["gradwatch/loss"] == pytest.approx(mean[step], rel=1e-6)
     assert rows[s + 1]["gradwatch/loss_max"] == pytest.approx(mean[s], rel=1e-6)
+
+
+def test_ddp_skip_when_one_rank_trips_skips_every_rank_and_training_goes_on(
+    tmp_path: Path,
+) -> None:
+    result = subprocess.run(
+        [sys.executable, str(WORKER), "ddp_skip", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=90,  # a rank left waiting in a collective would hang: fail instead
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        cwd=Path(__file__).parent.parent,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    s = FAULT_STEP
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for record in ranks:
+        assert record["global_step"] == 6 and not record["halted"]
+        assert record["alerts"] == [(s, "nonfinite", "skip", 1, [1])]
+        weights = record["weights"]
+        assert same_weights(weights[s + 1], weights[s])  # the poisoned step changed nothing
+        for step in (s - 1, s + 1):
+            assert not same_weights(weights[step + 1], weights[step])  # the others trained
+        assert all(torch.isfinite(w).all() for w in record["final"].values())
+    assert same_weights(ranks[0]["final"], ranks[1]["final"])
+    [line] = read_alerts(str(tmp_path / "csv" / "version_0" / "gradwatch_alerts.jsonl"))
+    assert (line["step"], line["action"], line["rank"], line["ranks"]) == (s, "skip", 1, [1])

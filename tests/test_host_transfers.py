@@ -27,6 +27,7 @@ from models import BlockNet
 from reference import trainer
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+from torch_features import needs_flat_traced_memory
 
 import lightning_gradwatch
 from lightning_gradwatch import GradientFlowCallback, Rule
@@ -218,6 +219,7 @@ class MemorySampler(Callback):
             self.items[step] = _container_items(self.callback)
 
 
+@needs_flat_traced_memory
 def test_memory_stays_flat_over_many_measured_steps(tmp_path: Any) -> None:
     callback = GradientFlowCallback(log_every_n_steps=1, log_param_norms=True)
     sampler = MemorySampler(callback, at=(40, 120))

@@ -3,8 +3,10 @@ checked against references."""
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import pytest
@@ -336,3 +338,120 @@ def test_bad_blocks_raise() -> None:
         GradientGainMonitor([block, 3])  # type: ignore[list-item]
     with pytest.raises(ValueError, match=r"`blocks` must be separate nn\.Module instances"):
         GradientGainMonitor([block, block])
+
+
+class _Block(nn.Module):
+    def __init__(self, output: str) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 5)
+        self.output = output
+
+    def forward(self, x: Any) -> Any:
+        if isinstance(x, list):
+            x = x[0]
+        elif isinstance(x, dict):
+            x = x["hidden_states"]
+        h = torch.tanh(self.linear(x))
+        if self.output == "list":
+            return [h, 7]
+        return {"attentions": None, "hidden_states": h}
+
+
+@pytest.mark.parametrize("output", ["list", "hidden_states"])
+def test_monitor_report_contract(output: str) -> None:
+    defaults = {
+        name: p.default for name, p in inspect.signature(GradientGainMonitor).parameters.items()
+    }
+    assert list(defaults)[:4] == ["blocks", "norm_type", "strict_single_backward", "eps"]
+    assert (defaults["norm_type"], defaults["strict_single_backward"], defaults["eps"]) == (
+        "l2",
+        True,
+        1e-30,
+    )
+    torch.manual_seed(0)
+    blocks = nn.ModuleList(_Block(output) for _ in range(4))
+    with torch.no_grad():
+        blocks[2].linear.weight.mul_(30.0)  # saturates tanh: a damping transition
+    with GradientGainMonitor(blocks) as monitor:
+        # A forward hook per block, never a full backward hook.
+        assert all(len(b._forward_hooks) == 1 and not b._backward_hooks for b in blocks)
+        h: Any = torch.randn(3, 5)
+        outputs = []
+        for block in blocks:
+            h = block(h)
+            tensor = h[0] if output == "list" else h["hidden_states"]
+            tensor.retain_grad()
+            outputs.append(tensor)
+        outputs[-1].pow(2).sum().backward()
+        reference = [ref_norm(t.grad, "l2") for t in outputs]  # type: ignore[arg-type]
+        assert monitor.norms() == pytest.approx(reference, rel=1e-6)
+        gains = monitor.gains()
+        assert len(gains) == 3
+        assert gains == pytest.approx([reference[i - 1] / reference[i] for i in range(1, 4)])
+        stats = monitor.summary_stats()
+        assert set(stats) == {
+            "mean_gain",
+            "min_gain",
+            "max_gain",
+            "mean_log_gain",
+            "num_amplifying",
+            "num_damping",
+            "num_healthy",
+            "num_vanishing",
+            "num_missing",
+        }
+        counts = [stats[k] for k in stats if k.startswith("num_")]
+        assert all(isinstance(c, int) for c in counts) and sum(counts) == 3
+        report = monitor.report()
+        for i, (gain, log_gain) in enumerate(zip(gains, monitor.log_gains())):
+            assert (
+                f"Transition {i:2d} to {i + 1:2d}: gamma={gain:.4f}, log_gamma={log_gain:.4f} ["
+                in (report)
+            )
+        assert f"Healthy (0.5 <= gamma <= 2.0): {stats['num_healthy']}" in report
+        assert f"Damping (gamma < 0.5): {stats['num_damping']}" in report
+        assert f"Amplifying (gamma > 2.0): {stats['num_amplifying']}" in report
+        assert f"Mean gain: {stats['mean_gain']:.4f}" in report
+        with pytest.raises(RuntimeError, match="reset"):
+            h = torch.randn(3, 5)
+            for block in blocks:
+                h = block(h)
+            (h[0] if output == "list" else h["hidden_states"]).sum().backward()
+    assert not any(b._forward_hooks for b in blocks)
+
+
+@dataclass
+class DataclassOutput:
+    """A ModelOutput look-alike that is not a mapping (``last_hidden_state`` is not first)."""
+
+    attentions: Optional[Tensor]
+    last_hidden_state: Tensor
+
+
+class DataclassBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(6, 6)
+
+    def forward(self, h: Tensor) -> DataclassOutput:
+        out = torch.tanh(self.linear(h))
+        return DataclassOutput(attentions=out * 2.0, last_hidden_state=out)
+
+
+def test_monitor_measures_last_hidden_state_of_a_dataclass_output() -> None:
+    torch.manual_seed(0)
+    blocks = nn.ModuleList(DataclassBlock() for _ in range(3))
+    outputs = []
+    with GradientGainMonitor(blocks) as monitor:
+        h = torch.randn(5, 6)
+        for block in blocks:
+            out = block(h)
+            out.last_hidden_state.retain_grad()
+            outputs.append(out.last_hidden_state)
+            h = out.last_hidden_state
+        (h.pow(2).sum() + outputs[0].sum()).backward()
+        reference = [float(t.grad.norm()) for t in outputs]  # type: ignore[union-attr]
+        assert monitor.norms() == pytest.approx(reference, rel=1e-6)
+        assert monitor.gains() == pytest.approx(
+            [reference[0] / reference[1], reference[1] / reference[2]], rel=1e-6
+        )

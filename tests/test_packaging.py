@@ -18,7 +18,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     tomllib = None
 
-pytestmark = pytest.mark.skipif(tomllib is None, reason="tomllib needs Python 3.11")
+needs_tomllib = pytest.mark.skipif(tomllib is None, reason="tomllib needs Python 3.11")
 
 #: Installed for the tests and checks only, never imported by the package.
 TEST_TOOLS = {
@@ -57,6 +57,7 @@ def imported_top_level_names() -> set[str]:
     return names
 
 
+@needs_tomllib
 def test_every_declared_dependency_is_imported() -> None:
     runtime, extras = declared()
     unused = sorted(
@@ -65,14 +66,86 @@ def test_every_declared_dependency_is_imported() -> None:
     assert not unused, f"declared in pyproject.toml but imported nowhere in the package: {unused}"
 
 
+def pins(name: str) -> dict[str, str]:
+    """``{distribution: version}`` of the ``==`` pins in ``requirements/<name>``."""
+    lines = (ROOT / "requirements" / name).read_text().splitlines()
+    found = (re.match(r"([A-Za-z0-9_.-]+)(?:\[[^]]*\])?==(\S+)", line.strip()) for line in lines)
+    return {match.group(1).lower(): match.group(2) for match in found if match}
+
+
+@needs_tomllib
+def test_every_floor_is_the_version_of_the_oldest_tested_set() -> None:
+    """A floor in pyproject.toml is a version the suite ran on: the pin in requirements/oldest.txt."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = list(project["dependencies"])
+    requirements += [r for deps in project["optional-dependencies"].values() for r in deps]
+    oldest = pins("oldest.txt")
+    for requirement in requirements:
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)>=(\S+)", requirement.replace(" ", ""))
+        assert match, f"{requirement!r}: declare a floor (name>=version)"
+        name, floor = match.group(1).lower(), match.group(2)
+        assert oldest.get(name) == floor, (
+            f"pyproject.toml says {requirement} but requirements/oldest.txt pins "
+            f"{name}=={oldest.get(name)}: `make test-oldest` must run the floor itself"
+        )
+
+
+@needs_tomllib
 @pytest.mark.parametrize("name", ["test.txt", "oldest.txt"])
 def test_requirement_sets_install_the_declared_packages_and_test_tools(name: str) -> None:
     path = ROOT / "requirements" / name
-    if not path.exists():
-        pytest.skip(f"no requirements/{name}")
     lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
     pinned = {distribution(line) for line in lines if line}
     runtime, extras = declared()
     assert runtime <= pinned, f"requirements/{name} lacks {sorted(runtime - pinned)}"
     extra = sorted(pinned - runtime - extras - TEST_TOOLS)
     assert not extra, f"requirements/{name} installs packages nothing declares or uses: {extra}"
+
+
+@needs_tomllib
+def test_package_layout_and_two_command_setup() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    meta = project["project"]
+    assert meta["name"] == "lightning-gradwatch"
+    deps = " ".join(meta["dependencies"])
+    for requirement in ("torch>=", "lightning>=", "tensorboard>="):
+        assert requirement in deps
+    assert "matplotlib" not in deps  # an optional extra only
+    assert any("matplotlib" in d for d in meta["optional-dependencies"]["plots"])
+    assert (PACKAGE / "py.typed").exists()
+    assert "py.typed" in project["tool"]["setuptools"]["package-data"]["lightning_gradwatch"]
+
+    makefile = (ROOT / "Makefile").read_text()
+    for step in ("venv", "pip install", "-e .", "ruff check", "ruff format --check", "mypy"):
+        assert step in makefile
+    assert "pytest" in makefile and "examples/demo.py" in makefile
+    assert re.search(r"^torch==", (ROOT / "requirements" / "test.txt").read_text(), re.MULTILINE)
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.strip()]
+    assert ci[-1].strip() == "make test"
+    assert not any(line.strip().startswith(("pytest", "python", "pip")) for line in ci)
+    first_block = (ROOT / "README.md").read_text().split("```")[1]
+    commands = [line.split("#")[0].strip() for line in first_block.splitlines()[1:] if line]
+    targets = set(re.findall(r"^([a-z-]+):", makefile, re.MULTILINE))
+    assert commands and all(c.split()[0] == "make" and c.split()[1] in targets for c in commands)
+
+
+def test_no_pytorch_lightning_and_matplotlib_imported_lazily() -> None:
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            assert not any(n.split(".")[0] == "pytorch_lightning" for n in names), path
+        # matplotlib (the `plots` extra) only inside functions, never at import time.
+        for node in tree.body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or ""]
+                )
+                assert not any(n.split(".")[0] == "matplotlib" for n in names), path

@@ -15,11 +15,18 @@ from typing import Any
 
 import pytest
 import torch
+from expected_warnings import RULE_TRIPS
+from global_batch import BLOCKS
 from lightning.pytorch.plugins import MixedPrecision
+from models import BlockNet
 from parallel import assert_figures_equal
 from reference import RefNet, ref_metrics, trainer
+from torch import Tensor
+from torch_features import needs_cpu_bf16_mse, needs_cpu_fused_optimizer
 
 from lightning_gradwatch import GradientFlowCallback
+
+pytestmark = RULE_TRIPS
 
 SCALE = 2.0**10
 
@@ -98,6 +105,7 @@ def test_step_skipped_by_the_scaler_is_not_logged(tmp_path: Path) -> None:
     assert all(math.isfinite(value) for value in last.metrics.values())
 
 
+@needs_cpu_bf16_mse
 def test_bf16_true_gradients_are_measured(tmp_path: Path) -> None:
     model, callback, _ = run(tmp_path, precision="bf16-true")
     ref = model.refs[0]
@@ -113,6 +121,7 @@ class FusedAdamNet(RefNet):
         return torch.optim.AdamW(self.parameters(), lr=1e-3, fused=True)
 
 
+@needs_cpu_fused_optimizer
 def test_optimizer_unscaling_in_step_is_warned_about(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = FusedAdamNet()
@@ -146,3 +155,57 @@ def test_step_skipped_by_the_scaler_is_not_a_measurement_with_default_rules(tmp_
             for row in csv.DictReader(handle):
                 logged |= {key for key, value in row.items() if key.startswith("grad") and value}
     assert logged == set()
+
+
+class MicroBatchRecorder(BlockNet):
+    """Keeps ``retain_grad`` copies of every block output of every micro-batch of each step."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        super().__init__(depth=4, width=8)
+        self._outputs: list[list[Tensor]] = []
+        self.refs: dict[int, dict[str, Any]] = {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.stem(x)
+        outputs = []
+        for block in self.blocks:
+            h = block(h)
+            h.retain_grad()
+            outputs.append(h)
+        self._outputs.append(outputs)
+        return self.head(h)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        per_block = zip(*[[o.grad.clone() for o in outs] for outs in self._outputs])  # type: ignore[union-attr]
+        self.refs[self.trainer.global_step] = {
+            "blocks": [list(grads) for grads in per_block],
+            "params": {n: p.grad.clone() for n, p in self.named_parameters()},  # type: ignore[union-attr]
+            "micro_batches": len(self._outputs),
+        }
+        self._outputs = []
+
+
+def test_16_mixed_scaler_with_accumulation_combines_unscaled_micro_batches(
+    tmp_path: Path,
+) -> None:
+    scale = 2.0**10
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    model = MicroBatchRecorder()
+    callback = GradientFlowCallback(log_every_n_steps=1, log_param_norms=True)
+    fit = trainer(
+        tmp_path,
+        [callback],
+        max_steps=1,
+        accumulate_grad_batches=3,
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+    )
+    fit.fit(model)
+    assert fit.precision_plugin.scaler.get_scale() == scale  # no overflow: the step was taken
+    ref = model.refs[0]
+    assert ref["micro_batches"] == 3 and ref["blocks"][0][0].dtype == torch.float16
+    # Block b's reference: the unscaled gradients of all three micro-batches as one vector.
+    blocks = [torch.cat([g.double().reshape(-1) / scale for g in grads]) for grads in ref["blocks"]]
+    params = ref["params"]
+    expected = ref_metrics(BLOCKS, blocks, params, param_keys=list(params))
+    assert_figures_equal(callback.last.metrics, expected, rel=1e-5)  # type: ignore[union-attr]

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,8 +17,10 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import pytest
+import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from models import BlockNet
+from reference import logger_trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_gradwatch import GradientFlowCallback
@@ -298,3 +304,73 @@ def test_large_run_reads_fast_enough(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert report["measured_steps"]["count"] == 100_000
     with capsys.disabled():
         print(f"\n[large run] read {read_s:.1f} s, read twice + report {total_s:.1f} s")
+
+
+GRADWATCH = Path(sys.executable).with_name("gradwatch")
+
+
+@pytest.fixture(scope="module")
+def sigmoid_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[str]]:
+    """A 5-block sigmoid net (every transition damps) trained 6 steps, measured every 2."""
+    root = tmp_path_factory.mktemp("sigmoid_run")
+    torch.manual_seed(0)
+    logger = TensorBoardLogger(root, name="tb", default_hp_metric=False)
+    callback = GradientFlowCallback(log_every_n_steps=2, rules=[])
+    logger_trainer(logger, callback, max_steps=6).fit(BlockNet(depth=5, activation="sigmoid"))
+    return root, Path(logger.log_dir), callback.block_names
+
+
+def _gradwatch(*args: str, module: bool = False) -> subprocess.CompletedProcess[str]:
+    command = (
+        [sys.executable, "-m", "lightning_gradwatch.report", *args]
+        if module
+        else [str(GRADWATCH), *args]
+    )
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_reader_agrees_with_event_accumulator(sigmoid_run: tuple[Path, Path, list[str]]) -> None:
+    _, log_dir, blocks = sigmoid_run
+    (run,) = read_logdir(log_dir)
+    assert run.block_names == blocks
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    tags = [t for t in accumulator.Tags()["scalars"] if t.startswith(("grad_", "grad_flow/"))]
+    assert set(tags) == set(run.scalars)
+    for tag in tags:
+        events = accumulator.Scalars(tag)
+        assert run.scalars[tag].steps.tolist() == [e.step for e in events] == [0, 2, 4]
+        assert run.scalars[tag].values.tolist() == pytest.approx([e.value for e in events])
+
+
+def test_console_script_on_the_logger_root(sigmoid_run: tuple[Path, Path, list[str]]) -> None:
+    root, _, blocks = sigmoid_run
+    text = _gradwatch("report", str(root))
+    assert text.returncode == 0, text.stderr
+    for block in blocks:
+        assert block in text.stdout
+    assert text.stdout.count("[DAMPING]") == len(blocks) - 1
+    assert "[Healthy]" not in text.stdout
+    as_json = _gradwatch("report", str(root), "--format", "json", "--step", "2", module=True)
+    assert as_json.returncode == 0, as_json.stderr
+    (run,) = json.loads(as_json.stdout)["runs"]
+    assert run["step"] == 2 and [b["name"] for b in run["blocks"]] == blocks
+    assert {t["category"] for t in run["transitions"]} == {"damping"}
+
+
+def test_corrupt_inputs_fail_with_one_line(tmp_path: Path) -> None:
+    events = tmp_path / "events" / "events.out.tfevents.1.host"
+    events.parent.mkdir()
+    payload = b"\xff" * 5  # framed like a record, but not an Event protobuf
+    events.write_bytes(struct.pack("<Q", len(payload)) + b"\0" * 4 + payload + b"\0" * 4)
+    ragged = tmp_path / "csv" / "metrics.csv"
+    ragged.parent.mkdir()
+    ragged.write_text("step,grad_norm/blocks.0\n0,1.0,7\n1\n")
+    for folder in (events.parent, ragged.parent):
+        result = _gradwatch("report", str(folder))
+        assert result.returncode == 2
+        assert "Traceback" not in result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("gradwatch: error:"), result.stderr
+        assert result.stdout == ""

@@ -4,6 +4,7 @@ plus the NaN localisation of ``diagnosis`` against hand-built cases."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import statistics
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from expected_warnings import RULE_TRIPS
+from faults import FaultNet, fit_steps
 from reference import callback_from_cli_config
 
 from lightning_gradwatch import GradientFlowCallback, Rule
@@ -22,6 +25,8 @@ from lightning_gradwatch.governance import (
 )
 
 # -- validation ----------------------------------------------------------------------------------
+
+pytestmark = RULE_TRIPS
 
 
 @pytest.mark.parametrize(
@@ -392,3 +397,123 @@ def test_locate_nonfinite_from_block_outputs_and_parameters() -> None:
     # Block prefixes do not confuse blocks.1 with blocks.10.
     many = [f"blocks.{i}" for i in range(12)]
     assert locate_nonfinite(many, ["blocks.1.w"]).block == "blocks.1"
+
+
+def test_rule_is_a_keyword_dataclass_with_the_documented_fields() -> None:
+    assert dataclasses.is_dataclass(Rule)
+    fields = {f.name for f in dataclasses.fields(Rule)}
+    assert fields >= {
+        "metric",
+        "min",
+        "max",
+        "zscore",
+        "window",
+        "patience",
+        "action",
+        "clip_to",
+        "clip_mode",
+    }
+    rule = Rule(
+        metric="grad_norm_total",
+        min=0.0,
+        max=5,
+        zscore=6,
+        window=200,
+        patience=3,
+        action="clip",
+        clip_to=1,
+        clip_mode="value",
+    )
+    assert (rule.max, rule.zscore, rule.clip_to) == (5.0, 6.0, 1.0)
+    # A bad value of the right type is a ValueError naming the field; a wrong type a TypeError.
+    with pytest.raises(ValueError, match="`metric`"):
+        Rule(metric="", max=1.0)
+    with pytest.raises(TypeError, match="`metric`"):
+        Rule(metric=3, max=1.0)  # type: ignore[arg-type]
+
+
+def test_rules_from_yaml_with_class_path_entries(tmp_path: Path) -> None:
+    callback = {
+        "class_path": "lightning_gradwatch.GradientFlowCallback",
+        "init_args": {
+            "require_logger": False,
+            "rules": [
+                {
+                    "class_path": "lightning_gradwatch.Rule",
+                    "init_args": {"metric": "nonfinite", "action": "halt"},
+                },
+                {"metric": "grad_gain/*", "max": 2.0, "patience": 3, "action": "warn"},
+            ],
+        },
+    }
+    config = {"trainer": {"accelerator": "cpu", "logger": False, "callbacks": [callback]}}
+    built = callback_from_cli_config(tmp_path, config)
+    assert built.rules == [
+        Rule("nonfinite", action="halt"),
+        Rule("grad_gain/*", max=2.0, patience=3, action="warn"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "metric", ["grad_norm_totl", "grad_stats/maximum", "grad_flow/mean", "losses", "grad_norm/"]
+)
+def test_rule_on_a_key_the_callback_never_logs_fails_at_construction(metric: str) -> None:
+    with pytest.raises(ValueError, match=r"Rule `metric` .* is not a key the callback logs"):
+        Rule(metric, max=1.0)
+
+
+@pytest.mark.parametrize(
+    "metric", ["gradwatch/loss", "grad_norm_total_max", "grad_norm_total_clip_threshold"]
+)
+def test_rule_on_a_chart_only_key_fails_naming_the_figure_to_use(metric: str) -> None:
+    with pytest.raises(
+        ValueError, match=r"Rule `metric` .* charts only.*'grad_norm_total' or 'loss'"
+    ):
+        Rule(metric, max=1.0)
+
+
+def test_rule_whose_pattern_matches_nothing_is_warned_about_once(tmp_path: Path) -> None:
+    callback = GradientFlowCallback(
+        log_every_n_steps=1, rules=[Rule("grad_gian/*", max=0.0), Rule("grad_gain/*", max=1e9)]
+    )
+    with pytest.warns(UserWarning, match=r"rule 'grad_gian/\*' .*cannot trip") as record:
+        fit_steps(tmp_path, FaultNet(), callback, steps=3)
+    unmatched = [w for w in record if "cannot trip" in str(w.message)]
+    assert len(unmatched) == 1  # once, not per step, and not for the rule that matches
+    assert callback.alerts == []
+
+
+@pytest.mark.parametrize("log_param_norms", [False, "*.bias"])
+def test_rule_on_parameter_norms_that_are_not_logged_is_warned_about(
+    tmp_path: Path, log_param_norms: Any
+) -> None:
+    weight = "blocks.1.linear.weight"
+    rule = Rule(f"grad_param_norm/{weight}", max=0.0, action="warn")
+    callback = GradientFlowCallback(
+        log_every_n_steps=1, log_param_norms=log_param_norms, rules=[rule]
+    )
+    with pytest.warns(UserWarning, match=r"cannot trip\. .*`log_param_norms` selects"):
+        fit_steps(tmp_path, FaultNet(), callback, steps=2)
+    assert callback.alerts == []
+    # Logged, the same rule trips at every step and names the parameter.
+    callback = GradientFlowCallback(log_every_n_steps=1, log_param_norms=weight, rules=[rule])
+    fit_steps(tmp_path / "logged", FaultNet(), callback, steps=2)
+    assert [a.step for a in callback.alerts] == [0, 1]
+    assert callback.alerts[0].params == [weight]
+
+
+def test_locate_nonfinite_uses_the_chaining_of_blocks() -> None:
+    blocks = ["blocks.0", "blocks.1", "blocks.2", "blocks.3"]
+    nan = float("nan")
+    norms = [nan, nan, 1.0, 1.0]
+    params = ["blocks.0.linear.weight", "blocks.1.linear.weight"]
+    # Block 2 took block 1's output directly: the NaN between them came from block 2's backward.
+    chained = [False, True, True, True]
+    assert locate_nonfinite(blocks, params, norms, chained=chained).block == "blocks.2"
+    # Something outside the blocks sat between them: block 1's output is where it showed up.
+    chained = [False, True, False, True]
+    assert locate_nonfinite(blocks, params, norms, chained=chained).block == "blocks.1"
+    assert locate_nonfinite(blocks, params, norms).block == "blocks.1"
+    # Block 2 got no gradient at all: its backward did not run, so it made nothing.
+    unused = [nan, nan, None, 1.0]
+    assert locate_nonfinite(blocks, params, unused, chained=[True] * 4).block == "blocks.1"
