@@ -76,12 +76,13 @@ class Rule:
     README's governance section says when rules are checked and what that costs.
 
     The running mean and standard deviation of a ``zscore`` rule come from the last ``window``
-    values that did not trip, or, with ``ema``, from exponential moving averages (ZClip:
+    values, or, with ``ema``, from exponential moving averages (ZClip:
     ``mean = ema * mean + (1 - ema) * value``, ``var = ema * var + (1 - ema) * (value - mean)**2``,
-    started from the mean and variance of the first ``warmup`` values). A ``clip`` rule with a
-    ``zscore`` and no ``clip_to`` is an *adaptive clip*: it clips the total norm to its own
-    threshold, ``mean + zscore * std`` (capped by ``max``), and that clipped value, not the spike,
-    enters its statistics.
+    started from the mean and variance of the first ``warmup`` values). A value that tripped enters
+    them capped at the bound in force, ``mean + zscore * std``: one spike barely widens the band,
+    and a lasting shift is accepted after some trips. A ``clip`` rule with a ``zscore`` and no
+    ``clip_to`` is an *adaptive clip*: it clips the total norm to that bound (capped by ``max``),
+    and the clipped value enters its statistics.
 
     Args:
         metric: what the rule watches (required): a logged key (``"grad_norm_total"``,
@@ -93,7 +94,7 @@ class Rule:
         max: trip when the value is above this (default ``None``: no upper bound).
         zscore: trip when ``(value - mean) / std > zscore`` (upward spikes, population std;
             default ``None``: off).
-        window: number of past accepted values the mean and std are taken over (default ``None``:
+        window: number of past values the mean and std are taken over (default ``None``:
             100; at least 2; not together with ``ema``).
         warmup: values seen before ``zscore`` may trip (default ``None``: ``min(window, 20)``, or
             25 with ``ema``; at most ``window``).
