@@ -69,6 +69,10 @@ class GradientFlowCallback(Callback):
     * ``grad_noise/b_simple``, ``grad_noise/grad_sq``, ``grad_noise/trace_sigma``: the gradient
       noise scale and its two smoothed components (``noise_scale=True``).
 
+    With several optimizers (manual optimization) each ``optimizer.step()`` is measured over that
+    optimizer's parameters and blocks, and its total is logged as ``grad_norm_total/<name>`` (the
+    name ``LearningRateMonitor`` gives it: ``Adam``, ``Adam-1``, ...).
+
     Args:
         blocks: ``"auto"`` (default: the longest ``ModuleList``/``Sequential`` of same-class
             modules not inside another one's blocks), a

@@ -14,10 +14,13 @@ from pathlib import Path
 
 import torch
 from dist_worker import DEPTH, LOG_EVERY, NORM_TYPES, Recorder
+from expected_warnings import RULE_TRIPS, WIRING_REPORT
 from parallel import assert_figures_equal, global_batch_reference
 from reference import ref_metrics, trainer
 
 from lightning_gradwatch import GradientFlowCallback
+
+pytestmark = [RULE_TRIPS, WIRING_REPORT]
 
 ACCUMULATE = 3
 BLOCKS = [f"blocks.{i}" for i in range(DEPTH)]

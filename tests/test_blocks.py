@@ -11,6 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from expected_warnings import RULE_TRIPS, WIRING_REPORT
 from lightning.pytorch.loggers import TensorBoardLogger
 from models import ModelOutput
 from reference import RefNet, assert_metrics_equal, hooks_of, logger_trainer, ref_metrics, trainer
@@ -25,6 +26,8 @@ from lightning_gradwatch.blocks import (
     resolve_blocks,
     validate_blocks_spec,
 )
+
+pytestmark = [RULE_TRIPS, WIRING_REPORT]
 
 WIDTH, VOCAB = 8, 11
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from expected_warnings import RULE_TRIPS, WIRING_REPORT
 from models import Block, BlockNet
 from reference import assert_metrics_equal, trainer
 from torch import Tensor, nn
@@ -20,6 +21,8 @@ from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 from lightning_gradwatch import GradientFlowCallback
 from lightning_gradwatch.probe import CALLS
+
+pytestmark = [RULE_TRIPS, WIRING_REPORT]
 
 ACCUMULATE = 2
 

@@ -10,12 +10,15 @@ from typing import Any
 
 import pytest
 from diag_models import WiringNet, dead_relu_net, linear_stack, residual_net
+from expected_warnings import RULE_TRIPS, WIRING_REPORT
 from models import BlockNet
 from reference import trainer
 from torch import nn
 
 from lightning_gradwatch import GradientFlowCallback
 from lightning_gradwatch.findings import Finding
+
+pytestmark = [RULE_TRIPS, WIRING_REPORT]
 
 
 def fit(tmp_path: Path, model: Any, steps: int = 3, **kwargs: Any) -> GradientFlowCallback:

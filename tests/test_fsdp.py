@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 from dist_worker import DEPTH, NORM_TYPES
+from expected_warnings import RULE_TRIPS, WIRING_REPORT
 from global_batch import MAX_STEPS, ROOT, SCRIPT, WIDTH, assert_logged_like_reference, logged_rows
 from lightning.pytorch.plugins import Precision
 from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
@@ -33,6 +34,8 @@ from torch_features import needs_fsdp2_on_cpu
 
 from lightning_gradwatch import GradientFlowCallback
 from lightning_gradwatch.strategies import check_strategy
+
+pytestmark = [RULE_TRIPS, WIRING_REPORT]
 
 MEASURED = (0, 2)
 BLOCKS = [f"blocks.{i}" for i in range(DEPTH)]

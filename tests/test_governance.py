@@ -13,7 +13,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from expected_warnings import RULE_TRIPS
+from expected_warnings import RULE_TRIPS, WIRING_REPORT
 from faults import FaultNet, NaNBackward, fit_csv, fit_steps, make_trainer, same_weights, snapshot
 from lightning.pytorch.plugins import MixedPrecision
 from models import Block, BlockNet
@@ -24,7 +24,7 @@ from lightning_gradwatch import GradientFlowCallback, Rule
 from lightning_gradwatch.alerts import read_alerts
 from lightning_gradwatch.norms import Category
 
-pytestmark = RULE_TRIPS
+pytestmark = [RULE_TRIPS, WIRING_REPORT]
 
 
 def csv_rows(tmp_path: Path) -> list[dict[str, str]]:

@@ -14,6 +14,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import pytest
 import torch
+from expected_warnings import NEW_CHECKPOINT_DIR, RULE_TRIPS, WIRING_REPORT
 from faults import FaultNet, make_trainer, same_weights
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
@@ -22,6 +23,8 @@ from reference import csv_metrics, ref_norm
 from torch import Tensor
 
 from lightning_gradwatch import GradientFlowCallback, Rule
+
+pytestmark = [RULE_TRIPS, WIRING_REPORT, NEW_CHECKPOINT_DIR]
 
 
 def total_norm(grads: dict[str, Tensor]) -> float:
@@ -41,7 +44,7 @@ class LossNet(FaultNet):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss = super().training_step(batch, batch_idx)
-        self.losses.setdefault(self.trainer.global_step, []).append(float(loss))
+        self.losses.setdefault(self.trainer.global_step, []).append(float(loss.detach()))
         return loss
 
 

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import lightning.pytorch as pl
 import pytest
 import torch
+from expected_warnings import RULE_TRIPS, WIRING_REPORT
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from models import BlockNet
@@ -31,6 +32,8 @@ from torch_features import needs_flat_traced_memory
 
 import lightning_gradwatch
 from lightning_gradwatch import GradientFlowCallback, Rule
+
+pytestmark = [RULE_TRIPS, WIRING_REPORT]
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(lightning_gradwatch.__file__)) + os.sep
 #: Tensor methods that copy data to the host (a device sync on an accelerator).

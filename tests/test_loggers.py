@@ -7,12 +7,15 @@ from typing import Any
 
 import pytest
 import torch
+from expected_warnings import RULE_TRIPS, WIRING_REPORT
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from reference import RefNet, assert_metrics_equal, csv_metrics, trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_gradwatch import GradientFlowCallback
 from lightning_gradwatch.sinks import HIST_BLOCK_PREFIX, HIST_PARAM_PREFIX
+
+pytestmark = [RULE_TRIPS, WIRING_REPORT]
 
 #: Prefixes and keys of the README's metric table (governance's own keys are tested with it).
 TABLE_PREFIXES = (

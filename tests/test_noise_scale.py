@@ -14,6 +14,7 @@ import pytest
 import torch
 from dist_worker import ACCUMULATE as DDP_ACCUMULATE
 from dist_worker import DEPTH, WIDTH
+from expected_warnings import RULE_TRIPS, WIRING_REPORT
 from models import BlockNet
 from parallel import global_batch_reference, run_worker
 from reference import RefNet, csv_metrics, trainer
@@ -30,6 +31,8 @@ from lightning_gradwatch.keys import (
 from lightning_gradwatch.noise_scale import NOISE_EMA_DECAY, NoiseScaleEstimator
 from lightning_gradwatch.report.reader import read_run
 from lightning_gradwatch.report.summary import build_report
+
+pytestmark = [RULE_TRIPS, WIRING_REPORT]
 
 D, SIGMA2, MICRO, ACCUMULATE, STEPS = 8, 4.0, 128, 4, 60
 #: Per-sample gradient of (x.w - y)^2 at w = w* + delta, x ~ N(0, I), y = x.w* + N(0, SIGMA2):

@@ -9,11 +9,14 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import pytest
 import torch
+from expected_warnings import RULE_TRIPS, WIRING_REPORT
 from reference import csv_metrics, ref_metrics, trainer
 from torch import Tensor, nn
 
 from lightning_gradwatch import GradientFlowCallback, Rule
 from lightning_gradwatch.optimizers import block_owners, optimizer_names
+
+pytestmark = [RULE_TRIPS, WIRING_REPORT]
 
 GEN_BLOCKS = ["gen.0", "gen.1"]
 DISC_BLOCKS = ["disc.0", "disc.1"]

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from expected_warnings import RULE_TRIPS
+from expected_warnings import RULE_TRIPS, WIRING_REPORT
 from global_batch import BLOCKS
 from lightning.pytorch.plugins import MixedPrecision
 from models import BlockNet
@@ -26,7 +26,7 @@ from torch_features import needs_cpu_bf16_mse, needs_cpu_fused_optimizer
 
 from lightning_gradwatch import GradientFlowCallback
 
-pytestmark = RULE_TRIPS
+pytestmark = [RULE_TRIPS, WIRING_REPORT]
 
 SCALE = 2.0**10
 

@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from expected_warnings import RULE_TRIPS, WIRING_REPORT
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from models import BlockNet
 from reference import logger_trainer
@@ -28,6 +29,8 @@ from lightning_gradwatch.flow_arrays import category_masks, gains_array, log_gai
 from lightning_gradwatch.norms import Category, classify_gain, compute_gains, compute_log_gains
 from lightning_gradwatch.report.cli import main
 from lightning_gradwatch.report.reader import read_logdir
+
+pytestmark = [RULE_TRIPS, WIRING_REPORT]
 
 DEPTH = 5
 BLOCKS = [f"blocks.{i}" for i in range(DEPTH)]

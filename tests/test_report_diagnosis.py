@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from diag_models import residual_net
+from expected_warnings import RULE_TRIPS, WIRING_REPORT
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from models import BlockNet
 from reference import trainer
@@ -20,6 +21,8 @@ from lightning_gradwatch import GradientFlowCallback
 from lightning_gradwatch.report.cli import main
 from lightning_gradwatch.run_diagnosis import DIAGNOSIS_TAG
 from lightning_gradwatch.run_figures import FACTS_FILENAME
+
+pytestmark = [RULE_TRIPS, WIRING_REPORT]
 
 
 def _train(root: Path, name: str, model: Any) -> dict[str, Any]:
