@@ -17,13 +17,8 @@ from typing import Optional
 
 from lightning_gradwatch.keys import DEFAULT_EPS
 from lightning_gradwatch.report.reader import ReportError, RunLog, read_logdir
-from lightning_gradwatch.report.summary import (
-    RunReport,
-    build_report,
-    format_comparison,
-    format_text,
-    to_dict,
-)
+from lightning_gradwatch.report.summary import RunReport, build_report
+from lightning_gradwatch.report.text import format_comparison, format_text, to_dict
 
 EXIT_BAD_INPUT = 2
 

@@ -18,7 +18,8 @@ import numpy as np
 
 from lightning_gradwatch.figures import import_matplotlib, render_flow_heatmap
 from lightning_gradwatch.report.reader import NORM_PREFIX, TOTAL_NORM_TAG, RunLog
-from lightning_gradwatch.report.summary import RunReport, format_text
+from lightning_gradwatch.report.summary import RunReport
+from lightning_gradwatch.report.text import format_text
 
 PICTURES = ("norms.png", "gains.png", "total_norm.png")
 _ALERT_STYLE = {
