@@ -45,7 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     callback, probe = build(args.depth, args.width)
-    trainer = SimpleNamespace(precision_plugin=None)  # no AMP scaler, one process
+    trainer = SimpleNamespace(precision_plugin=None, global_step=0, world_size=1)  # one process
     times = []
     for _ in range(args.repeats):
         start = time.thread_time()
