@@ -56,8 +56,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import rescue_lib as lib
-from gradwatch_bench.cli import QUICK_RESULTS, RESULTS
-from gradwatch_bench.writer import loadavg, machine_info
+from gradwatch_bench.cli import QUICK_RESULTS, RESULTS, add_out_argument, quiet
+from gradwatch_bench.writer import loadavg, machine_info, write_files
 
 TOLERANCE = 0.02  # recovery band: within 2 % of the clean run's held-out loss
 AFTER_HORIZON = 20  # steps after a fault's last step searched for the worst clean-batch loss
@@ -73,7 +73,7 @@ _CORPUS: Optional[lib.Corpus] = None
 def _init_worker() -> None:
     """One intra-op thread per run (two runs share two cores) and the corpus read once per process."""
     global _CORPUS
-    lib.quiet_lightning()
+    quiet()
     torch.set_num_threads(1)
     _CORPUS = lib.load_corpus()
 
@@ -386,12 +386,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--render", default=None, help="only recompute the table from this rescue.json's runs"
     )
-    parser.add_argument(
-        "--out",
-        default=None,
-        help=f"folder for rescue.md / rescue.json (default {RESULTS}, the committed results; "
-        f"--quick: {QUICK_RESULTS}, scratch)",
-    )
+    add_out_argument(parser, "rescue")
     return parser.parse_args(argv)
 
 
@@ -399,7 +394,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.render:
         return render(args.render, args.out or os.path.dirname(os.path.abspath(args.render)))
-    lib.quiet_lightning()
+    quiet()
     start = time.perf_counter()
     config = lib.RunConfig()
     if args.quick:
@@ -468,13 +463,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
 def write(result: dict[str, Any], out: str) -> None:
     """``rescue.md`` and ``rescue.json`` into ``out``; the table also on stdout."""
-    os.makedirs(out, exist_ok=True)
     text = markdown(result)
-    with open(os.path.join(out, "rescue.md"), "w", encoding="utf-8") as handle:
-        handle.write(text)
-    with open(os.path.join(out, "rescue.json"), "w", encoding="utf-8") as handle:
-        # compact: the per-step losses of every run make an indented file ten times as long
-        json.dump(result, handle, separators=(",", ":"), default=str)
+    # compact: the per-step losses of every run make an indented file ten times as long
+    write_files(out, "rescue", text, result, compact=True)
     print(text)
 
 

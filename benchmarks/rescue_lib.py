@@ -17,13 +17,11 @@ Shared by the benchmark and ``examples/ex07_spike_rescue.py``.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import sysconfig
 import tempfile
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
@@ -429,13 +427,6 @@ def variant_rules(variant: Variant) -> Optional[list[Rule]]:
 # --------------------------------------------------------------------------------------------------
 # One run
 # --------------------------------------------------------------------------------------------------
-
-
-def quiet_lightning() -> None:
-    """No warnings and no Lightning info lines: the runs print their own summary."""
-    warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_utilities"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 class Recorder(pl.Callback):

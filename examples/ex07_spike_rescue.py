@@ -22,13 +22,14 @@ from common import example_args  # also sets torch to one thread
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 
 import rescue_lib as lib
+from gradwatch_bench.cli import quiet
 
 EXPERIMENT = "ex07_spike_rescue"
 
 
 def main() -> int:
     args = example_args(__doc__.splitlines()[0], default_root="runs")
-    lib.quiet_lightning()
+    quiet()
     # 250 steps keep the example under a minute; --fast: a smoke run too short for the rules' warm-up
     config = replace(lib.RunConfig(), steps=40 if args.fast else 250, eval_every=10)
     corpus = lib.load_corpus()

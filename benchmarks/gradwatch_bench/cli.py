@@ -25,7 +25,18 @@ RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 QUICK_RESULTS = os.path.join(RESULTS, "quick")
 
 
-def _quiet() -> None:
+def add_out_argument(parser: argparse.ArgumentParser, stem: str) -> None:
+    """``--out``: where a run writes ``<stem>.md`` / ``<stem>.json`` (default: the committed
+    results; with ``--quick``: the scratch folder)."""
+    parser.add_argument(
+        "--out",
+        default=None,
+        help=f"folder for {stem}.md / {stem}.json (default {RESULTS}, the committed results; "
+        f"--quick: {QUICK_RESULTS}, scratch)",
+    )
+
+
+def quiet() -> None:
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_utilities"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -51,19 +62,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--memory-steps", type=int, default=None, help="steps of the memory check (0: skip)"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--out",
-        default=None,
-        help=f"folder for overhead.md / overhead.json (default {RESULTS}, the committed results; "
-        f"--quick: {QUICK_RESULTS}, scratch)",
-    )
+    add_out_argument(parser, "overhead")
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    _quiet()
+    quiet()
     if args.threads:
         torch.set_num_threads(args.threads)
     warmup = args.warmup if args.warmup is not None else (2 if args.quick else 10)

@@ -199,14 +199,23 @@ def machine_info(threads: int) -> dict[str, Any]:
     }
 
 
+def write_files(
+    out: str, stem: str, text: str, result: dict[str, Any], *, compact: bool = False
+) -> None:
+    """``<stem>.md`` (``text``) and ``<stem>.json`` (``result``) in the folder ``out``; ``compact``
+    JSON for results that hold long per-step series."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{stem}.md"), "w", encoding="utf-8") as handle:
+        handle.write(text)
+    layout: dict[str, Any] = {"separators": (",", ":")} if compact else {"indent": 1}
+    with open(os.path.join(out, f"{stem}.json"), "w", encoding="utf-8") as handle:
+        json.dump(result, handle, default=str, **layout)
+
+
 def write_results(result: dict[str, Any], out: str) -> str:
     """Write ``overhead.md`` and ``overhead.json`` to the folder ``out``; return the Markdown."""
-    os.makedirs(out, exist_ok=True)
     text = markdown(result)
-    with open(os.path.join(out, "overhead.md"), "w", encoding="utf-8") as handle:
-        handle.write(text)
-    with open(os.path.join(out, "overhead.json"), "w", encoding="utf-8") as handle:
-        json.dump(result, handle, indent=1, default=str)
+    write_files(out, "overhead", text, result)
     return text
 
 
