@@ -301,7 +301,8 @@ def _check_metric(metric: Any) -> None:
         raise ValueError(
             f"Rule `metric` {metric!r} is not a key the callback logs: use 'nonfinite', 'loss', "
             f"one of {sorted(KNOWN_KEYS)}, a key starting with one of {list(KEY_PREFIXES)} "
-            "followed by a block or parameter name, or a '*' pattern over them."
+            "followed by a block or parameter name, 'grad_norm_total/<optimizer>' with several "
+            "optimizers, or a '*' pattern over them."
         )
 
 
