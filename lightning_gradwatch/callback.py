@@ -223,8 +223,9 @@ class GradientFlowCallback(Callback):
         self._probe = GradientProbe(blocks, self.spec.norm_type, keep_grads=self.log_histograms)
         self.block_names = self._probe.names
         # FSDP1/DeepSpeed: p.grad is not the gradient; leave parameter figures out (with a warning).
-        self._spec = dataclasses.replace(self.spec, measure_params=check_strategy(trainer).params)
         self._plan = plan_reduction(trainer)
+        support = check_strategy(trainer, self._plan)
+        self._spec = dataclasses.replace(self.spec, measure_params=support.params)
         self._params = [
             (eager_name(n), p)
             for n, p in pl_module.named_parameters()

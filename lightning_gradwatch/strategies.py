@@ -35,7 +35,7 @@ from lightning_gradwatch._compat import (
     optimizer_unscales_in_step,
     torch_feature_gaps,
 )
-from lightning_gradwatch.distributed import plan_reduction
+from lightning_gradwatch.distributed import ReductionPlan, plan_reduction
 
 #: FSDP1 sharding strategies under which ``p.grad`` holds the full gradient on every rank.
 _FSDP1_UNSHARDED = ("NO_SHARD",)
@@ -55,7 +55,7 @@ class StrategySupport:
     reasons: tuple[str, ...] = ()
 
 
-def check_strategy(trainer: pl.Trainer) -> StrategySupport:
+def check_strategy(trainer: pl.Trainer, plan: Optional[ReductionPlan] = None) -> StrategySupport:
     """Decide what is measurable under ``trainer.strategy`` and warn (once, on rank 0) about the rest.
 
     Example::
@@ -88,11 +88,12 @@ def check_strategy(trainer: pl.Trainer) -> StrategySupport:
             "grad_stats/* are not measured; block-output figures are. Use ModelParallelStrategy with "
             "fully_shard (FSDP2) to measure parameter gradients too."
         )
-    plain = _plain_parameters(trainer) if "ModelParallelStrategy" in names else []
+    replicas = (plan or plan_reduction(trainer)).data_parallel_size
+    plain = _plain_parameters(trainer) if "ModelParallelStrategy" in names and replicas > 1 else []
     if plain:
         shown = ", ".join(plain[:5]) + (", ..." if len(plain) > 5 else "")
         reasons.append(
-            f"ModelParallelStrategy with {plan_reduction(trainer).data_parallel_size} data-parallel ranks, but "
+            f"ModelParallelStrategy with {replicas} data-parallel ranks, but "
             f"{len(plain)} trainable parameter(s) are plain tensors, not DTensors ({shown}): "
             "nothing synchronizes their gradients over the data-parallel ranks (expert weights "
             "held per rank, modules left out of fully_shard), so their figures are this rank's "
@@ -131,9 +132,10 @@ def scaler_enabled(trainer: pl.Trainer) -> bool:
 
 
 def _plain_parameters(trainer: pl.Trainer) -> list[str]:
-    """Trainable non-DTensor parameters of a model trained with several data-parallel ranks."""
+    """Trainable non-DTensor parameters of the model (nothing synchronizes their gradients when
+    several data-parallel ranks train it)."""
     module = trainer.lightning_module
-    if module is None or plan_reduction(trainer).data_parallel_size <= 1:
+    if module is None:
         return []
     return [
         name
