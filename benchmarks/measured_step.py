@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lightning_gradwatch import GradientFlowCallback
-from lightning_gradwatch.probe import GradientProbe
+from lightning_gradwatch.measure.probe import GradientProbe
 
 
 def build(depth: int, width: int) -> tuple[GradientFlowCallback, GradientProbe]:

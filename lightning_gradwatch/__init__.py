@@ -2,9 +2,9 @@
 
 from lightning_gradwatch.callback import GradientFlowCallback
 from lightning_gradwatch.governance import Rule
-from lightning_gradwatch.measurement import GradientMeasurement
+from lightning_gradwatch.measure.record import GradientMeasurement
 from lightning_gradwatch.monitor import GradientGainMonitor
-from lightning_gradwatch.norms import Category
+from lightning_gradwatch.numerics.norms import Category
 
 __version__ = "0.1.0"
 

@@ -173,3 +173,21 @@ def summary_file_writer(writer: Any) -> Any:
     ``file_writer`` attribute does not.
     """
     return writer._get_file_writer()
+
+
+def loss_scale(trainer: Any) -> Optional[Tensor]:
+    """The AMP GradScaler's current scale as a device tensor (no sync), if a scaler is active.
+
+    Tensor hooks see gradients multiplied by it; parameter gradients are already unscaled when
+    ``on_before_optimizer_step`` runs (the scale used for this step's backward is still current:
+    ``scaler.update()`` runs after the optimizer step).
+    """
+    if not scaler_enabled(trainer):
+        return None
+    return grad_scaler_scale(trainer.precision_plugin.scaler)  # type: ignore[attr-defined]
+
+
+def scaler_enabled(trainer: Any) -> bool:
+    """Whether an enabled AMP GradScaler scales the loss (and handles non-finite steps) in this run."""
+    scaler: Any = getattr(trainer.precision_plugin, "scaler", None)
+    return scaler is not None and bool(getattr(scaler, "is_enabled", lambda: False)())

@@ -14,23 +14,24 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_gradwatch.alerts import Alert
-from lightning_gradwatch.blocks import eager_name, resolve_blocks, validate_blocks_spec
-from lightning_gradwatch.diagnosis import FirstStepReport
-from lightning_gradwatch.distributed import ReductionPlan, plan_reduction
-from lightning_gradwatch.figures import TensorBoardPictures
-from lightning_gradwatch.findings import Finding
+from lightning_gradwatch._compat import loss_scale
+from lightning_gradwatch.diagnosis.findings import Finding
+from lightning_gradwatch.diagnosis.first_step import FirstStepReport
 from lightning_gradwatch.governance import Rule, validate_rules
+from lightning_gradwatch.governance.alerts import Alert
 from lightning_gradwatch.governance.enforcer import RuleEnforcer
 from lightning_gradwatch.keys import DEFAULT_EPS, TOTAL_NORM_KEY, total_norm_key
-from lightning_gradwatch.measurement import GradientMeasurement, MeasurementSpec, measure
-from lightning_gradwatch.noise_monitor import NoiseScaleMonitor
-from lightning_gradwatch.norms import validate_norm_type
-from lightning_gradwatch.optimizers import OptimizerSteps, optimizer_steps
-from lightning_gradwatch.probe import GradientProbe
-from lightning_gradwatch.run_diagnosis import RunDiagnosis
-from lightning_gradwatch.sinks import log_histograms, log_metrics
-from lightning_gradwatch.strategies import check_strategy, loss_scale
+from lightning_gradwatch.lightning.diagnosis import RunDiagnosis
+from lightning_gradwatch.lightning.noise_monitor import NoiseScaleMonitor
+from lightning_gradwatch.lightning.optimizers import OptimizerSteps, optimizer_steps
+from lightning_gradwatch.lightning.sinks import log_histograms, log_metrics
+from lightning_gradwatch.lightning.strategies import check_strategy
+from lightning_gradwatch.lightning.tensorboard import TensorBoardPictures
+from lightning_gradwatch.measure.blocks import eager_name, resolve_blocks, validate_blocks_spec
+from lightning_gradwatch.measure.probe import GradientProbe
+from lightning_gradwatch.measure.record import GradientMeasurement, MeasurementSpec, measure
+from lightning_gradwatch.measure.reduction import ReductionPlan, plan_reduction
+from lightning_gradwatch.numerics.norms import validate_norm_type
 from lightning_gradwatch.validation import (
     check_param_filter,
     check_path,
@@ -114,18 +115,18 @@ class GradientFlowCallback(Callback):
         noise_scale: estimate the gradient noise scale (critical batch size) on measured steps,
             from DDP ranks' local gradients or accumulated micro-batches (default ``False``: it
             costs one more norm pass and, under DDP, one tiny all-reduce per measured step; see
-            :mod:`lightning_gradwatch.noise_monitor`).
+            :mod:`lightning_gradwatch.lightning.noise_monitor`).
 
     Attributes:
-        alerts: every :class:`~lightning_gradwatch.alerts.Alert` of this run (on every rank).
+        alerts: every :class:`~lightning_gradwatch.governance.alerts.Alert` of this run (on every rank).
         halted: whether a ``halt`` rule stopped training; ``halt_reason``: why (else ``None``).
         first_step_report: parameters with ``grad is None`` / an all-zero gradient and vanishing
             blocks at the first measured step, with the findings that already apply
-            (:class:`~lightning_gradwatch.diagnosis.FirstStepReport`).
+            (:class:`~lightning_gradwatch.diagnosis.first_step.FirstStepReport`).
         findings: the diagnoses over the measured steps so far
-            (:class:`~lightning_gradwatch.findings.Finding`; also in TensorBoard's TEXT tab at fit
+            (:class:`~lightning_gradwatch.diagnosis.findings.Finding`; also in TensorBoard's TEXT tab at fit
             end and in ``gradwatch report``).
-        last: the latest :class:`~lightning_gradwatch.measurement.GradientMeasurement` (``None``
+        last: the latest :class:`~lightning_gradwatch.measure.record.GradientMeasurement` (``None``
             before the first measured step).
         block_names: the watched blocks' names once fit has started.
 
@@ -373,7 +374,7 @@ class GradientFlowCallback(Callback):
     @property
     def findings(self) -> list[Finding]:
         """Diagnoses over the measured steps of this fit so far (the last 32 and the first 3)
-        (:mod:`lightning_gradwatch.finding_rules`); empty when nothing was found."""
+        (:mod:`lightning_gradwatch.diagnosis.checks`); empty when nothing was found."""
         return self._diagnosis.findings
 
     @property

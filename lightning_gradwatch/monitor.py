@@ -13,7 +13,8 @@ from typing import Optional
 from torch import nn
 
 from lightning_gradwatch.keys import DEFAULT_EPS
-from lightning_gradwatch.norms import (
+from lightning_gradwatch.measure.probe import CALLS, NUMEL, PARTIAL, GradientProbe
+from lightning_gradwatch.numerics.norms import (
     classify_gain,
     compute_gains,
     compute_log_gains,
@@ -21,7 +22,6 @@ from lightning_gradwatch.norms import (
     summarize_gains,
     validate_norm_type,
 )
-from lightning_gradwatch.probe import CALLS, NUMEL, PARTIAL, GradientProbe
 from lightning_gradwatch.validation import check_positive, check_thresholds, check_type
 
 _REPORT_LABEL = {

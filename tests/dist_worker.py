@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from models import BlockNet, fully_shard_blocks
 
 from lightning_gradwatch import GradientFlowCallback
-from lightning_gradwatch.probe import CALLS
+from lightning_gradwatch.measure.probe import CALLS
 
 NORM_TYPES = ("l2", "l1", "linf", "mean")
 LOG_EVERY = 2

@@ -44,9 +44,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dist_worker import NORM_TYPES, full, local_shape
 from models import BlockNet
 
-import lightning_gradwatch.distributed as distributed
+import lightning_gradwatch.measure.reduction as distributed
 from lightning_gradwatch import GradientFlowCallback, Rule
-from lightning_gradwatch.probe import _local_values
+from lightning_gradwatch.measure.probe import _local_values
 
 DEPTH, WIDTH, GLOBAL_BATCH = 3, 8, 16
 LOG_EVERY, MAX_STEPS = 2, 4

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradwatch import GradientFlowCallback
-from lightning_gradwatch.blocks import (
+from lightning_gradwatch.measure.blocks import (
     discover_blocks,
     primary_tensor,
     resolve_blocks,

@@ -27,7 +27,7 @@ from reference import (
 from torch import Tensor
 
 from lightning_gradwatch import GradientFlowCallback, GradientMeasurement
-from lightning_gradwatch.norms import Category
+from lightning_gradwatch.numerics.norms import Category
 
 pytestmark = WIRING_REPORT
 

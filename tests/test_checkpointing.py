@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 from lightning_gradwatch import GradientFlowCallback
-from lightning_gradwatch.probe import CALLS
+from lightning_gradwatch.measure.probe import CALLS
 
 pytestmark = [RULE_TRIPS, WIRING_REPORT]
 

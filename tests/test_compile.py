@@ -32,7 +32,7 @@ from torch._dynamo.utils import counters
 from torch_features import needs_compile_without_graph_breaks
 
 from lightning_gradwatch import GradientFlowCallback, _compat
-from lightning_gradwatch.strategies import check_strategy
+from lightning_gradwatch.lightning.strategies import check_strategy
 
 STEPS = 4
 

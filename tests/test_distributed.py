@@ -1,4 +1,4 @@
-"""In-process checks of :mod:`lightning_gradwatch.distributed`: the single-process plan does nothing,
+"""In-process checks of :mod:`lightning_gradwatch.measure.reduction`: the single-process plan does nothing,
 plain gradients stay local, and the block-row rule under tensor parallelism (replicated rows once,
 sequence-split rows summed) on rows as an ``all_gather`` would return them; the warning for
 parameters no strategy synchronizes. The multi-process runs are in ``test_layouts.py``."""
@@ -14,16 +14,16 @@ from lightning.pytorch.plugins import Precision
 from models import BlockNet
 from reference import trainer
 
-import lightning_gradwatch.distributed as distributed
-import lightning_gradwatch.strategies as strategies
-from lightning_gradwatch.distributed import (
+import lightning_gradwatch.lightning.strategies as strategies
+import lightning_gradwatch.measure.reduction as distributed
+from lightning_gradwatch.measure.reduction import (
     ReductionPlan,
     param_partials,
     plan_reduction,
     reduce_block_rows,
 )
-from lightning_gradwatch.grad_stats import grad_stat_partials
-from lightning_gradwatch.norms import foreach_partial_norms
+from lightning_gradwatch.numerics.grad_stats import grad_stat_partials
+from lightning_gradwatch.numerics.norms import foreach_partial_norms
 
 
 def test_single_process_plan_does_nothing(tmp_path: Any) -> None:

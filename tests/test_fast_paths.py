@@ -13,15 +13,15 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from reference import ref_grad_stats, ref_norm
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_gradwatch import grad_stats
-from lightning_gradwatch.grad_stats import (
+from lightning_gradwatch.keys import GRAD_STAT_KEYS
+from lightning_gradwatch.lightning.sinks import _log_tensorboard_scalars, log_metrics
+from lightning_gradwatch.numerics import grad_stats
+from lightning_gradwatch.numerics.grad_stats import (
     finalize_grad_stats,
     grad_stat_partials,
     stat_partials_finite,
 )
-from lightning_gradwatch.keys import GRAD_STAT_KEYS
-from lightning_gradwatch.norms import foreach_partial_norms
-from lightning_gradwatch.sinks import _log_tensorboard_scalars, log_metrics
+from lightning_gradwatch.numerics.norms import foreach_partial_norms
 
 
 def _grads() -> list[list[torch.Tensor]]:

@@ -19,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from lightning_gradwatch import GradientFlowCallback
-from lightning_gradwatch.figures import (
+from lightning_gradwatch.lightning.tensorboard import (
     HEATMAP_TAG,
     FlowHistory,
     heatmap_size_px,

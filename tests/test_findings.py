@@ -16,7 +16,7 @@ from reference import trainer
 from torch import nn
 
 from lightning_gradwatch import GradientFlowCallback
-from lightning_gradwatch.findings import Finding
+from lightning_gradwatch.diagnosis.findings import Finding
 
 pytestmark = [RULE_TRIPS, WIRING_REPORT]
 
@@ -108,7 +108,7 @@ def test_healthy_pre_ln_net_gets_no_finding_and_the_numbers(tmp_path: Path) -> N
     assert facts is not None and not any(block.post_norm for block in facts.blocks)
     assert callback.findings == []
     figures = callback._diagnosis.figures
-    from lightning_gradwatch.findings import healthy_summary
+    from lightning_gradwatch.diagnosis.findings import healthy_summary
 
     summary = healthy_summary(figures)
     assert summary.startswith("Gradient flow looks healthy")

@@ -33,7 +33,7 @@ from reference import ref_metrics, trainer
 from torch_features import needs_fsdp2_on_cpu
 
 from lightning_gradwatch import GradientFlowCallback
-from lightning_gradwatch.strategies import check_strategy
+from lightning_gradwatch.lightning.strategies import check_strategy
 
 pytestmark = [RULE_TRIPS, WIRING_REPORT]
 

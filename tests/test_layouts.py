@@ -28,9 +28,9 @@ from parallel import (
 )
 from reference import csv_metrics, ref_grad_stats, ref_metrics, ref_norm
 
-from lightning_gradwatch.alerts import ALERTS_FILENAME
-from lightning_gradwatch.grad_stats import finalize_grad_stats
-from lightning_gradwatch.norms import finalize_norm
+from lightning_gradwatch.governance.alerts import ALERTS_FILENAME
+from lightning_gradwatch.numerics.grad_stats import finalize_grad_stats
+from lightning_gradwatch.numerics.norms import finalize_norm
 
 WORKER = Path(__file__).with_name("layout_worker.py")
 BLOCKS = [f"blocks.{i}" for i in range(DEPTH)]

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from lightning_gradwatch import GradientGainMonitor
-from lightning_gradwatch.probe import CALLS
+from lightning_gradwatch.measure.probe import CALLS
 
 OUTPUTS = ("tensor", "tuple", "dict", "model_output")
 

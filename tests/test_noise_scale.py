@@ -28,7 +28,7 @@ from lightning_gradwatch.keys import (
     NOISE_GRAD_SQ_KEY,
     NOISE_TRACE_KEY,
 )
-from lightning_gradwatch.noise_scale import NOISE_EMA_DECAY, NoiseScaleEstimator
+from lightning_gradwatch.numerics.noise_scale import NOISE_EMA_DECAY, NoiseScaleEstimator
 from lightning_gradwatch.report.reader import read_run
 from lightning_gradwatch.report.summary import build_report
 
@@ -179,7 +179,7 @@ def test_noise_scale_needs_two_batch_sizes(tmp_path: Path) -> None:
 def test_sharded_strategies_say_not_measured() -> None:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from lightning_gradwatch.noise_monitor import NoiseScaleMonitor
+    from lightning_gradwatch.lightning.noise_monitor import NoiseScaleMonitor
 
     strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
     fit = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False)
@@ -194,7 +194,7 @@ def test_a_hook_registered_elsewhere_is_reported_not_crashed(tmp_path: Path) -> 
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     from torch.nn.parallel import DistributedDataParallel
 
-    from lightning_gradwatch.noise_monitor import NoiseScaleMonitor
+    from lightning_gradwatch.lightning.noise_monitor import NoiseScaleMonitor
 
     dist.init_process_group(
         "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1

@@ -1,4 +1,4 @@
-"""The pure math of ``lightning_gradwatch.norms`` against references computed in the test."""
+"""The pure math of ``lightning_gradwatch.numerics.norms`` against references computed in the test."""
 
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ from reference import (
     ref_summary,
 )
 
-from lightning_gradwatch import keys, norms
-from lightning_gradwatch.grad_stats import finalize_grad_stats, grad_stat_partials
+from lightning_gradwatch import keys
 from lightning_gradwatch.keys import GRAD_STAT_KEYS
-from lightning_gradwatch.norms import (
+from lightning_gradwatch.numerics import norms
+from lightning_gradwatch.numerics.grad_stats import finalize_grad_stats, grad_stat_partials
+from lightning_gradwatch.numerics.norms import (
     Category,
     classify_gain,
     combine_partials,

@@ -14,7 +14,7 @@ from reference import csv_metrics, ref_metrics, trainer
 from torch import Tensor, nn
 
 from lightning_gradwatch import GradientFlowCallback, Rule
-from lightning_gradwatch.optimizers import block_owners, optimizer_names
+from lightning_gradwatch.lightning.optimizers import block_owners, optimizer_names
 
 pytestmark = [RULE_TRIPS, WIRING_REPORT]
 

@@ -25,8 +25,13 @@ from reference import logger_trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_gradwatch import GradientFlowCallback
-from lightning_gradwatch.flow_arrays import category_masks, gains_array, log_gains_array
-from lightning_gradwatch.norms import Category, classify_gain, compute_gains, compute_log_gains
+from lightning_gradwatch.diagnosis.flow_arrays import category_masks, gains_array, log_gains_array
+from lightning_gradwatch.numerics.norms import (
+    Category,
+    classify_gain,
+    compute_gains,
+    compute_log_gains,
+)
 from lightning_gradwatch.report.cli import main
 from lightning_gradwatch.report.reader import read_logdir
 

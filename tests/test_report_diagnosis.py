@@ -18,9 +18,9 @@ from reference import trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_gradwatch import GradientFlowCallback
+from lightning_gradwatch.diagnosis.run_history import FACTS_FILENAME
+from lightning_gradwatch.lightning.diagnosis import DIAGNOSIS_TAG
 from lightning_gradwatch.report.cli import main
-from lightning_gradwatch.run_diagnosis import DIAGNOSIS_TAG
-from lightning_gradwatch.run_figures import FACTS_FILENAME
 
 pytestmark = [RULE_TRIPS, WIRING_REPORT]
 

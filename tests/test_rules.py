@@ -17,12 +17,12 @@ from faults import FaultNet, fit_steps
 from reference import callback_from_cli_config
 
 from lightning_gradwatch import GradientFlowCallback, Rule
-from lightning_gradwatch.diagnosis import locate_nonfinite
 from lightning_gradwatch.governance import (
     SCALER_NONFINITE_PATIENCE,
     RuleEngine,
     strongest,
 )
+from lightning_gradwatch.measure.nonfinite import locate_nonfinite
 
 # -- validation ----------------------------------------------------------------------------------
 

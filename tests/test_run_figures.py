@@ -13,11 +13,11 @@ from diag_models import Residual
 from torch import nn
 
 from lightning_gradwatch import Rule
-from lightning_gradwatch.finding_rules import diagnose
-from lightning_gradwatch.findings import healthy_summary
-from lightning_gradwatch.model_facts import StructureCapture, collect_model_facts
-from lightning_gradwatch.run_diagnosis import clip_bounds
-from lightning_gradwatch.run_figures import ClipBound, RunFigures, Settings, Wiring
+from lightning_gradwatch.diagnosis.checks import diagnose
+from lightning_gradwatch.diagnosis.findings import healthy_summary
+from lightning_gradwatch.diagnosis.model_facts import StructureCapture, collect_model_facts
+from lightning_gradwatch.diagnosis.run_history import ClipBound, RunFigures, Settings, Wiring
+from lightning_gradwatch.lightning.diagnosis import clip_bounds
 
 
 def test_figures_keep_the_first_steps_and_a_window_of_the_last() -> None:

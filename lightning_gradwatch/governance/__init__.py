@@ -5,7 +5,7 @@ window, EMA), :mod:`.engine` (values + state -> decisions), :mod:`.intervals` (m
 measured steps), :mod:`.readings` (what rules read from a measurement). The part that touches a
 run: :mod:`.step_loss` (the loss the rules read), :mod:`.agreement` (what tripped on any rank),
 :mod:`.actions` (clip, skip, halt), :mod:`.notices` (wiring warnings) and :mod:`.enforcer` (the glue
-the callback calls). Alert records live in :mod:`lightning_gradwatch.alerts`.
+the callback calls). Alert records live in :mod:`lightning_gradwatch.governance.alerts`.
 """
 
 from lightning_gradwatch.governance.engine import Check, Decision, RuleEngine, Violation, strongest

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_gradwatch.alerts import ALERTS_FILENAME, Alert, JsonlAlertSink, build_alert
+from lightning_gradwatch._compat import scaler_enabled
 from lightning_gradwatch.governance.actions import (
     GradientActions,
     NamedParams,
@@ -23,6 +23,12 @@ from lightning_gradwatch.governance.actions import (
     save_halt_checkpoint,
 )
 from lightning_gradwatch.governance.agreement import Agreement, agree
+from lightning_gradwatch.governance.alerts import (
+    ALERTS_FILENAME,
+    Alert,
+    JsonlAlertSink,
+    build_alert,
+)
 from lightning_gradwatch.governance.engine import Check, Decision, RuleEngine, strongest
 from lightning_gradwatch.governance.intervals import IntervalAggregates
 from lightning_gradwatch.governance.notices import (
@@ -34,8 +40,7 @@ from lightning_gradwatch.governance.readings import has_nonfinite, nonfinite_rep
 from lightning_gradwatch.governance.rules import NO_ACTION, Rule
 from lightning_gradwatch.governance.step_loss import StepLoss
 from lightning_gradwatch.keys import CLIPPED_KEY, LOSS_KEY, for_optimizer, total_norm_key
-from lightning_gradwatch.measurement import GradientMeasurement, MeasurementSpec, measure_params
-from lightning_gradwatch.strategies import scaler_enabled
+from lightning_gradwatch.measure.record import GradientMeasurement, MeasurementSpec, measure_params
 
 __all__ = ["RuleEnforcer", "default_alerts_path"]
 

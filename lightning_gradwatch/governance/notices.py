@@ -3,18 +3,19 @@ step's report, rules that can never trip, a missing ``zero_grad()`` in manual op
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Optional
 
+import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
 
-from lightning_gradwatch.diagnosis import (
-    MANUAL_ZERO_GRAD_WARNING,
-    holds_stale_gradients,
-)
+from lightning_gradwatch._compat import foreach_norm
 from lightning_gradwatch.governance.actions import NamedParams
 from lightning_gradwatch.governance.engine import Check, RuleEngine
 from lightning_gradwatch.keys import LOSS, PARAM_NORM_PREFIX
+from lightning_gradwatch.measure.reduction import local_tensor
 
 __all__ = [
     "ZERO_GRAD_CHECK_STEPS",
@@ -22,6 +23,26 @@ __all__ = [
     "stale_gradients_warning",
     "warn_unmatched",
 ]
+
+
+def holds_stale_gradients(grads: Sequence[Tensor]) -> bool:
+    """Whether any of ``grads`` is non-zero (one batched pass, one host sync).
+
+    Called before the first backward of a new optimizer step: after ``zero_grad()`` gradients are
+    ``None`` (or zeros), so a non-zero one still holds the previous step's values.
+    """
+    if not grads:
+        return False
+    norms = foreach_norm([local_tensor(g) for g in grads], math.inf)
+    return bool(torch.stack([n.float() for n in norms]).max() > 0)
+
+
+MANUAL_ZERO_GRAD_WARNING = (
+    "GradientFlowCallback: the first backward of optimizer step {step} started with gradients still "
+    "holding the previous step's values: `zero_grad()` looks missing in your manual optimization "
+    "loop (call `opt.zero_grad()` after `opt.step()`), so gradients accumulate across steps."
+)
+
 
 #: Manual optimization: how many first steps always get the missing-``zero_grad()`` check.
 ZERO_GRAD_CHECK_STEPS = 3

@@ -1,4 +1,4 @@
-"""What the rules read from one step's :class:`~lightning_gradwatch.measurement.GradientMeasurement`:
+"""What the rules read from one step's :class:`~lightning_gradwatch.measure.record.GradientMeasurement`:
 the values by key, whether anything was non-finite, and where a NaN/Inf started."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import math
 from collections.abc import Sequence
 from typing import Optional
 
-from lightning_gradwatch.diagnosis import NonFiniteReport, locate_nonfinite
 from lightning_gradwatch.keys import LOSS, TOTAL_NORM_KEY
-from lightning_gradwatch.measurement import GradientMeasurement
+from lightning_gradwatch.measure.nonfinite import NonFiniteReport, locate_nonfinite
+from lightning_gradwatch.measure.record import GradientMeasurement
 
 __all__ = ["has_nonfinite", "nonfinite_report", "rule_values"]
 

@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_gradwatch.strategies import loss_scale
+from lightning_gradwatch._compat import loss_scale
 
 __all__ = ["StepLoss"]
 

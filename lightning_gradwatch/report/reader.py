@@ -22,8 +22,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from lightning_gradwatch.alerts import ALERTS_FILENAME as ALERTS_FILE
-from lightning_gradwatch.alerts import read_alerts as read_alerts_file
+from lightning_gradwatch.diagnosis.run_history import FACTS_FILENAME, FACTS_FORMAT
+from lightning_gradwatch.governance.alerts import ALERTS_FILENAME as ALERTS_FILE
+from lightning_gradwatch.governance.alerts import read_alerts as read_alerts_file
 from lightning_gradwatch.keys import (
     FLOW_PREFIX,
     GAIN_PREFIX,
@@ -34,7 +35,6 @@ from lightning_gradwatch.keys import (
     STATS_PREFIX,
 )
 from lightning_gradwatch.keys import TOTAL_NORM_KEY as TOTAL_NORM_TAG
-from lightning_gradwatch.run_figures import FACTS_FILENAME, FACTS_FORMAT
 
 EVENT_FILE_PATTERN = "events.out.tfevents.*"
 CSV_FILE = "metrics.csv"
@@ -50,7 +50,7 @@ GRADWATCH_PREFIXES = (
 )
 #: The tag under which TensorBoard stores a custom-scalars layout.
 LAYOUT_TAG = "custom_scalars__config__"
-#: The callback's settings (``lightning_gradwatch.figures.CONFIG_TAG`` as TensorBoard stores text).
+#: The callback's settings (``lightning_gradwatch.lightning.tensorboard.CONFIG_TAG`` as TensorBoard stores text).
 CONFIG_TEXT_TAG = "gradwatch/config/text_summary"
 
 
@@ -81,7 +81,7 @@ class RunLog:
         config: the callback's settings (``norm_type``, ``eps``, thresholds) when the logs hold them
             (TensorBoard runs, or ``gradwatch_model_facts.json``), else empty.
         facts: the content of ``gradwatch_model_facts.json`` beside the logs (model facts, settings,
-            first-step wiring; see :mod:`lightning_gradwatch.run_figures`), else ``None``.
+            first-step wiring; see :mod:`lightning_gradwatch.diagnosis.run_history`), else ``None``.
     """
 
     path: Path
@@ -308,7 +308,7 @@ def iter_events(file: Path) -> Iterator[Any]:
 
 
 def _layout_block_names(serialized: bytes) -> Optional[list[str]]:
-    from lightning_gradwatch.figures import layout_block_names
+    from lightning_gradwatch.lightning.tensorboard import layout_block_names
 
     return layout_block_names(serialized) or None
 

@@ -12,10 +12,10 @@ from typing import Any, Optional
 
 import numpy as np
 
-from lightning_gradwatch.flow_arrays import category_masks, gains_array
+from lightning_gradwatch.diagnosis.flow_arrays import category_masks, gains_array
 from lightning_gradwatch.keys import DEFAULT_EPS
-from lightning_gradwatch.norms import step_flow
-from lightning_gradwatch.report.diagnosis import RunDiagnosisReport, diagnose_run
+from lightning_gradwatch.numerics.norms import step_flow
+from lightning_gradwatch.report.findings import RunDiagnosisReport, diagnose_run
 from lightning_gradwatch.report.reader import NORM_PREFIX, TOTAL_NORM_TAG, ReportError, RunLog
 
 

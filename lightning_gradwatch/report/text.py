@@ -12,7 +12,7 @@ from typing import Any, Optional
 import numpy as np
 
 from lightning_gradwatch.monitor import format_report
-from lightning_gradwatch.norms import Category, classify_gain
+from lightning_gradwatch.numerics.norms import Category, classify_gain
 from lightning_gradwatch.report.summary import RunReport
 
 #: Alerts listed in the text timeline (JSON lists all of them).

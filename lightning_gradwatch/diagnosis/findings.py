@@ -2,7 +2,7 @@
 
 A :class:`Finding` names a problem, gives the evidence (sentences with the numbers, plus the numbers
 themselves), says how sure it is (``low`` / ``medium`` / ``high``) and suggests one or two changes.
-:func:`summarize` reduces :class:`~lightning_gradwatch.run_figures.RunFigures` to medians over the
+:func:`summarize` reduces :class:`~lightning_gradwatch.diagnosis.run_history.RunFigures` to medians over the
 measured steps kept (the recent window: per transition, end to end, total norm, zero fraction):
 medians, because one odd step must not make or hide a finding.
 
@@ -17,8 +17,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from lightning_gradwatch.norms import Category, classify_gain, compute_gains, end_to_end_gain
-from lightning_gradwatch.run_figures import RunFigures
+from lightning_gradwatch.diagnosis.run_history import RunFigures
+from lightning_gradwatch.numerics.norms import (
+    Category,
+    classify_gain,
+    compute_gains,
+    end_to_end_gain,
+)
 
 __all__ = [
     "CONFIDENCES",

@@ -2,7 +2,7 @@
 measured step, the first-step report with the findings that already apply, the facts file beside the
 logs, and the findings in TensorBoard's TEXT tab at fit end.
 
-The rules themselves are pure (:mod:`lightning_gradwatch.finding_rules`); this module only feeds them
+The rules themselves are pure (:mod:`lightning_gradwatch.diagnosis.checks`); this module only feeds them
 and writes what they say. Per measured step it costs one :meth:`RunFigures.add` (a few Python floats;
 a fixed number of rows is kept); no tensor work after fit start.
 """
@@ -18,21 +18,21 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_gradwatch.diagnosis import FirstStepReport, first_step_report
-from lightning_gradwatch.finding_rules import diagnose
-from lightning_gradwatch.findings import Finding, format_findings
-from lightning_gradwatch.governance import Rule, rule_labels
-from lightning_gradwatch.keys import NOISE_B_SIMPLE_KEY, NOISE_BATCH_KEY, TOTAL_NORM_KEY
-from lightning_gradwatch.measurement import GradientMeasurement, MeasurementSpec
-from lightning_gradwatch.model_facts import StructureCapture, collect_model_facts
-from lightning_gradwatch.run_figures import (
+from lightning_gradwatch.diagnosis.checks import diagnose
+from lightning_gradwatch.diagnosis.findings import Finding, format_findings
+from lightning_gradwatch.diagnosis.first_step import FirstStepReport, first_step_report
+from lightning_gradwatch.diagnosis.model_facts import StructureCapture, collect_model_facts
+from lightning_gradwatch.diagnosis.run_history import (
     FACTS_FILENAME,
     ClipBound,
     RunFigures,
     Settings,
     Wiring,
 )
-from lightning_gradwatch.sinks import tensorboard_writers
+from lightning_gradwatch.governance import Rule, rule_labels
+from lightning_gradwatch.keys import NOISE_B_SIMPLE_KEY, NOISE_BATCH_KEY, TOTAL_NORM_KEY
+from lightning_gradwatch.lightning.sinks import tensorboard_writers
+from lightning_gradwatch.measure.record import GradientMeasurement, MeasurementSpec
 
 __all__ = ["DIAGNOSIS_TAG", "RunDiagnosis", "clip_bounds", "facts_paths"]
 

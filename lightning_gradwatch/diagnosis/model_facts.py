@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_gradwatch.distributed import local_tensor
-from lightning_gradwatch.run_figures import BlockFacts, ModelFacts
+from lightning_gradwatch.diagnosis.run_history import BlockFacts, ModelFacts
+from lightning_gradwatch.measure.reduction import local_tensor
 
 __all__ = ["ACTIVATIONS", "StructureCapture", "activation_name", "collect_model_facts", "norm_name"]
 
@@ -57,7 +57,7 @@ def norm_name(module: nn.Module) -> Optional[str]:
 
 
 def collect_model_facts(root: nn.Module, blocks: Sequence[tuple[str, nn.Module]]) -> ModelFacts:
-    """The :class:`~lightning_gradwatch.run_figures.ModelFacts` of ``root`` and its ``blocks``.
+    """The :class:`~lightning_gradwatch.diagnosis.run_history.ModelFacts` of ``root`` and its ``blocks``.
 
     Example::
 

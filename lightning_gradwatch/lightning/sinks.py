@@ -11,8 +11,8 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from torch import Tensor
 
 from lightning_gradwatch._compat import summary_file_writer, tensorboard_prefixed
-from lightning_gradwatch.distributed import local_tensor
 from lightning_gradwatch.keys import HIST_BLOCK_PREFIX, HIST_PARAM_PREFIX
+from lightning_gradwatch.measure.reduction import local_tensor
 
 
 def log_metrics(loggers: Iterable[Logger], metrics: Mapping[str, float], step: int) -> None:

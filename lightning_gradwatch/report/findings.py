@@ -1,6 +1,6 @@
 """The report's Diagnosis section: the same rules as the callback, fed from a finished run's logs.
 
-:func:`run_figures` rebuilds :class:`~lightning_gradwatch.run_figures.RunFigures` from the logged
+:func:`run_figures` rebuilds :class:`~lightning_gradwatch.diagnosis.run_history.RunFigures` from the logged
 ``grad_norm/<block>``, ``grad_norm_total`` and ``grad_stats/zero_fraction`` keys (the
 same rows as the callback keeps: the first measured steps and the last ones) plus ``gradwatch_model_facts.json`` (model facts, clip
 bounds, first-step wiring). Without the facts file the rules that need model facts say less: a
@@ -14,11 +14,16 @@ from typing import Any, Optional
 
 import numpy as np
 
-from lightning_gradwatch.finding_rules import diagnose
-from lightning_gradwatch.findings import Finding, diagnosis_dict, format_findings
+from lightning_gradwatch.diagnosis.checks import diagnose
+from lightning_gradwatch.diagnosis.findings import Finding, diagnosis_dict, format_findings
+from lightning_gradwatch.diagnosis.run_history import (
+    FACTS_FILENAME,
+    ClipBound,
+    RunFigures,
+    Settings,
+)
 from lightning_gradwatch.keys import NOISE_B_SIMPLE_KEY, NOISE_BATCH_KEY, stats_key
 from lightning_gradwatch.report.reader import NORM_PREFIX, TOTAL_NORM_TAG, RunLog, Series
-from lightning_gradwatch.run_figures import FACTS_FILENAME, ClipBound, RunFigures, Settings
 
 __all__ = ["RunDiagnosisReport", "diagnose_run", "run_figures"]
 

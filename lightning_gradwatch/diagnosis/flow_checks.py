@@ -1,10 +1,10 @@
 """The flow rules of the diagnosis: vanishing, exploding, and Post-LN gains that compound with depth.
 
-Each rule reads the :class:`~lightning_gradwatch.findings.FlowSummary` (medians over the measured
-steps) and the model facts, and returns a :class:`~lightning_gradwatch.findings.Finding` or ``None``.
+Each rule reads the :class:`~lightning_gradwatch.diagnosis.findings.FlowSummary` (medians over the measured
+steps) and the model facts, and returns a :class:`~lightning_gradwatch.diagnosis.findings.Finding` or ``None``.
 Thresholds are module constants, chosen so that a textbook case (a sigmoid MLP, std-5 init, a
 Post-LN stack) is found and a Pre-LN residual net is not; they are heuristics, and each finding
-says which numbers crossed them. :func:`lightning_gradwatch.finding_rules.diagnose` runs them all.
+says which numbers crossed them. :func:`lightning_gradwatch.diagnosis.checks.diagnose` runs them all.
 
 Pure: no tensors, no Lightning.
 """
@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 from typing import Callable, Optional
 
-from lightning_gradwatch.findings import Finding, FlowSummary, fmt, short_list
-from lightning_gradwatch.norms import Category
-from lightning_gradwatch.run_figures import ModelFacts, RunFigures
+from lightning_gradwatch.diagnosis.findings import Finding, FlowSummary, fmt, short_list
+from lightning_gradwatch.diagnosis.run_history import ModelFacts, RunFigures
+from lightning_gradwatch.numerics.norms import Category
 
 __all__ = [
     "HE_INIT",

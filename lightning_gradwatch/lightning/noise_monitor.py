@@ -1,5 +1,5 @@
 """Measuring the gradient noise scale inside a Lightning run (``noise_scale=True``), on measured
-steps only; the math is in :mod:`lightning_gradwatch.noise_scale`.
+steps only; the math is in :mod:`lightning_gradwatch.numerics.noise_scale`.
 
 Two ways to get gradients at two batch sizes:
 
@@ -39,11 +39,11 @@ from torch import Tensor, nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_gradwatch.distributed import plan_reduction
-from lightning_gradwatch.measurement import GradientMeasurement
-from lightning_gradwatch.noise_scale import NoiseScaleEstimator
-from lightning_gradwatch.norms import foreach_partial_norms
-from lightning_gradwatch.strategies import loss_scale
+from lightning_gradwatch._compat import loss_scale
+from lightning_gradwatch.measure.record import GradientMeasurement
+from lightning_gradwatch.measure.reduction import plan_reduction
+from lightning_gradwatch.numerics.noise_scale import NoiseScaleEstimator
+from lightning_gradwatch.numerics.norms import foreach_partial_norms
 
 __all__ = ["NoiseScaleMonitor"]
 
@@ -53,7 +53,7 @@ _PREFIX = "GradientFlowCallback(noise_scale=True): the gradient noise scale is n
 
 class NoiseScaleMonitor:
     """Gradient squared norms at two batch sizes on measured steps, folded into a
-    :class:`~lightning_gradwatch.noise_scale.NoiseScaleEstimator`.
+    :class:`~lightning_gradwatch.numerics.noise_scale.NoiseScaleEstimator`.
 
     Example::
 

@@ -1,8 +1,8 @@
 """The diagnosis rule set: :func:`diagnose` turns a run's figures and model facts into findings.
 
-The flow rules (vanishing, exploding, Post-LN) live in :mod:`lightning_gradwatch.flow_rules`; here
+The flow rules (vanishing, exploding, Post-LN) live in :mod:`lightning_gradwatch.diagnosis.flow_checks`; here
 are the rules on parameters (dead units, disconnected and dead parameters), on clipping, and the
-list of every rule. Each returns a :class:`~lightning_gradwatch.findings.Finding` or ``None``;
+list of every rule. Each returns a :class:`~lightning_gradwatch.diagnosis.findings.Finding` or ``None``;
 thresholds are module constants (heuristics: each finding says which numbers crossed them).
 
 Pure: no tensors, no Lightning.
@@ -13,8 +13,15 @@ from __future__ import annotations
 import math
 from typing import Callable, Optional
 
-from lightning_gradwatch.findings import Finding, FlowSummary, fmt, quantile, short_list, summarize
-from lightning_gradwatch.flow_rules import (
+from lightning_gradwatch.diagnosis.findings import (
+    Finding,
+    FlowSummary,
+    fmt,
+    quantile,
+    short_list,
+    summarize,
+)
+from lightning_gradwatch.diagnosis.flow_checks import (
     HE_INIT,
     RELU_FAMILY,
     blocks_text,
@@ -22,7 +29,7 @@ from lightning_gradwatch.flow_rules import (
     post_norm_gains,
     vanishing_flow,
 )
-from lightning_gradwatch.run_figures import RunFigures
+from lightning_gradwatch.diagnosis.run_history import RunFigures
 
 __all__ = ["RULES", "Rule", "diagnose"]
 

@@ -1,9 +1,9 @@
-"""Vectorised numpy twins of :mod:`lightning_gradwatch.norms`'s gain helpers, for many measured steps
+"""Vectorised numpy twins of :mod:`lightning_gradwatch.numerics.norms`'s gain helpers, for many measured steps
 at once (the offline report and the heatmap). Rows are steps, columns blocks; NaN is a missing norm.
 
-They follow :func:`~lightning_gradwatch.norms.compute_gains`,
-:func:`~lightning_gradwatch.norms.compute_log_gains` and
-:func:`~lightning_gradwatch.norms.classify_gain` exactly (missing -> NaN, a norm ``<= eps`` on the
+They follow :func:`~lightning_gradwatch.numerics.norms.compute_gains`,
+:func:`~lightning_gradwatch.numerics.norms.compute_log_gains` and
+:func:`~lightning_gradwatch.numerics.norms.classify_gain` exactly (missing -> NaN, a norm ``<= eps`` on the
 output side -> ``inf``); ``tests/test_report.py`` checks that element by element.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from lightning_gradwatch.keys import DEFAULT_EPS
-from lightning_gradwatch.norms import Category
+from lightning_gradwatch.numerics.norms import Category
 
 
 def gains_array(norms: np.ndarray, eps: float = DEFAULT_EPS) -> np.ndarray:
@@ -37,7 +37,7 @@ def log_gains_array(norms: np.ndarray, eps: float = DEFAULT_EPS) -> np.ndarray:
 def category_masks(
     gains: np.ndarray, damping_threshold: float = 0.5, amplifying_threshold: float = 2.0
 ) -> dict[Category, np.ndarray]:
-    """One boolean array per :class:`~lightning_gradwatch.norms.Category` (they partition ``gains``)."""
+    """One boolean array per :class:`~lightning_gradwatch.numerics.norms.Category` (they partition ``gains``)."""
     missing = np.isnan(gains)
     vanishing = np.isinf(gains)
     finite = ~missing & ~vanishing

@@ -1,6 +1,6 @@
 """One measured step as data: :func:`measure` packs every device-side figure into one vector (its
 :class:`Layout` is the only code that knows the offsets), has it reduced across ranks
-(:mod:`lightning_gradwatch.distributed`), copies it to the host once and turns the floats into a
+(:mod:`lightning_gradwatch.measure.reduction`), copies it to the host once and turns the floats into a
 :class:`GradientMeasurement` with the logged metric keys. :func:`measure_params` is the
 parameter-only variant for the every-step governance check.
 """
@@ -17,12 +17,6 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from lightning_gradwatch.distributed import ReductionPlan, param_partials, reduce_step
-from lightning_gradwatch.grad_stats import (
-    N_STAT_PARTIALS,
-    finalize_grad_stats,
-    stat_partials_finite,
-)
 from lightning_gradwatch.keys import (
     DEFAULT_EPS,
     GRAD_STAT_KEYS,
@@ -34,14 +28,20 @@ from lightning_gradwatch.keys import (
     param_norm_key,
     stats_key,
 )
-from lightning_gradwatch.norms import (
+from lightning_gradwatch.measure.probe import CALLS, NUMEL, PARTIAL
+from lightning_gradwatch.measure.reduction import ReductionPlan, param_partials, reduce_step
+from lightning_gradwatch.numerics.grad_stats import (
+    N_STAT_PARTIALS,
+    finalize_grad_stats,
+    stat_partials_finite,
+)
+from lightning_gradwatch.numerics.norms import (
     Category,
     NormType,
     classify_gain,
     finalize_norm,
     step_flow,
 )
-from lightning_gradwatch.probe import CALLS, NUMEL, PARTIAL
 
 ParamFilter = Union[bool, str, Sequence[str]]
 
@@ -56,7 +56,7 @@ class GradientMeasurement:
         block_norms: norm of dL/d(block output); ``None`` for a block that got no gradient.
         gains: ``block_norms[i-1] / block_norms[i]`` for ``i >= 1`` (keyed by block ``i``).
         log_gains: the log of each gain.
-        categories: the :class:`~lightning_gradwatch.norms.Category` of each transition.
+        categories: the :class:`~lightning_gradwatch.numerics.norms.Category` of each transition.
         summary: the gain summary keys (``SUMMARY_KEYS``) plus ``end_to_end_gain``.
         total_norm: the norm over all parameter gradients.
         param_norms: per-parameter gradient norms.
@@ -303,7 +303,7 @@ def build_measurement(
 
     Block norms are divided by the packed loss scale and by ``replicas``, the number of
     data-parallel ranks whose gradients the strategy averages (see
-    :mod:`lightning_gradwatch.strategies`).
+    :mod:`lightning_gradwatch.lightning.strategies`).
     """
     scale = layout.scale(values) * replicas
     block_norms: list[Optional[float]] = [

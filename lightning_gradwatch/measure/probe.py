@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_gradwatch.blocks import BlockList, primary_tensor
-from lightning_gradwatch.norms import NormType, combines_by_max, partial_norm
+from lightning_gradwatch.measure.blocks import BlockList, primary_tensor
+from lightning_gradwatch.numerics.norms import NormType, combines_by_max, partial_norm
 
 #: DTensor, where torch has distributed support (``isinstance`` against it: no graph break).
 _DTENSOR: tuple[type, ...] = ()
@@ -184,7 +184,7 @@ class GradientProbe:
 
 def _local_values(grad: Tensor) -> Tensor:
     """A DTensor output gradient's local values (the rows of the tensor-parallel ranks are then
-    combined by :func:`lightning_gradwatch.distributed.reduce_block_rows`).
+    combined by :func:`lightning_gradwatch.measure.reduction.reduce_block_rows`).
 
     A pending sum (``Partial``) has no local norm: it is redistributed to ``Replicate`` first, one
     collective per such block and backward, with a warning.

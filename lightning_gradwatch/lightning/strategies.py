@@ -5,7 +5,7 @@ Three facts shape a measurement:
 * **Where parameter gradients live.** ``p.grad`` holds the full gradient under single-device and
   DDP (already all-reduced), and a DTensor under ``ModelParallelStrategy`` (FSDP2, HSDP, tensor
   parallelism), whose partials are combined over the mesh dims it is split on (see
-  :mod:`lightning_gradwatch.distributed`). Under FSDP1 (``FSDPStrategy``, sharded) ``p.grad`` is a view
+  :mod:`lightning_gradwatch.measure.reduction`). Under FSDP1 (``FSDPStrategy``, sharded) ``p.grad`` is a view
   into a flat shard that may be missing on some ranks, and DeepSpeed keeps gradients in its own
   partitioned buffers: there the parameter figures are *not measured* (a warning says so) instead of
   being silently wrong.
@@ -28,14 +28,13 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torch import Tensor
 
 from lightning_gradwatch._compat import (
-    grad_scaler_scale,
     optimizer_unscales_in_step,
+    scaler_enabled,
     torch_feature_gaps,
 )
-from lightning_gradwatch.distributed import ReductionPlan, plan_reduction
+from lightning_gradwatch.measure.reduction import ReductionPlan, plan_reduction
 
 #: FSDP1 sharding strategies under which ``p.grad`` holds the full gradient on every rank.
 _FSDP1_UNSHARDED = ("NO_SHARD",)
@@ -111,24 +110,6 @@ def check_strategy(trainer: pl.Trainer, plan: Optional[ReductionPlan] = None) ->
     for reason in reasons:
         rank_zero_warn(f"GradientFlowCallback: {reason}")
     return StrategySupport(params=params, reasons=tuple(reasons))
-
-
-def loss_scale(trainer: pl.Trainer) -> Optional[Tensor]:
-    """The AMP GradScaler's current scale as a device tensor (no sync), if a scaler is active.
-
-    Tensor hooks see gradients multiplied by it; parameter gradients are already unscaled when
-    ``on_before_optimizer_step`` runs (the scale used for this step's backward is still current:
-    ``scaler.update()`` runs after the optimizer step).
-    """
-    if not scaler_enabled(trainer):
-        return None
-    return grad_scaler_scale(trainer.precision_plugin.scaler)  # type: ignore[attr-defined]
-
-
-def scaler_enabled(trainer: pl.Trainer) -> bool:
-    """Whether an enabled AMP GradScaler scales the loss (and handles non-finite steps) in this run."""
-    scaler: Any = getattr(trainer.precision_plugin, "scaler", None)
-    return scaler is not None and bool(getattr(scaler, "is_enabled", lambda: False)())
 
 
 def _plain_parameters(trainer: pl.Trainer) -> list[str]:

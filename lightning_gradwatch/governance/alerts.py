@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Optional
 from lightning_gradwatch.keys import NONFINITE, PARAM_NORM_PREFIX
 
 if TYPE_CHECKING:  # types only: the records stay importable without the engine
-    from lightning_gradwatch.diagnosis import NonFiniteReport
     from lightning_gradwatch.governance.engine import Check, Decision
+    from lightning_gradwatch.measure.nonfinite import NonFiniteReport
 
 __all__ = ["ALERTS_FILENAME", "Alert", "JsonlAlertSink", "build_alert", "read_alerts"]
 

@@ -15,7 +15,7 @@ import numpy as np
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from lightning_gradwatch.flow_arrays import log_gains_array
+from lightning_gradwatch.diagnosis.flow_arrays import log_gains_array
 from lightning_gradwatch.keys import (
     DEFAULT_EPS,
     TOTAL_NORM_KEY,
@@ -24,8 +24,8 @@ from lightning_gradwatch.keys import (
     log_gain_key,
     norm_key,
 )
-from lightning_gradwatch.measurement import GradientMeasurement, MeasurementSpec
-from lightning_gradwatch.sinks import tensorboard_writers
+from lightning_gradwatch.lightning.sinks import tensorboard_writers
+from lightning_gradwatch.measure.record import GradientMeasurement, MeasurementSpec
 
 PLOTS_EXTRA = "lightning-gradwatch[plots]"
 #: Pixels of the heatmap image: fixed width, height growing with the number of blocks.

@@ -21,7 +21,7 @@ its activation is split over the TP ranks (sequence parallelism) and the rows ar
 outputs that are DTensors are measured from their local values by the probe and go through the same
 rule. (A sequence-parallel block whose shards happen to give bit-identical rows on every TP rank
 would be counted once: not a case that occurs with real gradients.) Dividing by the number of
-data-parallel replicas happens on the host (:func:`lightning_gradwatch.measurement.unpack`).
+data-parallel replicas happens on the host (:func:`lightning_gradwatch.measure.record.unpack`).
 
 **Cost**, collectives per measured step (blocks + parameters) and per every-step rule check
 (parameters only), each a small ``all_gather``; no per-parameter or per-block collective, no host
@@ -62,13 +62,13 @@ import torch.distributed as dist
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
-from lightning_gradwatch.grad_stats import combine_stat_partials, grad_stat_partials
-from lightning_gradwatch.norms import (
+from lightning_gradwatch.measure.probe import PARTIAL
+from lightning_gradwatch.numerics.grad_stats import combine_stat_partials, grad_stat_partials
+from lightning_gradwatch.numerics.norms import (
     NormType,
     combine_partials,
     foreach_partial_norms,
 )
-from lightning_gradwatch.probe import PARTIAL
 
 __all__ = [
     "ReductionPlan",
@@ -209,8 +209,8 @@ def param_partials(
     """The partials of the *full* gradients, combined over exactly the dims they are split on.
 
     Returns the per-gradient partial norms (see
-    :func:`~lightning_gradwatch.norms.foreach_partial_norms`; float64, in the order of ``grads``) and,
-    when ``stats``, the :func:`~lightning_gradwatch.grad_stats.grad_stat_partials` row over every element
+    :func:`~lightning_gradwatch.numerics.norms.foreach_partial_norms`; float64, in the order of ``grads``) and,
+    when ``stats``, the :func:`~lightning_gradwatch.numerics.grad_stats.grad_stat_partials` row over every element
     of every full gradient. Plain tensors are taken as they are (complete on every rank). One
     ``all_gather`` per process group some gradient is split over; no host sync. ``grads`` must list
     the same parameters on every rank, as FSDP2 gives every rank a shard (possibly empty) of each

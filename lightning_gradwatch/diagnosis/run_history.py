@@ -155,7 +155,7 @@ class RunFigures:
 
         figures = RunFigures(["blocks.0", "blocks.1"])
         figures.add(0, [0.01, 1.0], total_norm=2.0, zero_fraction=0.0)
-        findings = diagnose(figures)  # lightning_gradwatch.findings
+        findings = diagnose(figures)  # lightning_gradwatch.diagnosis.findings
     """
 
     block_names: list[str]

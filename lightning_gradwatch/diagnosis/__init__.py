@@ -1,0 +1,1 @@
+"""Diagnosing: model facts, the run's history of figures, and findings with their evidence and fixes."""
