@@ -3,7 +3,6 @@ figures, reduces them across ranks, and hands them to the loggers."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any, Callable, Optional, Union
@@ -21,16 +20,14 @@ from lightning_gradwatch.governance import Rule, validate_rules
 from lightning_gradwatch.governance.alerts import Alert
 from lightning_gradwatch.governance.enforcer import RuleEnforcer
 from lightning_gradwatch.keys import DEFAULT_EPS, TOTAL_NORM_KEY, total_norm_key
+from lightning_gradwatch.lightning.context import FitContext, build_fit_context
 from lightning_gradwatch.lightning.diagnosis import RunDiagnosis
 from lightning_gradwatch.lightning.noise_monitor import NoiseScaleMonitor
-from lightning_gradwatch.lightning.optimizers import OptimizerSteps, optimizer_steps
-from lightning_gradwatch.lightning.sinks import log_histograms, log_metrics
-from lightning_gradwatch.lightning.strategies import check_strategy
-from lightning_gradwatch.lightning.tensorboard import TensorBoardPictures
+from lightning_gradwatch.lightning.sinks import log_metrics
+from lightning_gradwatch.lightning.tensorboard import TensorBoardPictures, write_histograms
 from lightning_gradwatch.measure.blocks import eager_name, resolve_blocks, validate_blocks_spec
 from lightning_gradwatch.measure.probe import GradientProbe
 from lightning_gradwatch.measure.record import GradientMeasurement, MeasurementSpec, measure
-from lightning_gradwatch.measure.reduction import ReductionPlan, plan_reduction
 from lightning_gradwatch.numerics.norms import validate_norm_type
 from lightning_gradwatch.validation import (
     check_param_filter,
@@ -40,6 +37,9 @@ from lightning_gradwatch.validation import (
     check_thresholds,
     check_type,
 )
+
+#: The layout of :meth:`GradientFlowCallback.state_dict` (1: with ``measured_step``; still loads).
+STATE_VERSION = 2
 
 
 class GradientFlowCallback(Callback):
@@ -190,16 +190,11 @@ class GradientFlowCallback(Callback):
         self.last: Optional[GradientMeasurement] = None
         self.block_names: list[str] = []
         self._probe: Optional[GradientProbe] = None
-        #: What this fit measures (``spec`` as the strategy allows) and how it reduces across ranks.
-        self._spec = self.spec
-        self._plan = ReductionPlan()
-        self._params: list[tuple[str, nn.Parameter]] = []
-        #: Several optimizers: each step is measured over what its optimizer updates.
-        self._steps: Optional[OptimizerSteps] = None
+        #: Everything decided about the Trainer at fit start (``None`` outside a fit).
+        self._fit: Optional[FitContext] = None
         self._first_step_report: Optional[FirstStepReport] = None
         self._reported: set[Optional[str]] = set()  # optimizers whose first step was reported
         self._armed_step = -1
-        self._measured_step = -1
         self._warned_histograms = False
         self._diagnosis = RunDiagnosis()
         self.noise_scale = check_type(noise_scale, bool, "noise_scale")
@@ -222,30 +217,25 @@ class GradientFlowCallback(Callback):
         blocks = [(eager_name(n), m) for n, m in resolve_blocks(pl_module, self.blocks)]
         self._remove_hooks()
         self._probe = GradientProbe(blocks, self.spec.norm_type, keep_grads=self.log_histograms)
-        self.block_names = self._probe.names
-        # FSDP1/DeepSpeed: p.grad is not the gradient; leave parameter figures out (with a warning).
-        self._plan = plan_reduction(trainer)
-        support = check_strategy(trainer, self._plan)
-        self._spec = dataclasses.replace(self.spec, measure_params=support.params)
-        self._params = [
-            (eager_name(n), p)
-            for n, p in pl_module.named_parameters()
-            if p.requires_grad and self._spec.measure_params
-        ]
-        self._steps = optimizer_steps(
-            trainer, blocks, self._params, self._probe.buffer.device, self.rules
+        fit = build_fit_context(
+            trainer, pl_module, blocks, self.spec, self.rules, self._probe.buffer.device
         )
-        self._armed_step = self._measured_step = -1
+        self._fit, self.block_names = fit, fit.block_names
+        self._armed_step = -1
         self._first_step_report, self._reported = None, set()
-        self._enforcer.setup(trainer, self.block_names, self._spec)
-        self._diagnosis.start(trainer, pl_module, blocks, self._spec, self.rules)
-        self._noise.start(trainer, pl_module)
+        self._enforcer.setup(trainer, fit.block_names, fit.spec)
+        self._diagnosis.start(trainer, pl_module, fit.blocks, fit.spec, self.rules)
+        self._noise.start(trainer, pl_module, fit.plan)
         rank_zero_info(
             f"GradientFlowCallback: watching {len(blocks)} blocks "
             f"({', '.join(self.block_names)}) every {self.log_every_n_steps} optimizer steps."
         )
-        if trainer.is_global_zero:
-            self._pictures.start(trainer.loggers, self.block_names, self._spec)
+        if fit.is_global_zero:
+            self._pictures.start(fit.loggers, fit.block_names, fit.spec)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._fit is not None:  # after a checkpoint restored the step: keep its grid
+            self._fit.steps.begin(trainer.global_step)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
@@ -266,73 +256,60 @@ class GradientFlowCallback(Callback):
             self._probe.remove()
             self._probe = None
 
-    # -- measuring -------------------------------------------------------------------------------
+    # -- one optimizer step: arm, then measure -> decide -> act -> log -> observe ----------------
 
     def is_measured_step(self, step: int) -> bool:
-        """Whether optimizer step ``step`` (0-based) is measured."""
+        """Whether optimizer step ``step`` (0-based) is on the measuring grid."""
         return step % self.log_every_n_steps == 0
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        # Several optimizers step within one batch: arm when any of them may be measured.
-        measured = (
-            self.is_measured_step(step)
-            if self._steps is None
-            else self._steps.may_be_due(step, self.log_every_n_steps)
+        measured = self._fit is not None and self._fit.steps.may_be_due(
+            step, self.log_every_n_steps
         )
         self._noise.on_batch_start(trainer, batch, measured)
-        if self._probe is None or step == self._armed_step or not measured:
+        if self._probe is None or not measured:
             return
-        # First micro-batch of a measured step: start from zero and keep the probe armed until the
-        # optimizer step, so every micro-batch of the step is combined.
-        self._probe.reset()
-        self._probe.arm()
-        self._armed_step = step
+        # First micro-batch of a measured step: start from zero. Later micro-batches of the same
+        # step (gradient accumulation) add to it, so every micro-batch of the step is combined.
+        if step != self._armed_step:
+            self._probe.reset()
+            self._armed_step = step
+        self._probe.arm()  # until the batch ends
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
+    ) -> None:
+        if self._fit is None:
+            return
+        if self._probe is not None and self._probe.armed:
+            self._fit.steps.forget_zeroed(self._probe.buffer)
+        self._enforcer.on_before_backward(trainer, pl_module, loss, self._fit.steps.params)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        step = trainer.global_step
-        probe = self._probe
-        k = self._steps.index(optimizer) if self._steps is not None else 0
-        params = self._steps.params[k] if self._steps is not None else self._params
-        measurement = None
-        if probe is not None and self._is_armed_for(step, probe, k) and step != self._measured_step:
-            self._measured_step = step
-            measurement = self._measure(trainer, probe, step, k)
-            measurement.metrics.update(self._noise.update(trainer, measurement, params))
-            if measurement.optimizer not in self._reported:  # each optimizer's first step
-                self._reported.add(measurement.optimizer)
-                report = self._diagnosis.first_step(measurement, params)
-                self._first_step_report = self._first_step_report or report
-        if self._steps is not None:
-            self._steps.stepped(k, step)
+        if self._fit is None:
+            return
+        steps = self._fit.steps
+        k = steps.index(optimizer)
+        params = steps.params[k]
+        measurement = self._measure(trainer, k)
+        steps.stepped(k, trainer.global_step)
         # Rules see the pre-clip figures; they may clip, drop the gradients or stop training.
-        extra = self._enforcer.on_before_optimizer_step(
-            trainer,
-            pl_module,
-            optimizer,
-            params,
-            measurement,
-            *((k, self._steps.names[k]) if self._steps is not None else ()),
-        )
+        verdict = self._enforcer.decide(trainer, pl_module, k, steps.names[k], params, measurement)
+        extra = self._enforcer.act(trainer, optimizer, params, verdict)
         if measurement is not None and measurement.skipped_by_scaler:
             # The AMP scaler skips this step (inf/NaN gradients) and lowers its scale: its job, not
             # a measurement. Rules have seen it; nothing is logged unless they halted training.
             if extra and self.halted and trainer.is_global_zero:
-                log_metrics(trainer.loggers, extra, step)
+                log_metrics(trainer.loggers, extra, trainer.global_step)
             return
+        self._log(trainer, measurement, params, extra)
         if measurement is not None:
-            self.last = measurement
-            self._diagnosis.observe(trainer, measurement)
-        if not trainer.is_global_zero:
-            return
-        if measurement is not None and probe is not None:
-            self._log(trainer, measurement, probe, params, extra)
-        elif extra:
-            log_metrics(trainer.loggers, extra, step)
+            self._observe(trainer, measurement, params)
 
     def on_train_batch_end(
         self,
@@ -343,16 +320,94 @@ class GradientFlowCallback(Callback):
         batch_idx: int,
     ) -> None:
         self._enforcer.end_step(trainer)
-        if self._steps is not None and self._probe is not None:
+        if self._probe is not None:
             self._probe.disarm()
 
-    def on_before_backward(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
+    def _measure(self, trainer: pl.Trainer, k: int) -> Optional[GradientMeasurement]:
+        """Optimizer ``k``'s figures at this step if it is measured (else ``None``)."""
+        fit, probe, step = self._fit, self._probe, trainer.global_step
+        if fit is None or probe is None or not probe.armed:
+            return None
+        steps = fit.steps
+        if not steps.measures(k, step, self.log_every_n_steps):
+            return None
+        params = steps.params[k]
+        measurement = measure(
+            steps.rows(probe.buffer, k),
+            [(name, p.grad) for name, p in params if p.grad is not None],
+            fit.spec,
+            fit.plan,
+            step=step,
+            block_names=steps.block_names[k],
+            scale=loss_scale(trainer),
+            loss=self._enforcer.step_loss(trainer),
+        )
+        steps.clear(probe.buffer, k)  # later steps of this batch start afresh
+        measurement.chained = [probe.chained[i] for i in steps.blocks[k]]
+        measurement.optimizer = steps.names[k]
+        if steps.names[k] is not None:
+            total = measurement.metrics.pop(TOTAL_NORM_KEY, None)
+            if total is not None:
+                measurement.metrics[total_norm_key(steps.names[k])] = total
+        measurement.metrics.update(self._noise.update(trainer, measurement, params))
+        return measurement
+
+    def _log(
+        self,
+        trainer: pl.Trainer,
+        measurement: Optional[GradientMeasurement],
+        params: Sequence[tuple[str, nn.Parameter]],
+        extra: dict[str, float],
     ) -> None:
-        if self._steps is not None and self._probe is not None and self._probe.armed:
-            self._steps.forget_zeroed(self._probe.buffer)
-        groups = self._steps.params if self._steps is not None else None
-        self._enforcer.on_before_backward(trainer, pl_module, loss, self._params, groups)
+        """One ``log_metrics`` call per logger and step (the figures and governance's own keys),
+        then TensorBoard's pictures and histograms; global rank zero only."""
+        if not trainer.is_global_zero or (measurement is None and not extra):
+            return
+        if measurement is None:
+            log_metrics(trainer.loggers, extra, trainer.global_step)
+            return
+        log_metrics(trainer.loggers, {**measurement.metrics, **extra}, measurement.step)
+        self._pictures.update(measurement)
+        if self.log_histograms and self._probe is not None:
+            self._log_histograms(trainer, measurement, self._probe, params)
+
+    def _log_histograms(
+        self,
+        trainer: pl.Trainer,
+        measurement: GradientMeasurement,
+        probe: GradientProbe,
+        params: Sequence[tuple[str, nn.Parameter]],
+    ) -> None:
+        kept = any(g is not None for g in probe.grads)
+        measured = any(norm is not None for norm in measurement.block_norms)
+        if measured and not kept and not self._warned_histograms:
+            # Measured, yet no gradient kept: the tensor hooks ran inside torch.compile.
+            self._warned_histograms = True
+            rank_zero_warn(
+                "GradientFlowCallback: log_histograms=True, but block-output gradients cannot be "
+                "kept under torch.compile (it would break the graph): only parameter-gradient "
+                "histograms are written."
+            )
+        write_histograms(
+            trainer.loggers,
+            measurement.step,
+            list(zip(probe.names, probe.grads)),
+            [(n, p.grad) for n, p in params if p.grad is not None],
+        )
+
+    def _observe(
+        self,
+        trainer: pl.Trainer,
+        measurement: GradientMeasurement,
+        params: Sequence[tuple[str, nn.Parameter]],
+    ) -> None:
+        """Keep the measurement, feed the run's diagnosis, report each optimizer's first step."""
+        self.last = measurement
+        self._diagnosis.observe(trainer, measurement)
+        if measurement.optimizer not in self._reported:
+            self._reported.add(measurement.optimizer)
+            report = self._diagnosis.first_step(measurement, params)
+            self._first_step_report = self._first_step_report or report
 
     @property
     def norm_type(self) -> str:
@@ -383,67 +438,6 @@ class GradientFlowCallback(Callback):
         measured step."""
         return self._first_step_report
 
-    def _is_armed_for(self, step: int, probe: GradientProbe, k: int) -> bool:
-        if self._steps is None:  # one optimizer: armed from the first micro-batch of the step
-            return step == self._armed_step
-        return probe.armed and self._steps.due(k, step, self.log_every_n_steps)
-
-    def _measure(
-        self, trainer: pl.Trainer, probe: GradientProbe, step: int, k: int = 0
-    ) -> GradientMeasurement:
-        steps = self._steps
-        if steps is None:
-            probe.disarm()
-        params = steps.params[k] if steps is not None else self._params
-        measurement = measure(
-            probe.buffer if steps is None else steps.rows(probe.buffer, k),
-            [(name, p.grad) for name, p in params if p.grad is not None],
-            self._spec,
-            self._plan,
-            step=step,
-            block_names=probe.names if steps is None else steps.block_names[k],
-            scale=loss_scale(trainer),
-            loss=self._enforcer.step_loss(trainer),
-        )
-        if steps is None:
-            measurement.chained = list(probe.chained)
-            return measurement
-        steps.clear(probe.buffer, k)  # later steps of this batch start afresh
-        measurement.optimizer = steps.names[k]
-        total = measurement.metrics.pop(TOTAL_NORM_KEY, None)
-        if total is not None:
-            measurement.metrics[total_norm_key(steps.names[k])] = total
-        return measurement
-
-    def _log(
-        self,
-        trainer: pl.Trainer,
-        measurement: GradientMeasurement,
-        probe: GradientProbe,
-        params: Sequence[tuple[str, nn.Parameter]],
-        extra: dict[str, float],
-    ) -> None:
-        # One log_metrics call per logger and step: the figures and governance's own keys.
-        log_metrics(trainer.loggers, {**measurement.metrics, **extra}, measurement.step)
-        self._pictures.update(measurement)
-        if self.log_histograms:
-            kept = any(g is not None for g in probe.grads)
-            measured = any(norm is not None for norm in measurement.block_norms)
-            if measured and not kept and not self._warned_histograms:
-                # Measured, yet no gradient kept: the tensor hooks ran inside torch.compile.
-                self._warned_histograms = True
-                rank_zero_warn(
-                    "GradientFlowCallback: log_histograms=True, but block-output gradients "
-                    "cannot be kept under torch.compile (it would break the graph): only "
-                    "parameter-gradient histograms are written."
-                )
-            log_histograms(
-                trainer.loggers,
-                measurement.step,
-                list(zip(probe.names, probe.grads)),
-                [(n, p.grad) for n, p in params if p.grad is not None],
-            )
-
     # -- state -----------------------------------------------------------------------------------
 
     @property
@@ -457,12 +451,13 @@ class GradientFlowCallback(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "measured_step": self._measured_step,
+            "version": STATE_VERSION,
             "governance": self._enforcer.state_dict(),
             "noise_scale": self._noise.estimator.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._measured_step = int(state_dict.get("measured_step", -1))
+        # Version 1 (before one optimizer became a list of one) also held "measured_step": the
+        # measuring grid now follows the restored global step (`on_train_start`), so it is dropped.
         self._enforcer.load_state_dict(state_dict.get("governance", {}))
         self._noise.estimator.load_state_dict(state_dict.get("noise_scale", {}))

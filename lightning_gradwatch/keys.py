@@ -13,7 +13,6 @@ from typing import Optional
 __all__ = [
     "ADAPTIVE_CLIP_METRICS",
     "ALERTS_PREFIX",
-    "CHART_ONLY_SUFFIXES",
     "CLIPPED_KEY",
     "DEFAULT_EPS",
     "END_TO_END_KEY",
@@ -90,7 +89,6 @@ ADAPTIVE_CLIP_METRICS: tuple[str, ...] = (TOTAL_NORM_KEY,)
 _INTERVAL_MAX = "_max"
 _INTERVAL_MEAN = "_mean"
 _CLIP_THRESHOLD = "_clip_threshold"
-CHART_ONLY_SUFFIXES: tuple[str, ...] = (_INTERVAL_MAX, _INTERVAL_MEAN, _CLIP_THRESHOLD)
 
 #: ``grad_flow/<key>``: the GradientGainMonitor summary, then the end-to-end gain.
 SUMMARY_KEYS: tuple[str, ...] = (

@@ -160,15 +160,21 @@ class Recorder(BlockNet):
             self.record["batches"][self.trainer.global_step].append((x.clone(), y.clone()))
         return super().training_step(batch, batch_idx)
 
+    def on_after_backward(self) -> None:
+        # Every micro-batch: the probe's hook counts so far in this step (the callback clears them
+        # once it has measured the step), so the last micro-batch's are the whole step's; on
+        # unmeasured steps no hook may touch the buffer.
+        watchers = [c for c in self.trainer.callbacks if isinstance(c, GradientFlowCallback)]  # type: ignore[attr-defined]
+        if watchers and watchers[0]._probe is not None:
+            counts = watchers[0]._probe.buffer[:, CALLS].tolist()
+            self.record["calls"][self.trainer.global_step] = counts
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Lightning calls the callbacks' hook first: their measurement of this step is complete.
         step = self.trainer.global_step
-        watchers = [c for c in self.trainer.callbacks if isinstance(c, GradientFlowCallback)]  # type: ignore[attr-defined]
-        if watchers and watchers[0]._probe is not None:
-            # Every step: on unmeasured steps no hook may have touched the buffer since the last one.
-            self.record["calls"][step] = watchers[0]._probe.buffer[:, CALLS].tolist()
         if not self._measured():
             return
+        watchers = [c for c in self.trainer.callbacks if isinstance(c, GradientFlowCallback)]  # type: ignore[attr-defined]
         self.record["grads"][step] = {
             n: full(p.grad) for n, p in self.named_parameters() if p.grad is not None
         }

@@ -58,7 +58,9 @@ class CheckpointNet(BlockNet):
                 h = block(h)
         return self.head(h)
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+    def on_after_backward(self) -> None:
+        # The probe's counts after each micro-batch's backward (the callback clears them once it
+        # has measured the step): the last one of a step holds the whole step's.
         watcher = self.trainer.callbacks[0]  # type: ignore[attr-defined]
         self.calls[self.trainer.global_step] = watcher._probe.buffer[:, CALLS].tolist()
 
@@ -107,7 +109,7 @@ class SegmentCheckpointNet(BlockNet):
                 h = block(h)
         return self.head(h)
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+    def on_after_backward(self) -> None:  # as CheckpointNet: the last micro-batch's counts
         probe = self.trainer.callbacks[0]._probe  # type: ignore[attr-defined]
         self.calls[self.trainer.global_step] = probe.buffer[:, CALLS].tolist()
 

@@ -14,7 +14,8 @@ from reference import ref_grad_stats, ref_norm
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_gradwatch.keys import GRAD_STAT_KEYS
-from lightning_gradwatch.lightning.sinks import _log_tensorboard_scalars, log_metrics
+from lightning_gradwatch.lightning.sinks import log_metrics
+from lightning_gradwatch.lightning.tensorboard import write_scalars
 from lightning_gradwatch.numerics import grad_stats
 from lightning_gradwatch.numerics.grad_stats import (
     finalize_grad_stats,
@@ -115,4 +116,4 @@ def test_tensorboard_scalars_in_one_event_read_back_like_add_scalar(tmp_path: An
     assert set(read["ours"]) == {f"fit-{key}" for key in metrics}
     assert read["ours"] == read["plain"]
     # ... and the one-event path is the one taken for a plain TensorBoardLogger.
-    assert _log_tensorboard_scalars(ours, metrics, 4)
+    assert write_scalars(ours, metrics, 4)

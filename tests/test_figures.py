@@ -19,12 +19,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from lightning_gradwatch import GradientFlowCallback
-from lightning_gradwatch.lightning.tensorboard import (
-    HEATMAP_TAG,
-    FlowHistory,
-    heatmap_size_px,
-    render_flow_heatmap,
-)
+from lightning_gradwatch.lightning.tensorboard import HEATMAP_TAG, FlowHistory
+from lightning_gradwatch.report.pictures import heatmap_size_px, render_flow_heatmap
 
 pytestmark = WIRING_REPORT
 

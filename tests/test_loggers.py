@@ -13,7 +13,7 @@ from reference import RefNet, assert_metrics_equal, csv_metrics, trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_gradwatch import GradientFlowCallback
-from lightning_gradwatch.lightning.sinks import HIST_BLOCK_PREFIX, HIST_PARAM_PREFIX
+from lightning_gradwatch.keys import HIST_BLOCK_PREFIX, HIST_PARAM_PREFIX
 
 pytestmark = [RULE_TRIPS, WIRING_REPORT]
 

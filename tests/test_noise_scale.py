@@ -180,12 +180,13 @@ def test_sharded_strategies_say_not_measured() -> None:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     from lightning_gradwatch.lightning.noise_monitor import NoiseScaleMonitor
+    from lightning_gradwatch.measure.reduction import ReductionPlan
 
     strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
     fit = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False)
     monitor = NoiseScaleMonitor(enabled=True)
     with pytest.warns(UserWarning, match="not measured under ModelParallelStrategy"):
-        monitor.start(fit, BlockNet())
+        monitor.start(fit, BlockNet(), ReductionPlan())
     assert monitor.mode is None
 
 
@@ -195,6 +196,7 @@ def test_a_hook_registered_elsewhere_is_reported_not_crashed(tmp_path: Path) -> 
     from torch.nn.parallel import DistributedDataParallel
 
     from lightning_gradwatch.lightning.noise_monitor import NoiseScaleMonitor
+    from lightning_gradwatch.measure.reduction import ReductionPlan
 
     dist.init_process_group(
         "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1

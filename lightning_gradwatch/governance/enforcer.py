@@ -31,18 +31,36 @@ from lightning_gradwatch.governance.alerts import (
 )
 from lightning_gradwatch.governance.engine import Check, Decision, RuleEngine, strongest
 from lightning_gradwatch.governance.intervals import IntervalAggregates
-from lightning_gradwatch.governance.notices import (
-    StaleGradientWatch,
-    stale_gradients_warning,
-    warn_unmatched,
-)
+from lightning_gradwatch.governance.notices import StaleGradientWatch, warn_unmatched
 from lightning_gradwatch.governance.readings import has_nonfinite, nonfinite_report, rule_values
 from lightning_gradwatch.governance.rules import NO_ACTION, Rule
 from lightning_gradwatch.governance.step_loss import StepLoss
 from lightning_gradwatch.keys import CLIPPED_KEY, LOSS_KEY, for_optimizer, total_norm_key
 from lightning_gradwatch.measure.record import GradientMeasurement, MeasurementSpec, measure_params
 
-__all__ = ["RuleEnforcer", "default_alerts_path"]
+__all__ = ["RuleEnforcer", "Verdict", "default_alerts_path"]
+
+
+@dataclasses.dataclass
+class Verdict:
+    """What the rules decided at one optimizer step (:meth:`RuleEnforcer.decide`), for
+    :meth:`RuleEnforcer.act`.
+
+    Attributes:
+        measurement: what the rules read (``None``: nothing was checked at this step).
+        measured: whether it is the step's full measurement (else parameter figures only).
+        checks: every rule's reading.
+        agreement: what the ranks agreed on.
+        decisions: the rules that tripped, with their actions.
+        stopping: a halt came earlier in this run: the update is skipped.
+    """
+
+    measurement: Optional[GradientMeasurement] = None
+    measured: bool = False
+    checks: list[Check] = dataclasses.field(default_factory=list)
+    agreement: Optional[Agreement] = None
+    decisions: list[Decision] = dataclasses.field(default_factory=list)
+    stopping: bool = False
 
 
 class RuleEnforcer:
@@ -72,9 +90,7 @@ class RuleEnforcer:
         self._interval = IntervalAggregates()
         self._stopping = False  # halted in this run: every later update is skipped too
         self._checked_step = -1
-        self._new_step = False
-        self._warned_zero_grad = False
-        #: Several optimizers: the stepping one's name (its keys) and the zero_grad watch.
+        #: The stepping optimizer's name (its keys; ``None`` with one optimizer).
         self._optimizer: Optional[str] = None
         self._stale = StaleGradientWatch()
         self._matches_checked = False
@@ -92,7 +108,6 @@ class RuleEnforcer:
         self.spec = spec
         self._stopping = False
         self._checked_step = -1
-        self._new_step = False
         self._matches_checked = False
         self._stale = StaleGradientWatch()
         if trainer.is_global_zero:
@@ -113,69 +128,76 @@ class RuleEnforcer:
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
         loss: Tensor,
-        params: NamedParams,
-        groups: Optional[Sequence[NamedParams]] = None,
+        groups: Sequence[NamedParams],
     ) -> None:
         """Before a backward: keep the loss; in manual optimization, look for gradients left from
-        the previous step (``groups``: each optimizer's parameters, with several optimizers)."""
+        the previous step (``groups``: each optimizer's parameters)."""
         if self.engine.rules and isinstance(loss, Tensor):
             self._loss.add(trainer, loss)  # stays on the device until the step's host copy
-        if groups is not None:
-            if not pl_module.automatic_optimization:
-                self._stale.before_backward(groups)
-        elif self._new_step and not pl_module.automatic_optimization:
-            self._new_step = False
-            if not self._warned_zero_grad:
-                warning = stale_gradients_warning(trainer.global_step, params)
-                if warning is not None:
-                    self._warned_zero_grad = True
-                    rank_zero_warn(warning)
+        if not pl_module.automatic_optimization:
+            self._stale.before_backward(groups)
 
     def step_loss(self, trainer: pl.Trainer) -> Optional[Tensor]:
         """This step's loss as a device scalar, to be copied to the host with the step's figures
         (``None`` without rules). Call it on every rank at the same steps (it may average)."""
         return self._loss.take(trainer) if self.engine.rules else None
 
-    # -- optimizer step --------------------------------------------------------------------------
+    # -- optimizer step: decide, then act ----------------------------------------------------------
 
-    def on_before_optimizer_step(
+    def decide(
         self,
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
-        optimizer: Optimizer,
+        optimizer_index: int,
+        optimizer_name: Optional[str],
         params: NamedParams,
         measurement: Optional[GradientMeasurement],
-        optimizer_index: Optional[int] = None,
-        optimizer_name: Optional[str] = None,
-    ) -> dict[str, float]:
-        """Check the rules at this step and act. Returns the keys to log at this step.
+    ) -> Verdict:
+        """Check the rules at this step: the same decisions on every rank.
 
-        With several optimizers, ``params`` are the stepping optimizer's (rules act on them only),
-        ``optimizer_index`` / ``optimizer_name`` say which one it is (its keys end in the name).
+        ``params`` are the stepping optimizer's (rules act on them only); ``optimizer_name`` is
+        ``None`` with a single optimizer, else its keys end in the name. Without a measurement, the
+        rules that run every step are checked on a parameter-only one (when due).
         """
         step = trainer.global_step
-        self._new_step = True
         self._optimizer = optimizer_name
-        measured = measurement is not None
-        if optimizer_index is not None and not pl_module.automatic_optimization:
-            warning = self._stale.at_step(optimizer_index, optimizer_name or "", step)
+        if not pl_module.automatic_optimization:
+            warning = self._stale.at_step(optimizer_index, optimizer_name, step)
             if warning is not None:
                 rank_zero_warn(warning)
         if self._stopping:
-            self._actions.skip(trainer, optimizer, params)
-            return {}
+            return Verdict(stopping=True)
+        measured = measurement is not None
         if not self.engine.rules or step == self._checked_step or not (measured or self._due(step)):
-            return {}
+            return Verdict()
         self._checked_step = step
         if measurement is None:
             measurement = self._measure_params(trainer, params, step)
         checks, agreement, decisions = self._decide(trainer, measurement, measured)
-        extra = self._act(trainer, optimizer, params, decisions, measurement, agreement)
-        if not measured and for_optimizer(CLIPPED_KEY, self._optimizer) in extra:
+        return Verdict(measurement, measured, checks, agreement, decisions)
+
+    def act(
+        self, trainer: pl.Trainer, optimizer: Optimizer, params: NamedParams, verdict: Verdict
+    ) -> dict[str, float]:
+        """Apply the verdict (clip, skip or halt; a halted run skips every later update), record
+        its alerts, and return the keys to log at this step."""
+        measurement = verdict.measurement
+        if verdict.stopping:
+            self._actions.skip(trainer, optimizer, params)
+            return {}
+        if measurement is None or verdict.agreement is None:
+            return {}
+        extra = self._act(
+            trainer, optimizer, params, verdict.decisions, measurement, verdict.agreement
+        )
+        if not verdict.measured and for_optimizer(CLIPPED_KEY, self._optimizer) in extra:
             # Log the pre-clip total next to the clipped one (measured steps log it anyway).
             extra[total_norm_key(self._optimizer)] = measurement.total_norm
         self._aggregate(measurement)
-        return {**extra, **self._governance_keys(measurement, checks, measured, bool(decisions))}
+        keys = self._governance_keys(
+            measurement, verdict.checks, verdict.measured, bool(verdict.decisions)
+        )
+        return {**extra, **keys}
 
     def _due(self, step: int) -> bool:
         """Whether an unmeasured step is checked: rules that run every step exist, this is their

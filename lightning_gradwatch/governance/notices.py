@@ -20,7 +20,6 @@ from lightning_gradwatch.measure.reduction import local_tensor
 __all__ = [
     "ZERO_GRAD_CHECK_STEPS",
     "StaleGradientWatch",
-    "stale_gradients_warning",
     "warn_unmatched",
 ]
 
@@ -35,13 +34,6 @@ def holds_stale_gradients(grads: Sequence[Tensor]) -> bool:
         return False
     norms = foreach_norm([local_tensor(g) for g in grads], math.inf)
     return bool(torch.stack([n.float() for n in norms]).max() > 0)
-
-
-MANUAL_ZERO_GRAD_WARNING = (
-    "GradientFlowCallback: the first backward of optimizer step {step} started with gradients still "
-    "holding the previous step's values: `zero_grad()` looks missing in your manual optimization "
-    "loop (call `opt.zero_grad()` after `opt.step()`), so gradients accumulate across steps."
-)
 
 
 #: Manual optimization: how many first steps always get the missing-``zero_grad()`` check.
@@ -73,22 +65,11 @@ def warn_unmatched(
         )
 
 
-def stale_gradients_warning(step: int, params: NamedParams) -> Optional[str]:
-    """Manual optimization: gradients still there at the first backward of steps 1 to
-    :data:`ZERO_GRAD_CHECK_STEPS` mean a missing ``zero_grad()``; the warning to give, if so."""
-    if step > ZERO_GRAD_CHECK_STEPS:
-        return None
-    grads = [p.grad for _, p in params if p.grad is not None]
-    if not holds_stale_gradients(grads):  # type: ignore[arg-type]
-        return None
-    return MANUAL_ZERO_GRAD_WARNING.format(step=step)
-
-
 class StaleGradientWatch:
-    """Manual optimization with several optimizers: each optimizer's gradients must have been
-    zeroed (``None`` or all zero) at some backward since its previous step, else ``zero_grad()``
-    looks missing for it. Only that optimizer's parameters and the backward passes that fed its
-    step count: a generator's gradients, still there while the discriminator steps, are no alarm.
+    """Manual optimization: each optimizer's gradients must have been zeroed (``None`` or all zero)
+    at some backward since its previous step, else ``zero_grad()`` looks missing for it. Only that
+    optimizer's parameters and the backward passes that fed its step count: a generator's
+    gradients, still there while the discriminator steps, are no alarm.
 
     Checked during the first :data:`ZERO_GRAD_CHECK_STEPS` steps of each optimizer (one batched
     norm pass and one host copy per optimizer and backward there), then never again.
@@ -109,18 +90,19 @@ class StaleGradientWatch:
             grads = [p.grad for _, p in params if p.grad is not None]
             self._zeroed[k] = not holds_stale_gradients(grads)  # type: ignore[arg-type]
 
-    def at_step(self, k: int, name: str, step: int) -> Optional[str]:
-        """Optimizer ``k`` steps: the warning to give, if its gradients were never zeroed since
-        its previous step."""
+    def at_step(self, k: int, name: Optional[str], step: int) -> Optional[str]:
+        """Optimizer ``k`` (``name``; ``None`` for the only one) steps: the warning to give, if its
+        gradients were never zeroed since its previous step."""
         count = self._steps.get(k, 0)
         self._steps[k] = count + 1
         zeroed, self._zeroed[k] = self._zeroed.get(k, False), False
         if self.warned or count == 0 or count > ZERO_GRAD_CHECK_STEPS or zeroed:
             return None
         self.warned = True
+        which = "the optimizer" if name is None else f"optimizer {name!r}"
         return (
-            f"GradientFlowCallback: optimizer {name!r} stepped at step {step} on gradients not "
-            "zeroed since its previous step: `zero_grad()` looks missing for it in your manual "
-            f"optimization loop (call its `zero_grad()` before each backward that feeds it), so "
-            "its gradients accumulate across steps."
+            f"GradientFlowCallback: {which} stepped at step {step} on gradients not zeroed since "
+            "its previous step: `zero_grad()` looks missing for it in your manual optimization "
+            "loop (call `opt.zero_grad()` before each backward that feeds it, or after "
+            "`opt.step()`), so its gradients accumulate across steps."
         )

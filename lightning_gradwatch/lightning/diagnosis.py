@@ -31,7 +31,7 @@ from lightning_gradwatch.diagnosis.run_history import (
 )
 from lightning_gradwatch.governance import Rule, rule_labels
 from lightning_gradwatch.keys import NOISE_B_SIMPLE_KEY, NOISE_BATCH_KEY, TOTAL_NORM_KEY
-from lightning_gradwatch.lightning.sinks import tensorboard_writers
+from lightning_gradwatch.lightning.tensorboard import write_text
 from lightning_gradwatch.measure.record import GradientMeasurement, MeasurementSpec
 
 __all__ = ["DIAGNOSIS_TAG", "RunDiagnosis", "clip_bounds", "facts_paths"]
@@ -125,9 +125,7 @@ class RunDiagnosis:
         self._write(trainer)
         if trainer.is_global_zero:
             text = format_findings(findings, self.figures, markdown=True)
-            for writer in tensorboard_writers(trainer.loggers):
-                writer.add_text(DIAGNOSIS_TAG, text, trainer.global_step)
-                writer.flush()
+            write_text(trainer.loggers, DIAGNOSIS_TAG, text, trainer.global_step)
         return findings
 
     def remove(self) -> None:

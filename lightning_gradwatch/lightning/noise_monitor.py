@@ -41,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_gradwatch._compat import loss_scale
 from lightning_gradwatch.measure.record import GradientMeasurement
-from lightning_gradwatch.measure.reduction import plan_reduction
+from lightning_gradwatch.measure.reduction import ReductionPlan
 from lightning_gradwatch.numerics.noise_scale import NoiseScaleEstimator
 from lightning_gradwatch.numerics.norms import foreach_partial_norms
 
@@ -59,7 +59,7 @@ class NoiseScaleMonitor:
 
         monitor = NoiseScaleMonitor(enabled=True)
         monitor.setup(trainer)                                  # Callback.setup
-        monitor.start(trainer, pl_module)                       # on_fit_start
+        monitor.start(trainer, pl_module, plan)                 # on_fit_start
         monitor.on_batch_start(trainer, batch, measured=True)   # every micro-batch
         metrics = monitor.update(trainer, measurement, params)  # measured optimizer step
     """
@@ -92,11 +92,14 @@ class NoiseScaleMonitor:
         strategy._ddp_comm_hook = self._compose(user_hook)
         self._composed = True
 
-    def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Decide how (or whether) to measure, and register the DDP hook if needed."""
+    def start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, plan: ReductionPlan
+    ) -> None:
+        """Decide how (or whether) to measure, and register the DDP hook if needed (``plan``: the
+        fit's reduction plan, for its data-parallel size)."""
         self.remove()
         self._armed, self._step = False, -1
-        self.mode = self._choose_mode(trainer, pl_module) if self.enabled else None
+        self.mode = self._choose_mode(trainer, pl_module, plan) if self.enabled else None
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -160,9 +163,11 @@ class NoiseScaleMonitor:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _choose_mode(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[str]:
+    def _choose_mode(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, plan: ReductionPlan
+    ) -> Optional[str]:
         names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
-        replicas = plan_reduction(trainer).data_parallel_size
+        replicas = plan.data_parallel_size
         reason = None
         if not pl_module.automatic_optimization:
             reason = "under manual optimization (the micro-batch structure is yours)"

@@ -1,8 +1,10 @@
-"""Several optimizers (GANs, actor-critic): what each one is called and which blocks it owns.
+"""The optimizers of a fit: what each one is called, which blocks and parameters it owns, and when its
+step is measured. One optimizer is a list of one (named ``None``: its keys carry no suffix); several
+(GANs, actor-critic) take the same path.
 
 Lightning runs several optimizers in manual optimization only, and every ``optimizer.step()`` is one
 ``trainer.global_step``. Each step is measured over what that optimizer updates: its parameters, and
-the blocks whose parameters it owns. Nothing here touches tensors or Lightning's loops.
+the blocks whose parameters it owns (with one optimizer: every measured parameter and every block).
 
 Ownership rule (documented in the README): a block belongs to the optimizer that holds most of its
 parameter elements; a block without trainable parameters belongs to the owner of the nearest block
@@ -149,8 +151,8 @@ def block_owners(
 
 
 class OptimizerSteps:
-    """Per-fit bookkeeping for runs with several optimizers: which optimizer is stepping, its name,
-    parameters and blocks, and the device rows of the probe buffer that belong to it.
+    """Per-fit bookkeeping of the optimizers: which one is stepping, its name, parameters and blocks,
+    the device rows of the probe buffer that belong to it, and whether its step is measured.
 
     Block rows accumulate over the backward passes that feed an optimizer's step: a backward that
     starts while all of an optimizer's gradients are ``None`` (``zero_grad()``, the default
@@ -160,7 +162,8 @@ class OptimizerSteps:
 
     Args:
         optimizers: the Trainer's optimizers, in configuration order.
-        names: their names (:func:`optimizer_names`).
+        names: their names (:func:`optimizer_names`; ``[None]`` for a single optimizer, which owns
+            every measured parameter and every block).
         blocks: the watched ``(name, module)`` blocks.
         named_params: the measured ``(name, parameter)`` pairs.
         device: where the probe buffer lives.
@@ -169,17 +172,20 @@ class OptimizerSteps:
     def __init__(
         self,
         optimizers: Sequence[Optimizer],
-        names: Sequence[str],
+        names: Sequence[Optional[str]],
         blocks: Sequence[tuple[str, nn.Module]],
         named_params: Sequence[tuple[str, nn.Parameter]],
         device: torch.device,
     ) -> None:
         self.optimizers = list(optimizers)
         self.names = list(names)
-        self.ownership = block_owners(blocks, named_params, optimizers)
+        if len(self.names) == 1:  # everything, also parameters the optimizer does not hold
+            self.ownership = BlockOwnership([0] * len(blocks), {n: 0 for n, _ in named_params}, [])
+        else:
+            self.ownership = block_owners(blocks, named_params, optimizers)
         owner = self.ownership.param_owner
         self.params = [
-            [(n, p) for n, p in named_params if owner.get(n) == k] for k in range(len(optimizers))
+            [(n, p) for n, p in named_params if owner.get(n) == k] for k in range(len(self.names))
         ]
         self.blocks = [self.ownership.blocks_of(k) for k in range(len(optimizers))]
         self.block_names = [[blocks[i][0] for i in indices] for indices in self.blocks]
@@ -188,10 +194,15 @@ class OptimizerSteps:
         ]
         self._ids = [id(getattr(o, "optimizer", o)) for o in optimizers]
         #: The global step of each optimizer's latest step (-1: none yet).
-        self.last = [-1] * len(optimizers)
+        self.last = [-1] * len(self.names)
 
     def __len__(self) -> int:
-        return len(self.optimizers)
+        return len(self.names)
+
+    def begin(self, step: int) -> None:
+        """Training starts (or resumes) at global step ``step``: every optimizer counts as having
+        stepped just before it, so a resumed run keeps the measuring grid of an uninterrupted one."""
+        self.last = [step - 1] * len(self.names)
 
     def due(self, k: int, step: int, every: int) -> bool:
         """Whether optimizer ``k``'s step at global step ``step`` is measured: its first step at or
@@ -207,6 +218,11 @@ class OptimizerSteps:
 
     def stepped(self, k: int, step: int) -> None:
         self.last[k] = step
+
+    def measures(self, k: int, step: int, every: int) -> bool:
+        """Whether optimizer ``k``'s step at ``step`` is measured: due, and not measured already
+        (call before :meth:`stepped`)."""
+        return self.last[k] != step and self.due(k, step, every)
 
     def index(self, optimizer: Any) -> int:
         """The position of ``optimizer`` (or the optimizer it wraps) among the Trainer's."""
@@ -235,13 +251,14 @@ def optimizer_steps(
     named_params: Sequence[tuple[str, nn.Parameter]],
     device: torch.device,
     rules: Sequence[Any],
-) -> Optional[OptimizerSteps]:
-    """The :class:`OptimizerSteps` of a fit with several optimizers (``None`` with one), after
-    checking that every rule naming an optimizer's total names one of them; one warning lists the
-    blocks whose owner had to be chosen."""
+) -> OptimizerSteps:
+    """The :class:`OptimizerSteps` of a fit, after checking that every rule naming an optimizer's
+    total names one of them; with several optimizers one warning lists the blocks whose owner had
+    to be chosen. No optimizer at all (``validate``-only models, Lightning's mock optimizer) counts
+    as one."""
     if len(trainer.optimizers) < 2:
         check_optimizer_names(rules, [])
-        return None
+        return OptimizerSteps(trainer.optimizers, [None], blocks, named_params, device)
     names = optimizer_names(trainer.optimizers, trainer.lr_scheduler_configs)
     check_optimizer_names(rules, names)
     steps = OptimizerSteps(trainer.optimizers, names, blocks, named_params, device)

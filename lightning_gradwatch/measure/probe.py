@@ -81,10 +81,6 @@ class GradientProbe:
     def __len__(self) -> int:
         return len(self.names)
 
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
-
     def arm(self) -> None:
         self.armed = True
 

@@ -73,10 +73,6 @@ class NoiseScaleEstimator:
         self._weight = 0.0  # 1 - decay^n: the bias correction of both averages
 
     @property
-    def updates(self) -> bool:
-        return self._weight > 0
-
-    @property
     def grad_sq(self) -> float:
         """Smoothed ``|G|^2`` (NaN before the first update)."""
         return self._grad_sq / self._weight if self._weight else math.nan

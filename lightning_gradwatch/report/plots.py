@@ -1,7 +1,7 @@
 """PNG pictures of a run and a self-contained ``report.html`` that embeds them (base64).
 
 Per run: ``norms.png`` (each block's output-gradient norm over the steps, log scale),
-``gains.png`` (the blocks x steps heatmap of :func:`lightning_gradwatch.lightning.tensorboard.render_flow_heatmap`)
+``gains.png`` (the blocks x steps heatmap of :func:`lightning_gradwatch.report.pictures.render_flow_heatmap`)
 and ``total_norm.png`` (the total parameter-gradient norm with the alerts marked: clip, skip, halt,
 warn). Long runs are thinned to at most ``max_points`` evenly spaced steps before drawing.
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_gradwatch.lightning.tensorboard import import_matplotlib, render_flow_heatmap
+from lightning_gradwatch.report.pictures import import_matplotlib, render_flow_heatmap
 from lightning_gradwatch.report.reader import NORM_PREFIX, TOTAL_NORM_TAG, RunLog
 from lightning_gradwatch.report.summary import RunReport
 from lightning_gradwatch.report.text import format_text

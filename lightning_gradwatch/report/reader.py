@@ -308,7 +308,7 @@ def iter_events(file: Path) -> Iterator[Any]:
 
 
 def _layout_block_names(serialized: bytes) -> Optional[list[str]]:
-    from lightning_gradwatch.lightning.tensorboard import layout_block_names
+    from lightning_gradwatch.report.pictures import layout_block_names
 
     return layout_block_names(serialized) or None
 

@@ -1,0 +1,84 @@
+"""The fit context: every fact about the Trainer that a measured step needs, decided once at fit
+start and passed down (the strategy's support, the reduction plan, the effective measuring spec, the
+measured parameters, the optimizers and their blocks, the loggers), so nothing below the callback
+inspects the Trainer again to decide the same thing."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import Logger
+from torch import nn
+
+from lightning_gradwatch.lightning.optimizers import OptimizerSteps, optimizer_steps
+from lightning_gradwatch.lightning.strategies import StrategySupport, check_strategy
+from lightning_gradwatch.measure.blocks import eager_name
+from lightning_gradwatch.measure.record import MeasurementSpec
+from lightning_gradwatch.measure.reduction import ReductionPlan, plan_reduction
+
+__all__ = ["FitContext", "build_fit_context"]
+
+
+@dataclass(frozen=True)
+class FitContext:
+    """What one fit measures and how, fixed at fit start.
+
+    Attributes:
+        blocks: the watched ``(name, module)`` blocks, in forward order.
+        spec: the measuring spec as the strategy allows it (``measure_params`` off where ``p.grad``
+            is not the gradient).
+        plan: how figures combine across ranks.
+        support: what the strategy lets the callback measure, and why not the rest.
+        params: the measured ``(name, parameter)`` pairs (trainable; none where not measurable).
+        steps: the optimizers: names, the parameters and blocks each owns, when each is measured.
+        loggers: the Trainer's loggers.
+        is_global_zero: whether this process writes (loggers, files, messages).
+    """
+
+    blocks: list[tuple[str, nn.Module]]
+    spec: MeasurementSpec
+    plan: ReductionPlan
+    support: StrategySupport
+    params: list[tuple[str, nn.Parameter]]
+    steps: OptimizerSteps
+    loggers: list[Logger]
+    is_global_zero: bool
+
+    @property
+    def block_names(self) -> list[str]:
+        return [name for name, _ in self.blocks]
+
+
+def build_fit_context(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    blocks: Sequence[tuple[str, nn.Module]],
+    spec: MeasurementSpec,
+    rules: Sequence[Any],
+    device: torch.device,
+) -> FitContext:
+    """Inspect the Trainer once: strategy (warning once about what it prevents), reduction plan,
+    measured parameters and optimizers (``device``: where the probe buffer lives)."""
+    plan = plan_reduction(trainer)
+    support = check_strategy(trainer, plan)
+    spec = dataclasses.replace(spec, measure_params=support.params)
+    params = [
+        (eager_name(name), p)
+        for name, p in pl_module.named_parameters()
+        if p.requires_grad and spec.measure_params
+    ]
+    return FitContext(
+        blocks=list(blocks),
+        spec=spec,
+        plan=plan,
+        support=support,
+        params=params,
+        steps=optimizer_steps(trainer, blocks, params, device, rules),
+        loggers=list(trainer.loggers),
+        is_global_zero=trainer.is_global_zero,
+    )
