@@ -196,7 +196,6 @@ def test_a_hook_registered_elsewhere_is_reported_not_crashed(tmp_path: Path) -> 
     from torch.nn.parallel import DistributedDataParallel
 
     from lightning_gradwatch.lightning.noise_monitor import NoiseScaleMonitor
-    from lightning_gradwatch.measure.reduction import ReductionPlan
 
     dist.init_process_group(
         "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
