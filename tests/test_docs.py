@@ -121,3 +121,19 @@ def test_the_developers_guide_names_every_module() -> None:
         if f"`{name}`" not in guide:
             missing.append(name)
     assert missing == []
+
+
+def test_every_source_path_named_in_the_docs_exists() -> None:
+    """A module moved or renamed leaves no stale path in the prose: files under
+    ``lightning_gradwatch/``, ``benchmarks/`` and ``examples/`` named in code spans (the developers'
+    guide's module list is checked above)."""
+    named = {
+        path
+        for page in PAGES
+        for path in re.findall(
+            r"`((?:lightning_gradwatch|benchmarks|examples)/[\w/.-]+\.\w+)`",
+            page.read_text("utf-8"),
+        )
+    }
+    assert len(named) >= 5
+    assert sorted(path for path in named if not (ROOT / path).exists()) == []
