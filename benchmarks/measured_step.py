@@ -1,10 +1,13 @@
-"""The measured step's own work, alone: ``GradientFlowCallback._measure`` (pack, reduce, one host
-copy, build the measurement) on a fixed model whose gradients and probe buffer are filled once.
+"""The measured step's own work, alone: :func:`lightning_gradwatch.measure.record.measure` (pack,
+reduce, one host copy, build the measurement), what the callback's ``on_before_optimizer_step``
+calls on a measured step, on a fixed model whose gradients and probe buffer are filled once.
 
 Prints the best and median CPU time (this thread) per call over several repeats: other processes
-on a shared machine lengthen the wall clock, much less the thread's own CPU time. Run it on two checkouts to compare a
-change (``PYTHONPATH=<checkout> python benchmarks/measured_step.py``): the best of many repeats is
-the figure least disturbed by other processes on a shared machine.
+on a shared machine lengthen the wall clock, much less the thread's own CPU time. Run it on two
+checkouts to compare a change (``PYTHONPATH=<checkout> python benchmarks/measured_step.py``): the
+best of many repeats is the figure least disturbed by other processes on a shared machine.
+``--quick`` (a small model, few calls) is the smoke run ``tests/test_benchmark_smoke.py`` makes, so
+a refactor that moves the internals driven here fails the suite instead of this script.
 """
 
 from __future__ import annotations
@@ -12,16 +15,44 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from types import SimpleNamespace
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from lightning_gradwatch import GradientFlowCallback
 from lightning_gradwatch.measure.probe import GradientProbe
+from lightning_gradwatch.measure.record import GradientMeasurement, MeasurementSpec, measure
+from lightning_gradwatch.measure.reduction import ReductionPlan
 
 
-def build(depth: int, width: int) -> tuple[GradientFlowCallback, GradientProbe]:
+@dataclass
+class Setup:
+    """A probe whose buffer holds one backward's block rows, and the parameters' gradients."""
+
+    probe: GradientProbe
+    named_grads: list[tuple[str, Tensor]]
+
+
+@dataclass
+class Timing:
+    """CPU milliseconds per call of each repeat, and the last call's measurement."""
+
+    times_ms: list[float]
+    measurement: GradientMeasurement
+
+    @property
+    def best_ms(self) -> float:
+        return min(self.times_ms)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.times_ms)
+
+
+def build(depth: int, width: int) -> Setup:
+    """``depth`` Linear+ReLU blocks of ``width``, one forward and backward with the probe armed."""
     torch.manual_seed(0)
     blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(depth))
     probe = GradientProbe([(f"blocks.{i}", b) for i, b in enumerate(blocks)], "l2")
@@ -31,30 +62,52 @@ def build(depth: int, width: int) -> tuple[GradientFlowCallback, GradientProbe]:
         x = block(x)
     x.square().mean().backward()
     probe.disarm()
-    callback = GradientFlowCallback()
-    callback._params = [(n, p) for n, p in blocks.named_parameters()]
-    return callback, probe
+    grads = [(n, p.grad) for n, p in blocks.named_parameters() if p.grad is not None]
+    return Setup(probe, grads)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def measure_once(setup: Setup, spec: MeasurementSpec) -> GradientMeasurement:
+    """One measured step's work, as the callback does it in one process (nothing to reduce)."""
+    return measure(
+        setup.probe.buffer,
+        setup.named_grads,
+        spec,
+        ReductionPlan(),
+        step=0,
+        block_names=setup.probe.names,
+    )
+
+
+def run(depth: int, width: int, calls: int, repeats: int) -> Timing:
+    setup = build(depth, width)
+    spec = MeasurementSpec()  # the callback's defaults: every figure, grad stats included
+    times: list[float] = []
+    measurement: Optional[GradientMeasurement] = None
+    for _ in range(repeats):
+        start = time.thread_time()
+        for _ in range(calls):
+            measurement = measure_once(setup, spec)
+        times.append((time.thread_time() - start) / calls * 1e3)
+    assert measurement is not None
+    return Timing(times, measurement)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Timing:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--depth", type=int, default=24)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--calls", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    callback, probe = build(args.depth, args.width)
-    trainer = SimpleNamespace(precision_plugin=None, global_step=0, world_size=1)  # one process
-    times = []
-    for _ in range(args.repeats):
-        start = time.thread_time()
-        for _ in range(args.calls):
-            callback._measure(trainer, probe, 0)  # type: ignore[arg-type]
-        times.append((time.thread_time() - start) / args.calls * 1e3)
-    print(
-        f"measured step own time: best {min(times):.2f} ms, median {statistics.median(times):.2f} ms"
+    parser.add_argument(
+        "--quick", action="store_true", help="4 blocks of width 64, 5 calls, 3 repeats (smoke run)"
     )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.depth, args.width, args.calls, args.repeats = 4, 64, 5, 3
+    torch.set_num_threads(1)
+    timing = run(args.depth, args.width, args.calls, args.repeats)
+    print(f"measured step own time: best {timing.best_ms:.2f} ms, median {timing.median_ms:.2f} ms")
+    return timing
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ Modules, in the order a run uses them:
 * :mod:`~gradwatch_bench.harness`: the interleaved schedule, the switchboard callback, one fit.
 * :mod:`~gradwatch_bench.stats`: medians, paired differences, bootstrap CIs, derived variants.
 * :mod:`~gradwatch_bench.memory`: memory held after many measured steps.
-* :mod:`~gradwatch_bench.writer`: the goals, the Markdown table and the JSON file.
+* :mod:`~gradwatch_bench.goals`: the goals and their verdicts (met, not met, not measurable at
+  this noise).
+* :mod:`~gradwatch_bench.writer`: the Markdown table, the JSON file, the README's summary table.
 * :mod:`~gradwatch_bench.cli`: the command line (``benchmarks/overhead.py`` calls it).
 """

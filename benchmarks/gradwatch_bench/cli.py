@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import logging
 import os
 import sys
@@ -14,10 +16,12 @@ from typing import Any, Optional
 import torch
 
 import gradwatch_bench
+from gradwatch_bench.goals import goals
 from gradwatch_bench.harness import run_model
 from gradwatch_bench.memory import run_memory
 from gradwatch_bench.models import model_specs
-from gradwatch_bench.writer import goals, loadavg, machine_info, write_results
+from gradwatch_bench.stats import StepRecord, summarize
+from gradwatch_bench.writer import loadavg, machine_info, write_results
 
 #: Where a full run writes by default (committed; the README cites it) and where a quick one does
 #: (scratch, ignored by git), so that a smoke run never overwrites the committed results.
@@ -62,6 +66,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--memory-steps", type=int, default=None, help="steps of the memory check (0: skip)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--render",
+        default=None,
+        help="only recompute the statistics, goals and table from this overhead.json's recorded "
+        "steps (no training); writes next to it unless --out is given",
+    )
     add_out_argument(parser, "overhead")
     return parser.parse_args(argv)
 
@@ -69,6 +79,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.render:
+        return render(args.render, args.out or os.path.dirname(os.path.abspath(args.render)))
     quiet()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -83,6 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "command": " ".join(["python benchmarks/overhead.py", *argv]),
         "machine": machine_info(torch.get_num_threads()),
         "quick": args.quick,
+        "seed": args.seed,
         "warmup": warmup,
         "models": [],
         "goals": [],
@@ -101,5 +114,26 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             result["memory"] = run_memory(memory_steps, root)
     result["machine"]["loadavg_end"] = loadavg()
     out = args.out or (QUICK_RESULTS if args.quick else RESULTS)
+    print(write_results(result, out))
+    return result
+
+
+def render(path: str, out: str) -> dict[str, Any]:
+    """Recompute a finished run's statistics and goals from its recorded steps (the same bootstrap
+    seed gives the same CIs) and rewrite its Markdown and JSON: a change to the statistics or the
+    verdicts reaches committed results without timing anything again."""
+    with open(path, encoding="utf-8") as handle:
+        result: dict[str, Any] = json.load(handle)
+    seed = result.get("seed", 0)  # runs written before the seed was recorded used the default
+    result["goals"] = []
+    for model in result["models"]:
+        records = [StepRecord(**record) for record in model["records"]]
+        model["stats"] = {name: vars(s) for name, s in summarize(records, seed).items()}
+        result["goals"] += goals(model)
+    shown = os.path.relpath(os.path.abspath(path))
+    result["rendered"] = {
+        "command": f"python benchmarks/overhead.py --render {shown}",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
     print(write_results(result, out))
     return result

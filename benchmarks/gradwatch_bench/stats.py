@@ -46,6 +46,11 @@ class VariantStats:
     cpu_delta_ms: float
     own_median_ms: float
     own_mean_ms: float
+    #: 95 % bootstrap CIs of the paired CPU-time difference and of the own time (medians over the
+    #: rounds): the spread the goals' verdicts weigh (``writer.goals``). Defaults for results
+    #: written before they were recorded; :func:`summarize` always fills them.
+    cpu_delta_ci: tuple[float, float] = (math.nan, math.nan)
+    own_ci: tuple[float, float] = (math.nan, math.nan)
     derived: bool = False
 
 
@@ -78,6 +83,8 @@ def summarize(records: Sequence[StepRecord], seed: int) -> dict[str, VariantStat
             cpu_delta_ms=statistics.median(cpu_deltas) if cpu_deltas else math.nan,
             own_median_ms=statistics.median(own),
             own_mean_ms=statistics.fmean(own),
+            cpu_delta_ci=bootstrap_ci(cpu_deltas, seed),
+            own_ci=bootstrap_ci(own, seed),
         )
     for cheap in ("unmeasured", "governance"):
         if cheap in out and "measured" in out:
@@ -89,6 +96,9 @@ def _derived(cheap: VariantStats, measured: VariantStats, n: int, base: float) -
     def mix(a: float, b: float) -> float:
         return ((n - 1) * a + b) / n
 
+    def mix_ci(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+        return (mix(a[0], b[0]), mix(a[1], b[1]))
+
     delta = mix(cheap.delta_ms, measured.delta_ms)
     return VariantStats(
         name=f"every{n}_{cheap.name}",
@@ -98,15 +108,14 @@ def _derived(cheap: VariantStats, measured: VariantStats, n: int, base: float) -
         min_ms=math.nan,
         max_ms=math.nan,
         delta_ms=delta,
-        delta_ci=(
-            mix(cheap.delta_ci[0], measured.delta_ci[0]),
-            mix(cheap.delta_ci[1], measured.delta_ci[1]),
-        ),
+        delta_ci=mix_ci(cheap.delta_ci, measured.delta_ci),
         delta_min=math.nan,
         delta_max=math.nan,
         ratio=1.0 + delta / base,
         cpu_delta_ms=mix(cheap.cpu_delta_ms, measured.cpu_delta_ms),
         own_median_ms=mix(cheap.own_median_ms, measured.own_median_ms),
         own_mean_ms=mix(cheap.own_mean_ms, measured.own_mean_ms),
+        cpu_delta_ci=mix_ci(cheap.cpu_delta_ci, measured.cpu_delta_ci),
+        own_ci=mix_ci(cheap.own_ci, measured.own_ci),
         derived=True,
     )

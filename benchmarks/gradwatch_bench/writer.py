@@ -1,4 +1,4 @@
-"""The goals checked against the statistics, and the Markdown table and JSON file of a run."""
+"""The Markdown table and JSON file of a run, and the README's summary table."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ import json
 import math
 import os
 import platform
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import lightning
 import torch
+
+from gradwatch_bench.goals import MET, NOISE, NOT_MET
 
 LABELS = {
     "baseline": "baseline (no instrumentation)",
@@ -27,57 +30,15 @@ LABELS = {
 }
 
 
-MEASURES = (
-    ("own time", "own_median_ms"),
-    ("paired wall Δ", "delta_ms"),
-    ("paired CPU Δ", "cpu_delta_ms"),
-)
-
-
-def goals(model: dict[str, Any]) -> list[dict[str, Any]]:
-    """The overhead goals, each by own time and by the paired wall-clock and CPU-time differences
-    (a ratio whose denominator is not above zero, i.e. lost in the noise, is left out)."""
-    s = model["stats"]
-    out: list[dict[str, Any]] = []
-
-    def ratio(goal: str, num: str, den: str, limit: float, at_least: bool = False) -> None:
-        if num not in s or den not in s:
-            return
-        for how, key in MEASURES:
-            top, bottom = s[num][key], s[den][key]
-            if bottom > 0:
-                value = top / bottom
-                met = value >= limit if at_least else value <= limit
-                out.append(
-                    {
-                        "model": model["name"],
-                        "goal": goal,
-                        "value": value,
-                        "limit": limit,
-                        "met": met,
-                        "how": how,
-                    }
-                )
-
-    for measured in ("measured", "measured_no_stats"):
-        ratio(f"{measured} / (floor + block norms)", measured, "floor_blocks", 1.5)
-        ratio(f"built-in / {measured} (at least)", "builtin", measured, 5.0, at_least=True)
-    ratio("governance / floor", "governance", "floor", 1.2)
-    if "unmeasured" in s:
-        base = s["baseline"]["median_ms"]
-        for how, key in MEASURES:
-            value = 100 * s["unmeasured"][key] / base
-            out.append(
-                {
-                    "model": model["name"],
-                    "goal": "unmeasured step cost, % of the step",
-                    "value": value,
-                    "limit": 0.5,
-                    "met": value <= 0.5,
-                    "how": how,
-                }
-            )
-    return out
+def _spread(goal: dict[str, Any]) -> str:
+    """The goal's interval, or (not measurable) the 95 % CIs of the figures it is made of."""
+    if goal["interval"] is not None:
+        low, high = goal["interval"]
+        return f"[{_f(low, 3)}, {_f(high, 3)}]"
+    unit = "" if goal["how"] == "own time" else "Δ "
+    return "; ".join(
+        f"{unit}{name} [{_f(ci[0])}, {_f(ci[1])}] ms" for name, ci in goal["spread"].items()
+    )
 
 
 def _f(value: float, digits: int = 2) -> str:
@@ -85,8 +46,17 @@ def _f(value: float, digits: int = 2) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
+    lines = _header(result)
+    for model in result["models"]:
+        lines += _model_section(model)
+    lines += _scale_section(result["models"]) + _goals_section(result["goals"])
+    lines += _memory_section(result.get("memory"))
+    return "\n".join(lines) + "\n"
+
+
+def _header(result: dict[str, Any]) -> list[str]:
     m = result["machine"]
-    lines = [
+    return [
         "# lightning-gradwatch overhead",
         "",
         f"{m['date']} · {m['cpu']} ({m['cores']} cores, {m['threads']} torch threads) · "
@@ -95,7 +65,13 @@ def markdown(result: dict[str, Any]) -> str:
         f"Load average at start: {m['loadavg_start']}; at end: {m['loadavg_end']}.",
         "",
         f"Produced by `{result.get('command', 'python benchmarks/overhead.py')}` on the machine"
-        " above.",
+        " above."
+        + (
+            f" Statistics and verdicts recomputed from its recorded steps by"
+            f" `{result['rendered']['command']}` ({result['rendered']['date']})."
+            if result.get("rendered")
+            else ""
+        ),
         "",
         "Step = wall time from one `on_train_batch_start` to the next (forward, backward, optimizer,"
         " logging). Δ = median over rounds of (variant step - baseline step of the same round), with"
@@ -103,32 +79,37 @@ def markdown(result: dict[str, Any]) -> str:
         " baseline step. Own = wall time inside the variant's own hooks per step (median).",
         "",
     ]
-    for model in result["models"]:
-        s = model["stats"]
-        base = s["baseline"]["median_ms"]
-        lines += [
-            f"## {model['label']}",
-            "",
-            f"{model['param_tensors']} parameter tensors, {model['parameters']:,} parameters, "
-            f"{model['blocks']} blocks; {model['rounds']} rounds; baseline step median "
-            f"{_f(base)} ms (min-max {_f(s['baseline']['min_ms'])}-{_f(s['baseline']['max_ms'])}).",
-            "",
-            "| variant | step median (min-max) ms | Δ ms [95 % CI] | Δ min-max ms | ratio | Δ CPU ms | own ms |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for name in LABELS:
-            if name not in s:
-                continue
-            v = s[name]
-            span = "" if v["derived"] else f" ({_f(v['min_ms'])}-{_f(v['max_ms'])})"
-            lines.append(
-                f"| {LABELS[name]} | {_f(v['median_ms'])}{span} | {_f(v['delta_ms'])} "
-                f"[{_f(v['delta_ci'][0])}, {_f(v['delta_ci'][1])}] | "
-                + ("" if v["derived"] else f"{_f(v['delta_min'])} - {_f(v['delta_max'])}")
-                + f" | x{_f(v['ratio'], 3)} | {_f(v['cpu_delta_ms'])} | {_f(v['own_median_ms'], 3)} |"
-            )
-        lines.append("")
-    lines += [
+
+
+def _model_section(model: dict[str, Any]) -> list[str]:
+    s = model["stats"]
+    base = s["baseline"]["median_ms"]
+    lines = [
+        f"## {model['label']}",
+        "",
+        f"{model['param_tensors']} parameter tensors, {model['parameters']:,} parameters, "
+        f"{model['blocks']} blocks; {model['rounds']} rounds; baseline step median "
+        f"{_f(base)} ms (min-max {_f(s['baseline']['min_ms'])}-{_f(s['baseline']['max_ms'])}).",
+        "",
+        "| variant | step median (min-max) ms | Δ ms [95 % CI] | Δ min-max ms | ratio | Δ CPU ms | own ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in LABELS:
+        if name not in s:
+            continue
+        v = s[name]
+        span = "" if v["derived"] else f" ({_f(v['min_ms'])}-{_f(v['max_ms'])})"
+        lines.append(
+            f"| {LABELS[name]} | {_f(v['median_ms'])}{span} | {_f(v['delta_ms'])} "
+            f"[{_f(v['delta_ci'][0])}, {_f(v['delta_ci'][1])}] | "
+            + ("" if v["derived"] else f"{_f(v['delta_min'])} - {_f(v['delta_max'])}")
+            + f" | x{_f(v['ratio'], 3)} | {_f(v['cpu_delta_ms'])} | {_f(v['own_median_ms'], 3)} |"
+        )
+    return [*lines, ""]
+
+
+def _scale_section(models: Sequence[dict[str, Any]]) -> list[str]:
+    lines = [
         "## Scale: own time per watched tensor",
         "",
         "Own time per step divided by (blocks + parameter tensors): the cost per tensor the"
@@ -138,7 +119,7 @@ def markdown(result: dict[str, Any]) -> str:
         " unmeasured us/block | floor + blocks us/tensor |",
         "|---|---|---|---|---|---|---|",
     ]
-    for model in result["models"]:
+    for model in models:
         s, n = model["stats"], model["blocks"] + model["param_tensors"]
 
         def per(name: str, count: int, s: dict[str, Any] = s) -> str:
@@ -149,32 +130,48 @@ def markdown(result: dict[str, Any]) -> str:
             f"{per('measured', n)} | {per('measured_no_stats', n)} | "
             f"{per('unmeasured', model['blocks'])} | {per('floor_blocks', n)} |"
         )
-    lines += [
+    return lines
+
+
+def _goals_section(goals: Sequence[dict[str, Any]]) -> list[str]:
+    lines = [
         "",
         "## Goals",
         "",
-        "| model | goal | value | limit | met | measured by |",
-        "|---|---|---|---|---|---|",
+        "A cost is *at the noise level* when the 95 % bootstrap CI of its median over the rounds"
+        " (the spread of the repeated measurements) reaches zero or below. A goal whose figures"
+        " are both above the noise gets an interval, from the smallest to the largest ratio their"
+        " CIs allow: **met** when all of it meets the limit, **not met** when none of it does, else"
+        " *not measurable at this noise*. A goal built on a figure at the noise level is *not"
+        " measurable at this noise*, never met, and its spread column gives the figures' CIs. The"
+        " unmeasured step's cost is taken over the median baseline step.",
+        "",
+        "| model | goal | value | spread (95 % CIs) | limit | verdict | measured by |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for goal in result["goals"]:
+    shown = {MET: "yes", NOT_MET: "**no**", NOISE: "not measurable at this noise"}
+    for goal in goals:
         lines.append(
-            f"| {goal['model']} | {goal['goal']} | {_f(goal['value'], 3)} | {goal['limit']} | "
-            f"{'yes' if goal['met'] else '**no**'} | {goal['how']} |"
+            f"| {goal['model']} | {goal['goal']} | {_f(goal['value'], 3)} | {_spread(goal)} | "
+            f"{goal['limit']} | {shown[goal['verdict']]} | {goal['how']} |"
         )
-    mem = result.get("memory")
-    if mem:
-        lines += [
-            "",
-            "## Memory",
-            "",
-            f"{mem['steps']} measured steps (every figure, every step, TB + CSV), small MLP: "
-            f"Python memory allocated in `lightning_gradwatch` and still held grew by "
-            f"{_f(mem['gradwatch_traced_growth_bytes'], 0)} bytes between step "
-            f"{mem['first'].get('step')} and step {mem['last'].get('step')} (tracemalloc); RSS grew by "
-            f"{_f(mem['rss_growth_bytes'] / 2**20)} MiB (RSS includes Lightning, the loggers and the"
-            " allocator).",
-        ]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _memory_section(mem: Optional[dict[str, Any]]) -> list[str]:
+    if not mem:
+        return []
+    return [
+        "",
+        "## Memory",
+        "",
+        f"{mem['steps']} measured steps (every figure, every step, TB + CSV), small MLP: "
+        f"Python memory allocated in `lightning_gradwatch` and still held grew by "
+        f"{_f(mem['gradwatch_traced_growth_bytes'], 0)} bytes between step "
+        f"{mem['first'].get('step')} and step {mem['last'].get('step')} (tracemalloc); RSS grew by "
+        f"{_f(mem['rss_growth_bytes'] / 2**20)} MiB (RSS includes Lightning, the loggers and the"
+        " allocator).",
+    ]
 
 
 def machine_info(threads: int) -> dict[str, Any]:
@@ -224,3 +221,46 @@ def loadavg() -> str:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:  # pragma: no cover
         return "n/a"
+
+
+#: The variants of the README's summary table, in its order.
+README_ROWS = (
+    "measured",
+    "measured_no_stats",
+    "unmeasured",
+    "governance",
+    "every50_governance",
+    "builtin",
+    "backward_hooks",
+    "floor",
+    "floor_blocks",
+)
+
+
+def readme_table(result: dict[str, Any]) -> str:
+    """The README's performance table: per model, the paired wall Δ and the own time, each median
+    with its 95 % CI, from a results file (``tests/test_docs.py`` checks the README holds exactly
+    this table of the committed ``overhead.json``)."""
+    models = result["models"]
+    head = ["variant"]
+    for model in models:
+        head += [f"{model['name']} Δ ms [95 % CI]", f"{model['name']} own ms [95 % CI]"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = ["baseline step, median ms"]
+    for model in models:
+        base += [_f(model["stats"]["baseline"]["median_ms"], 1), "-"]
+    lines.append("| " + " | ".join(base) + " |")
+
+    def cell(value: float, ci: Sequence[float], digits: int) -> str:
+        return f"{_f(value, digits)} [{_f(ci[0], digits)}, {_f(ci[1], digits)}]"
+
+    for name in README_ROWS:
+        row = [LABELS[name]]
+        for model in models:
+            v = model["stats"].get(name)
+            if v is None:
+                row += ["n/a", "n/a"]
+                continue
+            row += [cell(v["delta_ms"], v["delta_ci"], 1), cell(v["own_median_ms"], v["own_ci"], 2)]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
