@@ -30,6 +30,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check lightning_gradwatch tests examples benchmarks
 	$(VENV)/bin/ruff format --check lightning_gradwatch tests examples benchmarks
 	$(VENV)/bin/mypy lightning_gradwatch
+	$(VENV)/bin/lint-imports --no-cache
 
 test: lint
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional, Union
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -24,7 +24,7 @@ from lightning_gradwatch.lightning.context import FitContext, build_fit_context
 from lightning_gradwatch.lightning.diagnosis import RunDiagnosis
 from lightning_gradwatch.lightning.noise_monitor import NoiseScaleMonitor
 from lightning_gradwatch.lightning.sinks import log_metrics
-from lightning_gradwatch.lightning.tensorboard import TensorBoardPictures, write_histograms
+from lightning_gradwatch.lightning.tensorboard import TensorBoardWriter
 from lightning_gradwatch.measure.blocks import eager_name, resolve_blocks, validate_blocks_spec
 from lightning_gradwatch.measure.probe import GradientProbe
 from lightning_gradwatch.measure.record import GradientMeasurement, MeasurementSpec, measure
@@ -186,7 +186,7 @@ class GradientFlowCallback(Callback):
             if figure_every_n_steps is None
             else check_positive_int(figure_every_n_steps, "figure_every_n_steps")
         )
-        self._pictures = TensorBoardPictures(self.figure_every_n_steps)
+        self._tensorboard = TensorBoardWriter(self.figure_every_n_steps)
         self.last: Optional[GradientMeasurement] = None
         self.block_names: list[str] = []
         self._probe: Optional[GradientProbe] = None
@@ -195,7 +195,6 @@ class GradientFlowCallback(Callback):
         self._first_step_report: Optional[FirstStepReport] = None
         self._reported: set[Optional[str]] = set()  # optimizers whose first step was reported
         self._armed_step = -1
-        self._warned_histograms = False
         self._diagnosis = RunDiagnosis()
         self.noise_scale = check_type(noise_scale, bool, "noise_scale")
         self._noise = NoiseScaleMonitor(self.noise_scale)
@@ -231,7 +230,7 @@ class GradientFlowCallback(Callback):
             f"({', '.join(self.block_names)}) every {self.log_every_n_steps} optimizer steps."
         )
         if fit.is_global_zero:
-            self._pictures.start(fit.loggers, fit.block_names, fit.spec)
+            self._tensorboard.start(fit.loggers, fit.block_names, fit.spec)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._fit is not None:  # after a checkpoint restored the step: keep its grid
@@ -367,33 +366,13 @@ class GradientFlowCallback(Callback):
             log_metrics(trainer.loggers, extra, trainer.global_step)
             return
         log_metrics(trainer.loggers, {**measurement.metrics, **extra}, measurement.step)
-        self._pictures.update(measurement)
+        self._tensorboard.update(measurement)
         if self.log_histograms and self._probe is not None:
-            self._log_histograms(trainer, measurement, self._probe, params)
-
-    def _log_histograms(
-        self,
-        trainer: pl.Trainer,
-        measurement: GradientMeasurement,
-        probe: GradientProbe,
-        params: Sequence[tuple[str, nn.Parameter]],
-    ) -> None:
-        kept = any(g is not None for g in probe.grads)
-        measured = any(norm is not None for norm in measurement.block_norms)
-        if measured and not kept and not self._warned_histograms:
-            # Measured, yet no gradient kept: the tensor hooks ran inside torch.compile.
-            self._warned_histograms = True
-            rank_zero_warn(
-                "GradientFlowCallback: log_histograms=True, but block-output gradients cannot be "
-                "kept under torch.compile (it would break the graph): only parameter-gradient "
-                "histograms are written."
+            self._tensorboard.histograms(
+                measurement,
+                list(zip(self._probe.names, self._probe.grads)),
+                [(n, p.grad) for n, p in params if p.grad is not None],
             )
-        write_histograms(
-            trainer.loggers,
-            measurement.step,
-            list(zip(probe.names, probe.grads)),
-            [(n, p.grad) for n, p in params if p.grad is not None],
-        )
 
     def _observe(
         self,

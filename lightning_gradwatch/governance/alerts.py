@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Optional
 
+import numpy as np
+
 from lightning_gradwatch.keys import NONFINITE, PARAM_NORM_PREFIX
 
 if TYPE_CHECKING:  # types only: the records stay importable without the engine
@@ -103,7 +105,7 @@ class Alert:
 
     def to_json(self) -> str:
         """One line of strict JSON (NaN and Inf become the strings ``"nan"``, ``"inf"``, ``"-inf"``)."""
-        return json.dumps(_strict(self.to_dict()), sort_keys=True, allow_nan=False)
+        return json.dumps(json_safe(self.to_dict()), sort_keys=True, allow_nan=False)
 
 
 def build_alert(
@@ -224,13 +226,22 @@ def _outcome(
     return "warning"
 
 
-def _strict(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
+def json_safe(value: Any, nan: Any = "nan") -> Any:
+    """``value`` as strict JSON types, the one conversion of every JSON this package writes:
+    infinities as the strings ``"inf"``/``"-inf"``, numpy scalars as Python numbers, tuples as
+    lists, keys as strings, and NaN as ``nan``: the string ``"nan"`` where it is a measured value
+    (the alert trail), ``None`` where NaN marks a missing one (the report's arrays)."""
     if isinstance(value, dict):
-        return {key: _strict(v) for key, v in value.items()}
+        return {str(key): json_safe(v, nan) for key, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
+        return [json_safe(v, nan) for v in value]
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        number = float(value)
+        if math.isnan(number):
+            return nan
+        return number if math.isfinite(number) else str(number)
     return value
 
 

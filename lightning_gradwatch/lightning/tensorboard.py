@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import numpy as np
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_gradwatch._compat import summary_file_writer, tensorboard_prefixed
@@ -48,21 +48,6 @@ def write_scalars(logger: Logger, metrics: Mapping[str, float], step: int) -> bo
     values = [Summary.Value(tag=key, simple_value=float(value)) for key, value in prefixed.items()]
     summary_file_writer(writer).add_summary(Summary(value=values), step)
     return True
-
-
-def write_histograms(
-    loggers: Iterable[Logger],
-    step: int,
-    block_grads: Sequence[tuple[str, Optional[Tensor]]],
-    param_grads: Sequence[tuple[str, Tensor]],
-) -> None:
-    """TensorBoard histograms of block-output and parameter gradients (other loggers: nothing)."""
-    for writer in tensorboard_writers(loggers):
-        for name, grad in block_grads:
-            if grad is not None:
-                writer.add_histogram(HIST_BLOCK_PREFIX + name, _host(grad), step)
-        for name, grad in param_grads:
-            writer.add_histogram(HIST_PARAM_PREFIX + name, _host(grad), step)
 
 
 def write_text(loggers: Iterable[Logger], tag: str, text: str, step: int) -> None:
@@ -132,10 +117,10 @@ def run_config(spec: MeasurementSpec, block_names: Sequence[str]) -> dict[str, A
     }
 
 
-class TensorBoardPictures:
-    """The callback's TensorBoard extras: the custom-scalars layout (once, at fit start) and the
-    heatmap image every ``figure_every_n_steps`` measured steps. Runs on global rank zero only; with
-    no TensorBoard logger it does nothing after one info message.
+class TensorBoardWriter:
+    """The callback's TensorBoard extras: the custom-scalars layout and settings (once, at fit start),
+    the heatmap image every ``figure_every_n_steps`` measured steps and gradient histograms. Runs on
+    global rank zero only; with no TensorBoard logger it does nothing after one info message.
 
     Args:
         figure_every_n_steps: log the heatmap every this many measured steps (``None``: never).
@@ -143,7 +128,7 @@ class TensorBoardPictures:
 
     Example::
 
-        pictures = TensorBoardPictures(figure_every_n_steps=10)
+        pictures = TensorBoardWriter(figure_every_n_steps=10)
         pictures.start(trainer.loggers, ["blocks.0", "blocks.1"])
         pictures.update(measurement)  # after each measured step
     """
@@ -156,6 +141,7 @@ class TensorBoardPictures:
         self._measured = 0
         self._eps = DEFAULT_EPS
         self._names: list[str] = []
+        self._warned_histograms = False
 
     def start(
         self,
@@ -200,3 +186,27 @@ class TensorBoardPictures:
         image = figure_to_array(figure)
         for writer in self._writers:
             writer.add_image(HEATMAP_TAG, image, measurement.step, dataformats="HWC")
+
+    def histograms(
+        self,
+        measurement: GradientMeasurement,
+        block_grads: Sequence[tuple[str, Optional[Tensor]]],
+        param_grads: Sequence[tuple[str, Tensor]],
+    ) -> None:
+        """Histograms of block-output and parameter gradients at the measured step."""
+        kept = any(grad is not None for _, grad in block_grads)
+        measured = any(norm is not None for norm in measurement.block_norms)
+        if measured and not kept and not self._warned_histograms:
+            # Measured, yet no gradient kept: the tensor hooks ran inside torch.compile.
+            self._warned_histograms = True
+            rank_zero_warn(
+                "GradientFlowCallback: log_histograms=True, but block-output gradients cannot be "
+                "kept under torch.compile (it would break the graph): only parameter-gradient "
+                "histograms are written."
+            )
+        for writer in self._writers:
+            for name, grad in block_grads:
+                if grad is not None:
+                    writer.add_histogram(HIST_BLOCK_PREFIX + name, _host(grad), measurement.step)
+            for name, grad in param_grads:
+                writer.add_histogram(HIST_PARAM_PREFIX + name, _host(grad), measurement.step)

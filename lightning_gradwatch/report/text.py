@@ -9,8 +9,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, Optional
 
-import numpy as np
-
+from lightning_gradwatch.governance.alerts import json_safe
 from lightning_gradwatch.monitor import format_report
 from lightning_gradwatch.numerics.norms import Category, classify_gain
 from lightning_gradwatch.report.summary import RunReport
@@ -115,7 +114,8 @@ def format_comparison(reports: Sequence[RunReport]) -> str:
 
 
 def to_dict(report: RunReport) -> dict[str, Any]:
-    """The report as plain JSON types (NaN -> ``None``, infinities -> ``"inf"``/``"-inf"``)."""
+    """The report as plain JSON types (NaN, a missing value here, as ``None``; infinities as
+    ``"inf"``/``"-inf"``: :func:`~lightning_gradwatch.governance.alerts.json_safe`)."""
     blocks = []
     for j, block in enumerate(report.blocks):
         into = report.transitions[j - 1] if j > 0 else None
@@ -169,25 +169,7 @@ def to_dict(report: RunReport) -> dict[str, Any]:
         },
         "alerts": report.alerts,
     }
-    return json_safe(data)
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` with NaN as ``None`` and infinities as strings, so strict JSON parsers accept it."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        number = float(value)
-        if math.isnan(number):
-            return None
-        if math.isinf(number):
-            return "inf" if number > 0 else "-inf"
-        return number
-    return value
+    return json_safe(data, nan=None)
 
 
 def _category(report: RunReport, gain: Optional[float]) -> str:
