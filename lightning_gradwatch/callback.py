@@ -24,6 +24,7 @@ from lightning_gradwatch.keys import DEFAULT_EPS, TOTAL_NORM_KEY, total_norm_key
 from lightning_gradwatch.lightning.diagnosis import RunDiagnosis
 from lightning_gradwatch.lightning.noise_monitor import NoiseScaleMonitor
 from lightning_gradwatch.lightning.optimizers import OptimizerSteps, optimizer_steps
+from lightning_gradwatch.lightning.run_files import resolve_run_files
 from lightning_gradwatch.lightning.sinks import log_histograms, log_metrics
 from lightning_gradwatch.lightning.strategies import check_strategy
 from lightning_gradwatch.lightning.tensorboard import TensorBoardPictures
@@ -109,9 +110,11 @@ class GradientFlowCallback(Callback):
             extra cost). Their counters ``grad_alerts/<rule>`` and the interval's
             ``grad_norm_total_max`` / ``grad_norm_total_mean`` are logged on measured steps.
         check_every_n_steps: cadence of the every-step rules (default 1).
-        alerts_path: the JSONL audit trail, a ``str`` or ``os.PathLike`` (``None``, the default:
-            ``gradwatch_alerts.jsonl`` in the first logger's ``log_dir``, else in
-            ``trainer.default_root_dir``).
+        alerts_path: the JSONL audit trail, a ``str``, ``os.PathLike`` or URL (``None``, the
+            default: ``gradwatch_alerts.jsonl`` in the first logger's ``log_dir`` when that is a
+            path, else in ``trainer.default_root_dir``). On a store that cannot append (``s3://``,
+            ``gs://``) alerts go to a local spool file, copied whole to the URL at each
+            checkpoint and when the fit ends (an info line at fit start names it).
         noise_scale: estimate the gradient noise scale (critical batch size) on measured steps,
             from DDP ranks' local gradients or accumulated micro-batches (default ``False``: it
             costs one more norm pass and, under DDP, one tiny all-reduce per measured step; see
@@ -237,8 +240,15 @@ class GradientFlowCallback(Callback):
         )
         self._armed_step = self._measured_step = -1
         self._first_step_report, self._reported = None, set()
-        self._enforcer.setup(trainer, self.block_names, self._spec)
-        self._diagnosis.start(trainer, pl_module, blocks, self._spec, self.rules)
+        files = resolve_run_files(trainer, self._enforcer.alerts_path)  # local paths or URLs
+        self._enforcer.setup(
+            trainer,
+            self.block_names,
+            self._spec,
+            alerts_path=files.alerts_path,
+            halt_dir=files.halt_dir,
+        )
+        self._diagnosis.start(trainer, pl_module, blocks, self._spec, self.rules, files)
         self._noise.start(trainer, pl_module)
         rank_zero_info(
             f"GradientFlowCallback: watching {len(blocks)} blocks "
@@ -250,11 +260,18 @@ class GradientFlowCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
         self._enforcer.end_step(trainer)
+        self._enforcer.upload_trail()  # a trail spooled for a store that cannot append
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._remove_hooks()
+        self._enforcer.upload_trail()
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._enforcer.upload_trail()  # the trail as far as this checkpoint
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._diagnosis.finish(trainer)  # findings to TensorBoard's TEXT tab, facts file
