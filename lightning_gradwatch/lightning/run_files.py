@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -70,13 +71,13 @@ def resolve_run_files(trainer: pl.Trainer, alerts_path: Optional[str] = None) ->
 
 
 def log_dir_of(logger: Any) -> Optional[str]:
-    """``logger.log_dir`` if it is a non-empty path (``str`` or ``os.PathLike``, local or URL),
-    else ``None``."""
-    try:
-        path = os.fspath(_raw_log_dir(logger))
-    except TypeError:  # not a path; a MagicMock has __fspath__, but it returns no str
-        return None
-    return path if isinstance(path, str) and path else None
+    """``logger.log_dir`` if it is a non-empty path (a ``str``, local or URL, or a ``pathlib``
+    path), else ``None``."""
+    value = _raw_log_dir(logger)
+    # Only real paths: any object with __fspath__ is not one (a MagicMock's returns a made-up
+    # relative path such as "MagicMock/mock/1403..." that would land under the cwd).
+    path = os.fspath(value) if isinstance(value, (str, PurePath)) else None
+    return path or None
 
 
 def _raw_log_dir(logger: Any) -> Any:
@@ -93,4 +94,4 @@ def _describe(value: Any) -> str:
         return f"reading log_dir raised {type(value).__name__}"
     if value is None or isinstance(value, str):
         return f"log_dir is {value!r}"
-    return f"log_dir is a {type(value).__name__}, not a path"
+    return f"log_dir is not a path but a {type(value).__name__}"
