@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import tempfile
 import uuid
@@ -33,6 +34,7 @@ from reference import ref_norm
 
 from lightning_gradwatch import GradientFlowCallback, Rule
 from lightning_gradwatch.diagnosis.run_history import FACTS_FORMAT
+from lightning_gradwatch.files import can_append, dirname, join
 from lightning_gradwatch.governance.alerts import read_alerts
 from lightning_gradwatch.report.cli import main
 
@@ -80,6 +82,19 @@ def memory_trainer(root: str, callbacks: list[Callback], **kwargs: Any) -> pl.Tr
 
 def info_lines(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
+def test_paths_join_with_slashes_for_urls_and_os_path_for_local_paths() -> None:
+    assert join("memory://run/", "csv", "a.jsonl") == "memory://run/csv/a.jsonl"
+    assert join("s3://bucket/run", "gradwatch_halt_step3.ckpt") == (
+        "s3://bucket/run/gradwatch_halt_step3.ckpt"
+    )
+    assert join("logs/run", "a.jsonl") == os.path.join("logs/run", "a.jsonl")
+    assert dirname("gs://bucket/run/a.jsonl") == "gs://bucket/run"
+    assert dirname("memory://a.jsonl") == "memory://"
+    assert dirname("logs/a.jsonl") == "logs" and dirname("a.jsonl") == ""
+    assert can_append("logs/a") and can_append("file:///x/a") and can_append("memory://a")
+    assert not can_append("s3://bucket/a") and not can_append("gs://bucket/a")
 
 
 # -- memory:// ------------------------------------------------------------------------------------

@@ -49,9 +49,9 @@ class RunDiagnosis:
 
         diagnosis = RunDiagnosis()
         diagnosis.start(trainer, pl_module, blocks, spec, rules, files)  # on_fit_start
-        report = diagnosis.first_step(measurement, params)         # first measured step
-        diagnosis.observe(trainer, measurement)                    # each logged measured step
-        diagnosis.finish(trainer)                                  # on_fit_end
+        report = diagnosis.first_step(measurement, params)  # first measured step
+        diagnosis.observe(trainer, measurement)  # each logged measured step
+        diagnosis.finish(trainer)  # on_fit_end
     """
 
     def __init__(self) -> None:

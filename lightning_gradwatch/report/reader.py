@@ -183,9 +183,11 @@ def read_run(path: Union[str, Path], name: Optional[str] = None) -> Optional[Run
 
 
 def _spelt(path: Union[str, Path]) -> str:
-    """``path`` as a string: a local path normalised (``./logs/`` -> ``logs``), a URL as given."""
+    """``path`` as a string: a local path normalised (``./logs/`` -> ``logs``), a URL without a
+    trailing ``/``."""
     text = os.fspath(path)
-    return text if "://" in text else os.path.normpath(text)
+    protocol, separator, rest = text.partition("://")
+    return f"{protocol}://{rest.rstrip('/')}" if separator else os.path.normpath(text)
 
 
 def _is_log_file(base: str) -> bool:
