@@ -109,9 +109,11 @@ class GradientFlowCallback(Callback):
             extra cost). Their counters ``grad_alerts/<rule>`` and the interval's
             ``grad_norm_total_max`` / ``grad_norm_total_mean`` are logged on measured steps.
         check_every_n_steps: cadence of the every-step rules (default 1).
-        alerts_path: the JSONL audit trail, a ``str`` or ``os.PathLike`` (``None``, the default:
-            ``gradwatch_alerts.jsonl`` in the first logger's ``log_dir``, else in
-            ``trainer.default_root_dir``).
+        alerts_path: the JSONL audit trail, a ``str``, ``os.PathLike`` or URL (``None``, the
+            default: ``gradwatch_alerts.jsonl`` in the first logger's ``log_dir`` when that is a
+            path, else in ``trainer.default_root_dir``). On a store that cannot append (``s3://``,
+            ``gs://``) alerts go to a local spool file, copied whole to the URL at each
+            checkpoint and when the fit ends (an info line at fit start names it).
         noise_scale: estimate the gradient noise scale (critical batch size) on measured steps,
             from DDP ranks' local gradients or accumulated micro-batches (default ``False``: it
             costs one more norm pass and, under DDP, one tiny all-reduce per measured step; see
@@ -217,13 +219,25 @@ class GradientFlowCallback(Callback):
         self._remove_hooks()
         self._probe = GradientProbe(blocks, self.spec.norm_type, keep_grads=self.log_histograms)
         fit = build_fit_context(
-            trainer, pl_module, blocks, self.spec, self.rules, self._probe.buffer.device
+            trainer,
+            pl_module,
+            blocks,
+            self.spec,
+            self.rules,
+            self._probe.buffer.device,
+            alerts_path=self._enforcer.alerts_path,
         )
         self._fit, self.block_names = fit, fit.block_names
         self._armed_step = -1
         self._first_step_report, self._reported = None, set()
-        self._enforcer.setup(trainer, fit.block_names, fit.spec)
-        self._diagnosis.start(trainer, pl_module, fit.blocks, fit.spec, self.rules)
+        self._enforcer.setup(
+            trainer,
+            fit.block_names,
+            fit.spec,
+            alerts_path=fit.files.alerts_path,
+            halt_dir=fit.files.halt_dir,
+        )
+        self._diagnosis.start(trainer, pl_module, fit.blocks, fit.spec, self.rules, fit.files)
         self._noise.start(trainer, pl_module, fit.plan)
         rank_zero_info(
             f"GradientFlowCallback: watching {len(blocks)} blocks "
@@ -239,11 +253,18 @@ class GradientFlowCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
         self._enforcer.end_step(trainer)
+        self._enforcer.upload_trail()  # a trail spooled for a store that cannot append
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._remove_hooks()
+        self._enforcer.upload_trail()
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._enforcer.upload_trail()  # the trail as far as this checkpoint
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._diagnosis.finish(trainer)  # findings to TensorBoard's TEXT tab, facts file

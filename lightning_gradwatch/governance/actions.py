@@ -3,7 +3,6 @@ pausing Lightning's own value clipping for that step), save the halt checkpoint.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Callable, Optional, Union
 
@@ -13,6 +12,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_gradwatch._compat import foreach_mul_
+from lightning_gradwatch.files import join
 
 __all__ = [
     "GradientActions",
@@ -65,9 +65,10 @@ def clip_gradients(
 
 
 def save_halt_checkpoint(trainer: pl.Trainer, directory: str, step: int) -> str:
-    """Save the weights before the bad update as ``gradwatch_halt_step<step>.ckpt``; called on every
-    rank (rank 0 writes)."""
-    path = trainer.strategy.broadcast(os.path.join(directory, f"gradwatch_halt_step{step}.ckpt"))
+    """Save the weights before the bad update as ``gradwatch_halt_step<step>.ckpt`` in ``directory``
+    (a local path or a URL: the Trainer's checkpoint IO writes through fsspec); called on every rank
+    (rank 0 writes)."""
+    path = trainer.strategy.broadcast(join(directory, f"gradwatch_halt_step{step}.ckpt"))
     trainer.save_checkpoint(path)
     return path
 

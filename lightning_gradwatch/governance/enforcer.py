@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Sequence
 from typing import Any, Optional
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -23,12 +22,7 @@ from lightning_gradwatch.governance.actions import (
     save_halt_checkpoint,
 )
 from lightning_gradwatch.governance.agreement import Agreement, agree
-from lightning_gradwatch.governance.alerts import (
-    ALERTS_FILENAME,
-    Alert,
-    JsonlAlertSink,
-    build_alert,
-)
+from lightning_gradwatch.governance.alerts import Alert, JsonlAlertSink, build_alert
 from lightning_gradwatch.governance.engine import Check, Decision, RuleEngine, strongest
 from lightning_gradwatch.governance.intervals import IntervalAggregates
 from lightning_gradwatch.governance.notices import StaleGradientWatch, warn_unmatched
@@ -38,7 +32,7 @@ from lightning_gradwatch.governance.step_loss import StepLoss
 from lightning_gradwatch.keys import CLIPPED_KEY, LOSS_KEY, for_optimizer, total_norm_key
 from lightning_gradwatch.measure.record import GradientMeasurement, MeasurementSpec, measure_params
 
-__all__ = ["RuleEnforcer", "Verdict", "default_alerts_path"]
+__all__ = ["RuleEnforcer", "Verdict"]
 
 
 @dataclasses.dataclass
@@ -70,7 +64,8 @@ class RuleEnforcer:
         rules: the validated rules.
         check_every_n_steps: check the rules that run every step (``grad_norm_total``, ``loss``,
             ``nonfinite``) every n optimizer steps.
-        alerts_path: JSONL audit trail (``None``: :func:`default_alerts_path`).
+        alerts_path: the JSONL audit trail the user asked for (``None``: the run's default, which
+            the Lightning adapter resolves at fit start and passes to :meth:`setup`).
     """
 
     def __init__(
@@ -85,6 +80,7 @@ class RuleEnforcer:
         self.halt_reason: Optional[str] = None
         self.block_names: list[str] = []
         self._sink: Optional[JsonlAlertSink] = None
+        self._halt_dir = ""
         self._actions = GradientActions()
         self._loss = StepLoss(combine=self.engine.reads_loss)
         self._interval = IntervalAggregates()
@@ -102,24 +98,31 @@ class RuleEnforcer:
         trainer: pl.Trainer,
         block_names: Sequence[str],
         spec: MeasurementSpec,
+        *,
+        alerts_path: str,
+        halt_dir: str,
     ) -> None:
-        """Start a fit: the watched blocks and what is measured."""
+        """Start a fit: the watched blocks, what is measured, the audit trail (a local path or a
+        URL) and the folder of halt checkpoints, both resolved once for the fit."""
         self.block_names = list(block_names)
         self.spec = spec
         self._stopping = False
         self._checked_step = -1
         self._matches_checked = False
         self._stale = StaleGradientWatch()
-        if trainer.is_global_zero:
-            self._sink = JsonlAlertSink(self.alerts_path or default_alerts_path(trainer))
+        self._halt_dir = halt_dir
+        self._sink = JsonlAlertSink(alerts_path) if trainer.is_global_zero else None
+        if self._sink is not None and self._sink.spool_notice and self.engine.rules:
+            rank_zero_info(self._sink.spool_notice)
 
     def end_step(self, trainer: pl.Trainer) -> None:
         """After the optimizer step: undo what a skipped step paused."""
         self._actions.end_step(trainer)
 
-    @property
-    def sink_path(self) -> Optional[str]:
-        return self._sink.path if self._sink is not None else None
+    def upload_trail(self) -> None:
+        """Copy a spooled trail to its URL: at checkpoints and when the run ends (rank 0)."""
+        if self._sink is not None:
+            self._sink.upload()
 
     # -- backward --------------------------------------------------------------------------------
 
@@ -267,8 +270,7 @@ class RuleEnforcer:
             )
         elif action in ("skip", "halt"):
             if action == "halt":
-                directory = os.path.dirname(self.sink_path or "") or trainer.default_root_dir
-                checkpoint = save_halt_checkpoint(trainer, directory, measurement.step)
+                checkpoint = save_halt_checkpoint(trainer, self._halt_dir, measurement.step)
             self._actions.skip(trainer, optimizer, params)
         self._record(trainer, decisions, measurement, agreement, action, checkpoint)
         return extra
@@ -375,11 +377,3 @@ class RuleEnforcer:
 def _backoff(count: int) -> bool:
     """Warn at a rule's 1st, 2nd, 4th, 8th, ... trip (rate limit for rules that trip every step)."""
     return count & (count - 1) == 0
-
-
-def default_alerts_path(trainer: pl.Trainer) -> str:
-    """``gradwatch_alerts.jsonl`` in the first logger's ``log_dir``, else ``default_root_dir``."""
-    directory = None
-    if trainer.loggers:
-        directory = getattr(trainer.loggers[0], "log_dir", None)
-    return os.path.join(directory or trainer.default_root_dir, ALERTS_FILENAME)

@@ -1,14 +1,14 @@
 """The fit context: every fact about the Trainer that a measured step needs, decided once at fit
 start and passed down (the strategy's support, the reduction plan, the effective measuring spec, the
-measured parameters, the optimizers and their blocks, the loggers), so nothing below the callback
-inspects the Trainer again to decide the same thing."""
+measured parameters, the optimizers and their blocks, the loggers and the run's files), so nothing
+below the callback inspects the Trainer again to decide the same thing."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 
 from lightning_gradwatch.lightning.optimizers import OptimizerSteps, optimizer_steps
+from lightning_gradwatch.lightning.run_files import RunFiles, resolve_run_files
 from lightning_gradwatch.lightning.strategies import StrategySupport, check_strategy
 from lightning_gradwatch.measure.blocks import eager_name
 from lightning_gradwatch.measure.record import MeasurementSpec
@@ -37,6 +38,7 @@ class FitContext:
         params: the measured ``(name, parameter)`` pairs (trainable; none where not measurable).
         steps: the optimizers: names, the parameters and blocks each owns, when each is measured.
         loggers: the Trainer's loggers.
+        files: where the run's files go (alert trail, model facts, halt checkpoint), paths or URLs.
         is_global_zero: whether this process writes (loggers, files, messages).
     """
 
@@ -47,6 +49,7 @@ class FitContext:
     params: list[tuple[str, nn.Parameter]]
     steps: OptimizerSteps
     loggers: list[Logger]
+    files: RunFiles
     is_global_zero: bool
 
     @property
@@ -61,9 +64,11 @@ def build_fit_context(
     spec: MeasurementSpec,
     rules: Sequence[Any],
     device: torch.device,
+    alerts_path: Optional[str] = None,
 ) -> FitContext:
     """Inspect the Trainer once: strategy (warning once about what it prevents), reduction plan,
-    measured parameters and optimizers (``device``: where the probe buffer lives)."""
+    measured parameters, optimizers (``device``: where the probe buffer lives) and the run's files
+    (``alerts_path``: the user's, if any)."""
     plan = plan_reduction(trainer)
     support = check_strategy(trainer, plan)
     spec = dataclasses.replace(spec, measure_params=support.params)
@@ -80,5 +85,6 @@ def build_fit_context(
         params=params,
         steps=optimizer_steps(trainer, blocks, params, device, rules),
         loggers=list(trainer.loggers),
+        files=resolve_run_files(trainer, alerts_path),
         is_global_zero=trainer.is_global_zero,
     )

@@ -10,7 +10,6 @@ a fixed number of rows is kept); no tensor work after fit start.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from typing import Optional
 
@@ -23,18 +22,19 @@ from lightning_gradwatch.diagnosis.findings import Finding, format_findings
 from lightning_gradwatch.diagnosis.first_step import FirstStepReport, first_step_report
 from lightning_gradwatch.diagnosis.model_facts import StructureCapture, collect_model_facts
 from lightning_gradwatch.diagnosis.run_history import (
-    FACTS_FILENAME,
     ClipBound,
     RunFigures,
     Settings,
     Wiring,
 )
+from lightning_gradwatch.files import write_text
 from lightning_gradwatch.governance import Rule, rule_labels
 from lightning_gradwatch.keys import NOISE_B_SIMPLE_KEY, NOISE_BATCH_KEY, TOTAL_NORM_KEY
-from lightning_gradwatch.lightning.tensorboard import write_text
+from lightning_gradwatch.lightning import tensorboard
+from lightning_gradwatch.lightning.run_files import RunFiles
 from lightning_gradwatch.measure.record import GradientMeasurement, MeasurementSpec
 
-__all__ = ["DIAGNOSIS_TAG", "RunDiagnosis", "clip_bounds", "facts_paths"]
+__all__ = ["DIAGNOSIS_TAG", "RunDiagnosis", "clip_bounds"]
 
 #: TensorBoard text tag of the findings written at fit end.
 DIAGNOSIS_TAG = "gradwatch/diagnosis"
@@ -48,16 +48,18 @@ class RunDiagnosis:
     Example::
 
         diagnosis = RunDiagnosis()
-        diagnosis.start(trainer, pl_module, blocks, spec, rules)   # on_fit_start
-        report = diagnosis.first_step(measurement, params)         # first measured step
-        diagnosis.observe(trainer, measurement)                    # each logged measured step
-        diagnosis.finish(trainer)                                  # on_fit_end
+        diagnosis.start(trainer, pl_module, blocks, spec, rules, files)  # on_fit_start
+        report = diagnosis.first_step(measurement, params)  # first measured step
+        diagnosis.observe(trainer, measurement)  # each logged measured step
+        diagnosis.finish(trainer)  # on_fit_end
     """
 
     def __init__(self) -> None:
         self.figures = RunFigures([])
         self._capture: Optional[StructureCapture] = None
         self._written = False
+        self._facts_paths: tuple[str, ...] = ()
+        self._warned_write = False
 
     def start(
         self,
@@ -66,9 +68,12 @@ class RunDiagnosis:
         blocks: Sequence[tuple[str, nn.Module]],
         spec: MeasurementSpec,
         rules: Sequence[Rule],
+        files: RunFiles,
     ) -> None:
-        """Collect the model facts (one walk and one batched std) and arm the Post-LN capture."""
+        """Collect the model facts (one walk and one batched std) and arm the Post-LN capture;
+        the facts file goes to ``files.facts_paths``."""
         self.remove()
+        self._facts_paths = files.facts_paths
         facts = collect_model_facts(pl_module, blocks)
         settings = Settings(
             norm_type=spec.norm_type,
@@ -125,7 +130,7 @@ class RunDiagnosis:
         self._write(trainer)
         if trainer.is_global_zero:
             text = format_findings(findings, self.figures, markdown=True)
-            write_text(trainer.loggers, DIAGNOSIS_TAG, text, trainer.global_step)
+            tensorboard.write_text(trainer.loggers, DIAGNOSIS_TAG, text, trainer.global_step)
         return findings
 
     def remove(self) -> None:
@@ -138,10 +143,16 @@ class RunDiagnosis:
             return
         # Every float in it is finite (validated settings, finite init ratios): plain JSON.
         content = json.dumps(self.figures.facts_dict(), indent=1)
-        for path in facts_paths(trainer):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w", encoding="utf-8") as handle:
-                handle.write(content)
+        for path in self._facts_paths:
+            try:
+                write_text(path, content)
+            except Exception as error:  # whatever the fsspec backend raises: the run goes on
+                if not self._warned_write:
+                    self._warned_write = True
+                    rank_zero_warn(
+                        f"GradientFlowCallback: could not write the model facts to {path} "
+                        f"({type(error).__name__}: {error}); the report will lack them."
+                    )
 
 
 def clip_bounds(trainer: pl.Trainer, rules: Sequence[Rule], norm_type: str) -> list[ClipBound]:
@@ -163,17 +174,6 @@ def clip_bounds(trainer: pl.Trainer, rules: Sequence[Rule], norm_type: str) -> l
         ):
             bounds.append(ClipBound(f"rule {label!r}", float(rule.max), float(rule.clip_to)))
     return bounds
-
-
-def facts_paths(trainer: pl.Trainer) -> list[str]:
-    """``gradwatch_model_facts.json`` in each logger's ``log_dir`` (none without a logger: a
-    report reads logs, so there is nothing to put it beside)."""
-    directories = []
-    for logger in trainer.loggers:
-        directory = getattr(logger, "log_dir", None)
-        if directory and directory not in directories:
-            directories.append(directory)
-    return [os.path.join(directory, FACTS_FILENAME) for directory in directories]
 
 
 def _add(figures: RunFigures, measurement: GradientMeasurement) -> None:

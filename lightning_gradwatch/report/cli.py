@@ -2,6 +2,9 @@
 
 ``gradwatch report LOGDIR [--format text|json] [--step N] [--out DIR] [--compare LOGDIR2 ...]``
 
+``LOGDIR``, ``LOGDIR2`` and ``DIR`` may be local folders or URLs (``s3://``, ``gs://``,
+``memory://``, ...), read and written through fsspec as Lightning writes its logs.
+
 Bad input (missing directory, no event files, no gradwatch metrics, a step that was not measured)
 prints one line to stderr and exits with code 2.
 """
@@ -10,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
+from lightning_gradwatch.files import copy_file, filesystem, is_local, join
 from lightning_gradwatch.keys import DEFAULT_EPS
 from lightning_gradwatch.report.reader import ReportError, RunLog, read_logdir
 from lightning_gradwatch.report.summary import RunReport, build_report
@@ -38,10 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
             "timeline. A LOGDIR holding several runs reports each of them."
         ),
     )
-    report.add_argument("logdir", metavar="LOGDIR", help="a run's log folder (or a parent of runs)")
+    report.add_argument(
+        "logdir", metavar="LOGDIR", help="a run's log folder or URL (or a parent of runs)"
+    )
     report.add_argument("--format", choices=("text", "json"), default="text")
     report.add_argument("--step", type=int, default=None, help="report this measured step only")
-    report.add_argument("--out", metavar="DIR", default=None, help="write PNGs and report.html")
+    report.add_argument(
+        "--out", metavar="DIR", default=None, help="write PNGs and report.html (a folder or URL)"
+    )
     report.add_argument(
         "--compare",
         metavar="LOGDIR2",
@@ -106,22 +116,39 @@ def _report(args: argparse.Namespace) -> int:
         if comparison:
             print("\n" + comparison)
     if args.out is not None:
-        _write_pictures(runs, reports, Path(args.out), comparison)
+        _write_out(runs, reports, args.out, comparison)
     return 0
+
+
+def _write_out(
+    runs: Sequence[RunLog], reports: Sequence[RunReport], out: str, comparison: str
+) -> None:
+    """The pictures and the page, in ``out``; a URL gets them drawn locally first, then copied."""
+    if is_local(out):
+        count = _write_pictures(runs, reports, Path(filesystem(out)[1]), comparison)
+    else:
+        with tempfile.TemporaryDirectory(prefix="gradwatch-report-") as local:
+            count = _write_pictures(runs, reports, Path(local), comparison)
+            for folder, _, names in os.walk(local):
+                for name in names:
+                    relative = os.path.relpath(os.path.join(folder, name), local)
+                    copy_file(os.path.join(folder, name), join(out, *relative.split(os.sep)))
+    # stderr, so that `--format json --out DIR` keeps stdout parseable.
+    print(f"gradwatch: wrote {join(out, 'report.html')} and {count} PNGs", file=sys.stderr)
 
 
 def _write_pictures(
     runs: Sequence[RunLog], reports: Sequence[RunReport], out: Path, comparison: str
-) -> None:
+) -> int:
+    """Write every run's PNGs and ``report.html`` into the local folder ``out``; the PNG count."""
     from lightning_gradwatch.report.plots import write_html, write_run_pictures
 
     sections = []
     for run, report in zip(runs, reports):
         folder = out / _safe(run.name) if len(runs) > 1 else out
         sections.append((report, write_run_pictures(run, report, folder)))
-    page = write_html(sections, out / "report.html", comparison)
-    # stderr, so that `--format json --out DIR` keeps stdout parseable.
-    print(f"gradwatch: wrote {page} and {sum(len(p) for _, p in sections)} PNGs", file=sys.stderr)
+    write_html(sections, out / "report.html", comparison)
+    return sum(len(p) for _, p in sections)
 
 
 def _unique_names(runs: Sequence[RunLog]) -> None:
@@ -132,11 +159,18 @@ def _unique_names(runs: Sequence[RunLog]) -> None:
         if not clashing:
             return
         for run in clashing:
-            run.name = "/".join(run.path.resolve().parts[-depth:])
+            run.name = "/".join(_parts(run.path)[-depth:])
     names = [run.name for run in runs]
     for index, run in enumerate(runs):
         if names.count(run.name) > 1:  # the same folder given twice
             run.name = f"{run.name}#{index + 1}"
+
+
+def _parts(path: str) -> list[str]:
+    """The components of a run's folder: a local path resolved, a URL split at ``/``."""
+    if "://" not in path:
+        return list(Path(path).resolve().parts)
+    return [part for part in path.split("/") if part]
 
 
 def _safe(name: str) -> str:

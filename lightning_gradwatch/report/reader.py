@@ -1,6 +1,8 @@
 """Reading finished runs: TensorBoard event files (tensorboard's own ``Event`` protobuf, see
-:func:`iter_events`), or CSVLogger's ``metrics.csv``, plus the governance alerts
-(``gradwatch_alerts.jsonl``) when present.
+:func:`~lightning_gradwatch.report.events.iter_events`), or CSVLogger's ``metrics.csv``, plus the
+governance alerts (``gradwatch_alerts.jsonl``) and the model facts when present. A run may be a
+local folder or a URL (``s3://``, ``gs://``, ``memory://``, ...): every file is listed and read
+through its fsspec filesystem, as Lightning wrote it.
 
 Every scalar tag becomes one pair of numpy arrays (steps, values), filled from compact C arrays
 (``array.array``) or parsed by numpy in one pass; nothing is kept as Python lists of floats.
@@ -10,21 +12,23 @@ from __future__ import annotations
 
 import io
 import json
-import mmap
 import os
+import posixpath
 import re
-import struct
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
+from fsspec import AbstractFileSystem
 
 from lightning_gradwatch.diagnosis.run_history import FACTS_FILENAME, FACTS_FORMAT
+from lightning_gradwatch.files import filesystem, join
 from lightning_gradwatch.governance.alerts import ALERTS_FILENAME as ALERTS_FILE
-from lightning_gradwatch.governance.alerts import read_alerts as read_alerts_file
+from lightning_gradwatch.governance.alerts import parse_alerts
 from lightning_gradwatch.keys import (
     FLOW_PREFIX,
     GAIN_PREFIX,
@@ -35,6 +39,9 @@ from lightning_gradwatch.keys import (
     STATS_PREFIX,
 )
 from lightning_gradwatch.keys import TOTAL_NORM_KEY as TOTAL_NORM_TAG
+from lightning_gradwatch.report.events import ReportError, iter_events
+
+__all__ = ["ReportError", "RunLog", "Series", "find_runs", "iter_events", "read_logdir", "read_run"]
 
 EVENT_FILE_PATTERN = "events.out.tfevents.*"
 CSV_FILE = "metrics.csv"
@@ -54,10 +61,6 @@ LAYOUT_TAG = "custom_scalars__config__"
 CONFIG_TEXT_TAG = "gradwatch/config/text_summary"
 
 
-class ReportError(Exception):
-    """Bad input for a report (no logs, no gradwatch metrics, unknown step): one line for the user."""
-
-
 @dataclass
 class Series:
     """One scalar tag over a run: ``steps`` (int64, ascending, unique) and ``values`` (float64)."""
@@ -71,7 +74,7 @@ class RunLog:
     """The gradwatch scalars and alerts of one run.
 
     Attributes:
-        path: the run's folder.
+        path: the run's folder (a local path or a URL).
         name: a short label (the folder name, or the path relative to the folder given).
         source: ``"tensorboard"`` or ``"csv"``.
         scalars: ``tag -> Series`` for every gradwatch tag.
@@ -84,7 +87,7 @@ class RunLog:
             first-step wiring; see :mod:`lightning_gradwatch.diagnosis.run_history`), else ``None``.
     """
 
-    path: Path
+    path: str
     name: str
     source: str
     scalars: dict[str, Series]
@@ -120,25 +123,27 @@ def natural_key(name: str) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def find_runs(logdir: str | Path) -> list[Path]:
-    """Folders under ``logdir`` (itself included) holding event files or a ``metrics.csv``."""
-    root = Path(logdir)
-    if not root.exists():
+def find_runs(logdir: Union[str, Path]) -> list[str]:
+    """Folders under ``logdir`` (itself included; a local path or a URL) holding event files or a
+    ``metrics.csv``, spelt like ``logdir``."""
+    root = _spelt(logdir)
+    fs, inner = filesystem(root)
+    if not fs.exists(inner):
         raise ReportError(f"{root}: no such directory")
-    if not root.is_dir():
+    if not fs.isdir(inner):
         raise ReportError(f"{root}: not a directory")
-    found = {p.parent for p in root.rglob(EVENT_FILE_PATTERN) if p.is_file()}
-    found |= {p.parent for p in root.rglob(CSV_FILE) if p.is_file()}
+    found = {posixpath.dirname(f) for f in fs.find(inner) if _is_log_file(posixpath.basename(f))}
     if not found:
         raise ReportError(
             f"{root}: no TensorBoard event files ({EVENT_FILE_PATTERN}) or {CSV_FILE} found"
         )
-    return sorted(found, key=lambda p: natural_key(str(p)))
+    below = (posixpath.relpath(folder, inner) for folder in found)
+    return sorted((root if rel == "." else join(root, rel) for rel in below), key=natural_key)
 
 
-def read_logdir(logdir: str | Path) -> list[RunLog]:
+def read_logdir(logdir: Union[str, Path]) -> list[RunLog]:
     """Every run under ``logdir`` that holds gradwatch metrics (a ``ReportError`` if none does)."""
-    root = Path(logdir)
+    root = _spelt(logdir)
     runs = []
     for path in find_runs(root):
         run = read_run(path, name=_run_name(root, path))
@@ -152,28 +157,47 @@ def read_logdir(logdir: str | Path) -> list[RunLog]:
     return runs
 
 
-def read_run(path: Path, name: Optional[str] = None) -> Optional[RunLog]:
-    """The run in folder ``path`` (event files preferred over ``metrics.csv``); ``None`` if it has
-    no gradwatch block norms."""
-    label = name or path.name
+def read_run(path: Union[str, Path], name: Optional[str] = None) -> Optional[RunLog]:
+    """The run in folder ``path`` (a local path or a URL; event files preferred over
+    ``metrics.csv``); ``None`` if it has no gradwatch block norms."""
+    location = _spelt(path)
+    fs, inner = filesystem(location)
+    files = {
+        posixpath.basename(entry["name"]): entry["name"]
+        for entry in fs.ls(inner, detail=True)
+        if entry["type"] == "file"
+    }
+    label = name or posixpath.basename(inner.rstrip("/"))
     run: Optional[RunLog] = None
-    if any(path.glob(EVENT_FILE_PATTERN)):
-        run = _read_tensorboard(path, label)
-    if run is None and (path / CSV_FILE).is_file():
-        run = _read_csv(path / CSV_FILE, label)
+    events = sorted(file for base, file in files.items() if fnmatch(base, EVENT_FILE_PATTERN))
+    if events:
+        run = _read_tensorboard(fs, events, location, label)
+    if run is None and CSV_FILE in files:
+        run = _read_csv(fs, files[CSV_FILE], location, label)
     if run is None:
         return None
-    run.alerts = read_alerts(path)
-    _attach_facts(run, path / FACTS_FILENAME)
+    run.alerts = read_alerts(location)
+    if FACTS_FILENAME in files:
+        _attach_facts(run, fs.cat_file(files[FACTS_FILENAME]))
     return run
 
 
-def _attach_facts(run: RunLog, file: Path) -> None:
-    """Read the facts file if there is one; its settings and block order fill what the event
-    files did not say (CSV runs)."""
-    if not file.is_file():
-        return
-    facts = _json_object(file.read_bytes())
+def _spelt(path: Union[str, Path]) -> str:
+    """``path`` as a string: a local path normalised (``./logs/`` -> ``logs``), a URL without a
+    trailing ``/``."""
+    text = os.fspath(path)
+    protocol, separator, rest = text.partition("://")
+    return f"{protocol}://{rest.rstrip('/')}" if separator else os.path.normpath(text)
+
+
+def _is_log_file(base: str) -> bool:
+    return base == CSV_FILE or fnmatch(base, EVENT_FILE_PATTERN)
+
+
+def _attach_facts(run: RunLog, raw: bytes) -> None:
+    """Keep the facts file's content (if it is one); its settings and block order fill what the
+    event files did not say (CSV runs)."""
+    facts = _json_object(raw)
     if facts.get("format") != FACTS_FORMAT:
         return
     run.facts = facts
@@ -185,11 +209,14 @@ def _attach_facts(run: RunLog, file: Path) -> None:
         run.block_order = [str(name) for name in blocks]
 
 
-def read_alerts(path: Path) -> list[dict[str, Any]]:
-    """Records of every ``gradwatch_alerts.jsonl`` in ``path`` or below it, ordered by step."""
+def read_alerts(path: Union[str, Path]) -> list[dict[str, Any]]:
+    """Records of every ``gradwatch_alerts.jsonl`` in ``path`` or below it (a local path or a
+    URL), ordered by step."""
+    fs, inner = filesystem(_spelt(path))
     records: list[dict[str, Any]] = []
-    for file in sorted(path.rglob(ALERTS_FILE)):
-        records.extend(r for r in read_alerts_file(str(file)) if isinstance(r, dict))
+    for file in sorted(f for f in fs.find(inner) if posixpath.basename(f) == ALERTS_FILE):
+        lines = fs.cat_file(file).decode("utf-8", errors="replace").splitlines()
+        records.extend(r for r in parse_alerts(lines) if isinstance(r, dict))
     records.sort(key=_alert_step)
     return records
 
@@ -199,10 +226,10 @@ def _alert_step(record: dict[str, Any]) -> int:
     return step if isinstance(step, int) else -1
 
 
-def _run_name(root: Path, path: Path) -> str:
+def _run_name(root: str, path: str) -> str:
     if path == root:
-        return root.resolve().name
-    return str(path.relative_to(root))
+        return Path(root).resolve().name if "://" not in root else posixpath.basename(root)
+    return posixpath.relpath(filesystem(path)[1], filesystem(root)[1])
 
 
 def _is_gradwatch(tag: str) -> bool:
@@ -218,15 +245,18 @@ def _series(steps: np.ndarray, values: np.ndarray) -> Series:
     return Series(steps[last].astype(np.int64), values[last].astype(np.float64))
 
 
-def _read_tensorboard(path: Path, name: str) -> Optional[RunLog]:
-    """The gradwatch scalars of every event file in ``path`` (files in name order, i.e. time)."""
+def _read_tensorboard(
+    fs: AbstractFileSystem, files: Sequence[str], path: str, name: str
+) -> Optional[RunLog]:
+    """The gradwatch scalars of the event ``files`` of the run in ``path`` (in name order, i.e.
+    time)."""
     # tag -> (steps, values) for gradwatch tags, () for any other: one dict lookup per value
     # instead of a prefix test (100 blocks x 100k steps is 30 M values: the loop is the cost).
     slots: dict[str, tuple[array, ...]] = {}
     layout: Optional[bytes] = None
     config: dict[str, Any] = {}
-    for file in sorted(path.glob(EVENT_FILE_PATTERN)):
-        for event in iter_events(file):
+    for file in files:
+        for event in iter_events(file, fs, name=join(path, posixpath.basename(file))):
             if not event.HasField("summary"):
                 continue
             step = event.step
@@ -272,50 +302,17 @@ def _json_object(raw: bytes) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def iter_events(file: Path) -> Iterator[Any]:
-    """The ``Event`` protos (tensorboard's ``event_pb2``) of one event file, in order.
-
-    Why not ``EventAccumulator``: without TensorFlow installed it checks every record's CRC-32C in
-    pure Python (about 1 s per MB; a 100-block run with histograms is tens of MB). This reads the
-    TFRecord framing (``uint64 length, uint32 crc, data, uint32 crc``) directly and lets protobuf
-    parse each record, ~100x faster; a truncated last record (a run still writing) ends the file.
-    CRCs are not verified.
-    """
-    from google.protobuf.message import DecodeError
-    from tensorboard.compat.proto import event_pb2
-
-    with file.open("rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        if size == 0:
-            return
-        # Mapped, not read: a 100-block, 100k-step run is close to 1 GB of events.
-        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            position = 0
-            while position + 12 <= size:
-                (length,) = struct.unpack_from("<Q", data, position)
-                start = position + 12
-                end = start + length
-                if end + 4 > size:
-                    break
-                try:
-                    event = event_pb2.Event.FromString(data[start:end])
-                except DecodeError:
-                    raise ReportError(
-                        f"{file}: not a TensorBoard event file (corrupt record)"
-                    ) from None
-                yield event
-                position = end + 4
-
-
 def _layout_block_names(serialized: bytes) -> Optional[list[str]]:
     from lightning_gradwatch.report.pictures import layout_block_names
 
     return layout_block_names(serialized) or None
 
 
-def _read_csv(file: Path, name: str) -> Optional[RunLog]:
-    """``metrics.csv`` parsed by numpy in one pass (empty cells become NaN first)."""
-    with file.open("rb") as handle:
+def _read_csv(fs: AbstractFileSystem, file: str, path: str, name: str) -> Optional[RunLog]:
+    """``metrics.csv`` of the run in ``path`` parsed by numpy in one pass (empty cells become NaN
+    first)."""
+    shown = join(path, CSV_FILE)
+    with fs.open(file, "rb") as handle:
         header = handle.readline().decode("utf-8").strip().split(",")
         body = handle.read()
     if "step" not in header or not any(h.startswith(NORM_PREFIX) for h in header):
@@ -334,9 +331,9 @@ def _read_csv(file: Path, name: str) -> Optional[RunLog]:
     try:
         table = np.loadtxt(io.BytesIO(body), delimiter=",", dtype=np.float64, ndmin=2)
     except ValueError as error:  # ragged rows, text cells: not a CSVLogger file we can read
-        raise ReportError(f"{file}: not a readable metrics.csv ({error})") from None
+        raise ReportError(f"{shown}: not a readable metrics.csv ({error})") from None
     if table.shape[1] != len(header):
-        raise ReportError(f"{file}: rows do not match the header ({len(header)} columns)")
+        raise ReportError(f"{shown}: rows do not match the header ({len(header)} columns)")
     step_column = table[:, header.index("step")]
     scalars = {}
     for index, tag in enumerate(header):
@@ -349,4 +346,4 @@ def _read_csv(file: Path, name: str) -> Optional[RunLog]:
         scalars[tag] = _series(step_column[keep].astype(np.int64), column[keep])
     if not any(tag.startswith(NORM_PREFIX) and len(s.steps) for tag, s in scalars.items()):
         return None
-    return RunLog(path=file.parent, name=name, source="csv", scalars=scalars)
+    return RunLog(path=path, name=name, source="csv", scalars=scalars)
