@@ -14,7 +14,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from lightning_gradwatch.governance.rules import ACTIONS, NO_ACTION, Rule, rule_labels
+from lightning_gradwatch.governance.rule_set import rule_labels
+from lightning_gradwatch.governance.rules import ACTIONS, NO_ACTION, Rule
 from lightning_gradwatch.governance.statistics import Band, RunningStatistics, restore_statistics
 from lightning_gradwatch.keys import LOSS, NONFINITE, alert_key, clip_threshold_key
 

@@ -91,47 +91,72 @@ def render_flow_heatmap(
         figure.savefig("flow.png")
     """
     Figure, FigureCanvasAgg = import_matplotlib()
-    from matplotlib.colors import TwoSlopeNorm
-
     norms = np.asarray(norms, dtype=np.float64).reshape(len(steps), len(block_names))
-    step_axis = np.asarray(steps)
     n = len(block_names)
     width, height = _heatmap_size_in(n)
     figure = Figure(figsize=(width, height), dpi=HEATMAP_DPI, layout="constrained")
     FigureCanvasAgg(figure)
     top, bottom = figure.subplots(2, 1, height_ratios=[max(n, 1), max(n - 1, 1)])
+    extent = _extent(np.asarray(steps))
+    _draw_norms_panel(figure, top, norms, block_names, extent, title, eps)
+    _draw_gains_panel(figure, bottom, norms, block_names, extent, eps)
+    return figure
+
+
+def _draw_norms_panel(
+    figure: Any,
+    axes: Any,
+    norms: np.ndarray,
+    block_names: Sequence[str],
+    extent: tuple[float, float],
+    title: str,
+    eps: float,
+) -> None:
+    """The top panel: log10 of each block's norm, one row per block (grey where zero or missing)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         log_norms = np.log10(np.where(norms > eps, norms, np.nan)).T
-    extent = _extent(step_axis)
-    image = top.imshow(
+    image = axes.imshow(
         log_norms,
         aspect="auto",
         interpolation="nearest",
         cmap=_cmap("viridis"),
-        extent=(*extent, n, 0),
+        extent=(*extent, len(block_names), 0),
     )
-    figure.colorbar(image, ax=top, label="log10 ||dL/dh||")
-    top.set_title(f"{title}: block-output gradient norm")
-    _label_rows(top, block_names)
+    figure.colorbar(image, ax=axes, label="log10 ||dL/dh||")
+    axes.set_title(f"{title}: block-output gradient norm")
+    _label_rows(axes, block_names)
+
+
+def _draw_gains_panel(
+    figure: Any,
+    axes: Any,
+    norms: np.ndarray,
+    block_names: Sequence[str],
+    extent: tuple[float, float],
+    eps: float,
+) -> None:
+    """The bottom panel: the log-gain of each transition, on a diverging map symmetric about 0 (one
+    empty row when there is a single block, so the figure keeps its shape)."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    n = len(block_names)
     gains = log_gains_array(norms, eps).T
     finite = gains[np.isfinite(gains)]
     limit = float(np.max(np.abs(finite))) if finite.size else 1.0
     limit = max(limit, 1e-3)
     shown = np.clip(np.where(np.isnan(gains), np.nan, gains), -limit, limit)
-    cmap = _cmap("RdBu_r")
-    gain_image = bottom.imshow(
-        shown if n > 1 else np.full((1, len(step_axis)), np.nan),
+    image = axes.imshow(
+        shown if n > 1 else np.full((1, norms.shape[0]), np.nan),
         aspect="auto",
         interpolation="nearest",
-        cmap=cmap,
+        cmap=_cmap("RdBu_r"),
         norm=TwoSlopeNorm(vcenter=0.0, vmin=-limit, vmax=limit),
         extent=(*extent, max(n - 1, 1), 0),
     )
-    figure.colorbar(gain_image, ax=bottom, label="log gain (0 = preserved)")
-    bottom.set_title("log-gain per transition (red: grows going backward, blue: shrinks)")
-    _label_rows(bottom, [f"{a} <- {b}" for a, b in zip(block_names[:-1], block_names[1:])])
-    bottom.set_xlabel("step")
-    return figure
+    figure.colorbar(image, ax=axes, label="log gain (0 = preserved)")
+    axes.set_title("log-gain per transition (red: grows going backward, blue: shrinks)")
+    _label_rows(axes, [f"{a} <- {b}" for a, b in zip(block_names[:-1], block_names[1:])])
+    axes.set_xlabel("step")
 
 
 def figure_to_array(figure: Any) -> np.ndarray:

@@ -103,31 +103,17 @@ def build_report(
     Thresholds and ``eps`` left at ``None`` come from the run's logged settings (what the callback
     used), else the callback's defaults (0.5, 2.0, 1e-30).
     """
-    damping_threshold = _setting(damping_threshold, run, "damping_threshold", 0.5)
-    amplifying_threshold = _setting(amplifying_threshold, run, "amplifying_threshold", 2.0)
-    eps = _setting(eps, run, "eps", DEFAULT_EPS)
-    if not 0 < damping_threshold <= amplifying_threshold:
-        raise ReportError(
-            "damping threshold must be > 0 and <= the amplifying threshold, got "
-            f"{damping_threshold} and {amplifying_threshold}"
-        )
+    damping_threshold, amplifying_threshold, eps = _settings(
+        run, damping_threshold, amplifying_threshold, eps
+    )
     names = run.block_names
-    steps, norms = run.matrix(NORM_PREFIX, names)
-    alerts = run.alerts
-    if step is not None:
-        (rows,) = np.nonzero(steps == step)
-        if rows.size == 0:
-            raise ReportError(f"{run.name}: step {step} was not measured ({_nearest(steps, step)})")
-        steps, norms = steps[rows], norms[rows]
-        alerts = [a for a in alerts if a.get("step") == step]
+    steps, norms, alerts = _reported_steps(run, names, step)
     step_row = _step_norms(run, names, int(steps[-1]), norms[-1])
     step_gains, step_log_gains, step_summary = step_flow(
         step_row, eps, damping_threshold, amplifying_threshold
     )
     transitions, counts = _transitions(names, norms, eps, damping_threshold, amplifying_threshold)
-    e2e = (
-        gains_array(norms[:, [0, -1]], eps)[:, 0] if len(names) > 1 else np.full(len(steps), np.nan)
-    )
+    e2e = _end_to_end_gains(names, norms, eps)
     return RunReport(
         name=run.name,
         path=str(run.path),
@@ -135,10 +121,7 @@ def build_report(
         steps=steps,
         step=int(steps[-1]),
         block_names=names,
-        blocks=[
-            BlockStats(name, _last(norms[:, j]), _nanmedian(norms[:, j]), _nanmax(norms[:, j]))
-            for j, name in enumerate(names)
-        ],
+        blocks=_block_stats(names, norms),
         transitions=transitions,
         step_norms=step_row,
         step_gains=step_gains,
@@ -160,6 +143,55 @@ def build_report(
             eps=eps,
         ),
     )
+
+
+def _settings(
+    run: RunLog,
+    damping_threshold: Optional[float],
+    amplifying_threshold: Optional[float],
+    eps: Optional[float],
+) -> tuple[float, float, float]:
+    """``(damping_threshold, amplifying_threshold, eps)``: each argument, else the run's logged
+    setting, else the callback's default; a :class:`ReportError` when the thresholds disagree."""
+    damping = _setting(damping_threshold, run, "damping_threshold", 0.5)
+    amplifying = _setting(amplifying_threshold, run, "amplifying_threshold", 2.0)
+    eps_value = _setting(eps, run, "eps", DEFAULT_EPS)
+    if not 0 < damping <= amplifying:
+        raise ReportError(
+            "damping threshold must be > 0 and <= the amplifying threshold, got "
+            f"{damping} and {amplifying}"
+        )
+    return damping, amplifying, eps_value
+
+
+def _reported_steps(
+    run: RunLog, names: Sequence[str], step: Optional[int]
+) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """The reported measured steps, their norms (steps x blocks) and their alerts: every measured
+    step, or only ``step`` (a :class:`ReportError` naming the nearest ones when it was not measured)."""
+    steps, norms = run.matrix(NORM_PREFIX, names)
+    if step is None:
+        return steps, norms, run.alerts
+    (rows,) = np.nonzero(steps == step)
+    if rows.size == 0:
+        raise ReportError(f"{run.name}: step {step} was not measured ({_nearest(steps, step)})")
+    return steps[rows], norms[rows], [a for a in run.alerts if a.get("step") == step]
+
+
+def _block_stats(names: Sequence[str], norms: np.ndarray) -> list[BlockStats]:
+    """Each block's last, median and largest norm over the reported steps."""
+    return [
+        BlockStats(name, _last(norms[:, j]), _nanmedian(norms[:, j]), _nanmax(norms[:, j]))
+        for j, name in enumerate(names)
+    ]
+
+
+def _end_to_end_gains(names: Sequence[str], norms: np.ndarray, eps: float) -> np.ndarray:
+    """Per step, the gain from the last block's output gradient back to the first's (NaN with one
+    block)."""
+    if len(names) > 1:
+        return gains_array(norms[:, [0, -1]], eps)[:, 0]
+    return np.full(len(norms), np.nan)
 
 
 def _setting(value: Optional[float], run: RunLog, key: str, default: float) -> float:
