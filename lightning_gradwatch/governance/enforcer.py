@@ -24,37 +24,16 @@ from lightning_gradwatch.governance.actions import (
 from lightning_gradwatch.governance.agreement import Agreement, agree
 from lightning_gradwatch.governance.alerts import Alert, JsonlAlertSink, build_alert
 from lightning_gradwatch.governance.engine import Check, Decision, RuleEngine, strongest
-from lightning_gradwatch.governance.intervals import IntervalAggregates
+from lightning_gradwatch.governance.intervals import IntervalAggregates, governance_keys
 from lightning_gradwatch.governance.notices import StaleGradientWatch, warn_unmatched
 from lightning_gradwatch.governance.readings import has_nonfinite, nonfinite_report, rule_values
 from lightning_gradwatch.governance.rules import NO_ACTION, Rule
 from lightning_gradwatch.governance.step_loss import StepLoss
-from lightning_gradwatch.keys import CLIPPED_KEY, LOSS_KEY, for_optimizer, total_norm_key
+from lightning_gradwatch.governance.verdict import Verdict
+from lightning_gradwatch.keys import CLIPPED_KEY, for_optimizer, total_norm_key
 from lightning_gradwatch.measure.record import GradientMeasurement, MeasurementSpec, measure_params
 
-__all__ = ["RuleEnforcer", "Verdict"]
-
-
-@dataclasses.dataclass
-class Verdict:
-    """What the rules decided at one optimizer step (:meth:`RuleEnforcer.decide`), for
-    :meth:`RuleEnforcer.act`.
-
-    Attributes:
-        measurement: what the rules read (``None``: nothing was checked at this step).
-        measured: whether it is the step's full measurement (else parameter figures only).
-        checks: every rule's reading.
-        agreement: what the ranks agreed on.
-        decisions: the rules that tripped, with their actions.
-        stopping: a halt came earlier in this run: the update is skipped.
-    """
-
-    measurement: Optional[GradientMeasurement] = None
-    measured: bool = False
-    checks: list[Check] = dataclasses.field(default_factory=list)
-    agreement: Optional[Agreement] = None
-    decisions: list[Decision] = dataclasses.field(default_factory=list)
-    stopping: bool = False
+__all__ = ["RuleEnforcer"]
 
 
 class RuleEnforcer:
@@ -196,9 +175,17 @@ class RuleEnforcer:
         if not verdict.measured and for_optimizer(CLIPPED_KEY, self._optimizer) in extra:
             # Log the pre-clip total next to the clipped one (measured steps log it anyway).
             extra[total_norm_key(self._optimizer)] = measurement.total_norm
-        self._aggregate(measurement)
-        keys = self._governance_keys(
-            measurement, verdict.checks, verdict.measured, bool(verdict.decisions)
+        if self.engine.needs_every_step:
+            self._interval.add_step(
+                measurement, total_norm_key(self._optimizer), self.engine.reads_loss
+            )
+        keys = governance_keys(
+            self.engine,
+            self._interval,
+            measurement,
+            verdict.checks,
+            measured=verdict.measured,
+            tripped=bool(verdict.decisions),
         )
         return {**extra, **keys}
 
@@ -327,33 +314,6 @@ class RuleEnforcer:
                 self.halted, self.halt_reason, self._stopping = True, alert.message, True
             elif _backoff(decision.count):
                 rank_zero_warn(alert.message + " (this rule's trips are shown at 1, 2, 4, 8, ...)")
-
-    # -- logged keys -------------------------------------------------------------------------------
-
-    def _aggregate(self, measurement: GradientMeasurement) -> None:
-        """Keep what the every-step check computed for the next measured step's max and mean."""
-        if not self.engine.needs_every_step:
-            return
-        if measurement.param_norms:
-            self._interval.add(total_norm_key(self._optimizer), measurement.total_norm)
-        if self.engine.reads_loss and measurement.loss is not None:
-            self._interval.add(LOSS_KEY, measurement.loss)
-
-    def _governance_keys(
-        self, measurement: GradientMeasurement, checks: list[Check], measured: bool, tripped: bool
-    ) -> dict[str, float]:
-        """Counters and thresholds on measured steps (every one, so charts are continuous) and on
-        steps where something tripped; the interval's max/mean and the loss on measured steps."""
-        if measurement.skipped_by_scaler:  # not logged (unless halted): the interval goes on
-            return self.engine.counters() if tripped else {}
-        if not (measured or tripped):
-            return {}
-        keys = {**self.engine.counters(), **self.engine.clip_thresholds(checks)}
-        if measured:
-            keys.update(self._interval.flush())
-            if self.engine.reads_loss and measurement.loss is not None:
-                keys[LOSS_KEY] = measurement.loss
-        return keys
 
     # -- state -----------------------------------------------------------------------------------
 

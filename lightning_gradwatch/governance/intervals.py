@@ -1,14 +1,20 @@
-"""What happened between two measured steps: the maximum and mean of the figures the every-step
-check computed, so a spike between two logged points still shows on the chart. Host floats only."""
+"""What governance logs: its counters and thresholds, and what happened between two measured steps
+(the maximum and mean of the figures the every-step check computed, so a spike between two logged
+points still shows on the chart). Host floats only."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-from lightning_gradwatch.keys import interval_max_key, interval_mean_key
+from lightning_gradwatch.keys import LOSS_KEY, interval_max_key, interval_mean_key
 
-__all__ = ["IntervalAggregates"]
+if TYPE_CHECKING:
+    from lightning_gradwatch.governance.engine import Check, RuleEngine
+    from lightning_gradwatch.measure.record import GradientMeasurement
+
+__all__ = ["IntervalAggregates", "governance_keys"]
 
 
 class IntervalAggregates:
@@ -53,3 +59,34 @@ class IntervalAggregates:
 
     def load_state_dict(self, state: Mapping[str, list[float]]) -> None:
         self._figures = {key: [float(v) for v in entry] for key, entry in state.items()}
+
+    def add_step(self, measurement: GradientMeasurement, total_key: str, reads_loss: bool) -> None:
+        """Keep what a checked step computed (its total norm under ``total_key``, and its loss when
+        a rule reads it) for the next measured step's max and mean."""
+        if measurement.param_norms:
+            self.add(total_key, measurement.total_norm)
+        if reads_loss and measurement.loss is not None:
+            self.add(LOSS_KEY, measurement.loss)
+
+
+def governance_keys(
+    engine: RuleEngine,
+    interval: IntervalAggregates,
+    measurement: GradientMeasurement,
+    checks: list[Check],
+    *,
+    measured: bool,
+    tripped: bool,
+) -> dict[str, float]:
+    """Counters and thresholds on measured steps (every one, so charts are continuous) and on
+    steps where something tripped; the interval's max/mean and the loss on measured steps."""
+    if measurement.skipped_by_scaler:  # not logged (unless halted): the interval goes on
+        return engine.counters() if tripped else {}
+    if not (measured or tripped):
+        return {}
+    keys = {**engine.counters(), **engine.clip_thresholds(checks)}
+    if measured:
+        keys.update(interval.flush())
+        if engine.reads_loss and measurement.loss is not None:
+            keys[LOSS_KEY] = measurement.loss
+    return keys
