@@ -27,7 +27,7 @@ from lightning_gradwatch.lightning.optimizers import OptimizerSteps, optimizer_s
 from lightning_gradwatch.lightning.sinks import log_histograms, log_metrics
 from lightning_gradwatch.lightning.strategies import check_strategy
 from lightning_gradwatch.lightning.tensorboard import TensorBoardPictures
-from lightning_gradwatch.measure.blocks import eager_name, resolve_blocks, validate_blocks_spec
+from lightning_gradwatch.measure.blocks import choose_blocks, eager_name, validate_blocks_spec
 from lightning_gradwatch.measure.probe import GradientProbe
 from lightning_gradwatch.measure.record import GradientMeasurement, MeasurementSpec, measure
 from lightning_gradwatch.measure.reduction import ReductionPlan, plan_reduction
@@ -219,9 +219,16 @@ class GradientFlowCallback(Callback):
                 "read `callback.last`."
             )
         # Keys as in eager mode: without the `_orig_mod` of torch.compile wrappers (OptimizedModule).
-        blocks = [(eager_name(n), m) for n, m in resolve_blocks(pl_module, self.blocks)]
+        choice = choose_blocks(pl_module, self.blocks)
+        blocks = [(eager_name(n), m) for n, m in choice.blocks]
         self._remove_hooks()
-        self._probe = GradientProbe(blocks, self.spec.norm_type, keep_grads=self.log_histograms)
+        self._probe = GradientProbe(
+            blocks,
+            self.spec.norm_type,
+            keep_grads=self.log_histograms,
+            check_order=choice.registration_order,
+            device=pl_module.device,
+        )
         self.block_names = self._probe.names
         # FSDP1/DeepSpeed: p.grad is not the gradient; leave parameter figures out (with a warning).
         self._plan = plan_reduction(trainer)
@@ -241,8 +248,8 @@ class GradientFlowCallback(Callback):
         self._diagnosis.start(trainer, pl_module, blocks, self._spec, self.rules)
         self._noise.start(trainer, pl_module)
         rank_zero_info(
-            f"GradientFlowCallback: watching {len(blocks)} blocks "
-            f"({', '.join(self.block_names)}) every {self.log_every_n_steps} optimizer steps."
+            f"GradientFlowCallback: watching {choice.describe(self.block_names)} "
+            f"every {self.log_every_n_steps} optimizer steps{choice.reason}."
         )
         if trainer.is_global_zero:
             self._pictures.start(trainer.loggers, self.block_names, self._spec)

@@ -175,11 +175,14 @@ def _label_rows(axes: Any, labels: Sequence[str]) -> None:
 
 def custom_scalars_layout(block_names: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
     """The layout for ``SummaryWriter.add_custom_scalars``: every block's norm in one multi-line
-    chart, every gain in another, log-gains, the total norm and the category counts.
+    chart, every gain in another, log-gains, the total norm and the category counts (the total
+    alone when there are no blocks).
 
     Each tag is listed by its full name (TensorBoard reads them as regular expressions; a ``.`` in a
     name matches itself among others, and every match is one of our tags)."""
     names = list(block_names)
+    if not names:
+        return {LAYOUT_CATEGORY: {TOTAL_CHART: ["Multiline", [TOTAL_NORM_KEY]]}}
     return {
         LAYOUT_CATEGORY: {
             NORMS_CHART: ["Multiline", [norm_key(name) for name in names]],
@@ -320,8 +323,13 @@ class TensorBoardPictures:
                 writer.add_text(CONFIG_TAG, config, 0)
 
     def update(self, measurement: GradientMeasurement) -> None:
-        """Record one measured step; log the heatmap when it is due."""
-        if not self._writers or self.figure_every_n_steps is None or self._history is None:
+        """Record one measured step; log the heatmap when it is due (never without blocks)."""
+        if (
+            not self._writers
+            or not self._names
+            or self.figure_every_n_steps is None
+            or self._history is None
+        ):
             return
         self._history.append(measurement.step, measurement.norms_of(self._names))
         self._measured += 1

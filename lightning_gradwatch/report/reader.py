@@ -48,6 +48,8 @@ GRADWATCH_PREFIXES = (
     PARAM_NORM_PREFIX,
     NOISE_PREFIX,
 )
+#: Tags that make a run a gradwatch run: block norms, or the total (a run without blocks).
+MEASURED_PREFIXES = (NORM_PREFIX, TOTAL_NORM_TAG)
 #: The tag under which TensorBoard stores a custom-scalars layout.
 LAYOUT_TAG = "custom_scalars__config__"
 #: The callback's settings (``lightning_gradwatch.lightning.tensorboard.CONFIG_TAG`` as TensorBoard stores text).
@@ -146,15 +148,15 @@ def read_logdir(logdir: str | Path) -> list[RunLog]:
             runs.append(run)
     if not runs:
         raise ReportError(
-            f"{root}: logs found, but no gradwatch metrics ({NORM_PREFIX}...) in them; "
-            "was GradientFlowCallback in the Trainer's callbacks?"
+            f"{root}: logs found, but no gradwatch metrics ({NORM_PREFIX}... or {TOTAL_NORM_TAG}) "
+            "in them; was GradientFlowCallback in the Trainer's callbacks?"
         )
     return runs
 
 
 def read_run(path: Path, name: Optional[str] = None) -> Optional[RunLog]:
     """The run in folder ``path`` (event files preferred over ``metrics.csv``); ``None`` if it has
-    no gradwatch block norms."""
+    no gradwatch block norms or total norm."""
     label = name or path.name
     run: Optional[RunLog] = None
     if any(path.glob(EVENT_FILE_PATTERN)):
@@ -245,7 +247,7 @@ def _read_tensorboard(path: Path, name: str) -> Optional[RunLog]:
                     config = _json_object(value.tensor.string_val[0])
     steps = {tag: slot[0] for tag, slot in slots.items() if slot and len(slot[0])}
     values = {tag: slots[tag][1] for tag in steps}
-    if not any(tag.startswith(NORM_PREFIX) for tag in steps):
+    if not any(tag.startswith(MEASURED_PREFIXES) for tag in steps):
         return None
     scalars = {
         tag: _series(np.frombuffer(steps[tag], dtype=np.int64), np.frombuffer(values[tag]))
@@ -318,7 +320,7 @@ def _read_csv(file: Path, name: str) -> Optional[RunLog]:
     with file.open("rb") as handle:
         header = handle.readline().decode("utf-8").strip().split(",")
         body = handle.read()
-    if "step" not in header or not any(h.startswith(NORM_PREFIX) for h in header):
+    if "step" not in header or not any(h.startswith(MEASURED_PREFIXES) for h in header):
         return None
     # numpy's C parser has no notion of empty fields: spell them out as nan (bytes ops, no Python
     # loop over cells). Twice, because ",,," overlaps.
@@ -347,6 +349,6 @@ def _read_csv(file: Path, name: str) -> Optional[RunLog]:
         # only as NaN, like a missing one (CSV cannot tell them apart after the fill above).
         keep = ~np.isnan(column) & ~np.isnan(step_column)
         scalars[tag] = _series(step_column[keep].astype(np.int64), column[keep])
-    if not any(tag.startswith(NORM_PREFIX) and len(s.steps) for tag, s in scalars.items()):
+    if not any(tag.startswith(MEASURED_PREFIXES) and len(s.steps) for tag, s in scalars.items()):
         return None
     return RunLog(path=file.parent, name=name, source="csv", scalars=scalars)

@@ -15,7 +15,7 @@ import numpy as np
 from lightning_gradwatch.diagnosis.flow_arrays import category_masks, gains_array
 from lightning_gradwatch.keys import DEFAULT_EPS
 from lightning_gradwatch.numerics.norms import step_flow
-from lightning_gradwatch.report.findings import RunDiagnosisReport, diagnose_run
+from lightning_gradwatch.report.findings import RunDiagnosisReport, block_norms, diagnose_run
 from lightning_gradwatch.report.reader import NORM_PREFIX, TOTAL_NORM_TAG, ReportError, RunLog
 
 
@@ -112,7 +112,7 @@ def build_report(
             f"{damping_threshold} and {amplifying_threshold}"
         )
     names = run.block_names
-    steps, norms = run.matrix(NORM_PREFIX, names)
+    steps, norms = block_norms(run)
     alerts = run.alerts
     if step is not None:
         (rows,) = np.nonzero(steps == step)
@@ -121,8 +121,8 @@ def build_report(
         steps, norms = steps[rows], norms[rows]
         alerts = [a for a in alerts if a.get("step") == step]
     step_row = _step_norms(run, names, int(steps[-1]), norms[-1])
-    step_gains, step_log_gains, step_summary = step_flow(
-        step_row, eps, damping_threshold, amplifying_threshold
+    step_gains, step_log_gains, step_summary = (
+        step_flow(step_row, eps, damping_threshold, amplifying_threshold) if names else ([], [], {})
     )
     transitions, counts = _transitions(names, norms, eps, damping_threshold, amplifying_threshold)
     e2e = (
