@@ -76,7 +76,8 @@ class GradientFlowCallback(Callback):
 
     Args:
         blocks: ``"auto"`` (default: the longest ``ModuleList``/``Sequential`` of same-class
-            modules not inside another one's blocks), a
+            modules not inside another one's blocks; without one, the modules that own trainable
+            parameters in registration order; without those, none: parameter figures only), a
             dotted attribute path to a container (``"model.transformer.h"``), a list of qualified
             module names, or a callable ``pl_module -> [(name, module), ...]``.
         log_every_n_steps: measure and log every n optimizer steps (default 50). With several

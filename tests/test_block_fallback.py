@@ -319,8 +319,8 @@ def test_boring_model_gets_one_block(tmp_path: Path, caplog: pytest.LogCaptureFi
     assert callback.block_names == ["layer"]
     assert info_lines(caplog) == [
         "GradientFlowCallback: watching 1 block (layer) every 1 optimizer steps: "
-        f"{FALLBACK}, so this is the one module that owns trainable parameters, in registration "
-        "order (blocks=[...] names others)."
+        f"{FALLBACK}, so this is the one module that owns trainable parameters (blocks=[...] "
+        "names others)."
     ]
     rows = csv_metrics(fit.logger.log_dir)  # type: ignore[union-attr]
     for step, ref in model.refs.items():

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_gradwatch._compat import COMPILED_MODULE_ATTR
@@ -128,14 +129,14 @@ def _auto_blocks(root: nn.Module) -> BlockChoice:
     owners = parameter_owners(root)
     if owners:
         these = (
-            "this is the one module that owns"
+            "this is the one module that owns trainable parameters"
             if len(owners) == 1
-            else f"these are the {len(owners)} modules that own"
+            else f"these are the {len(owners)} modules that own trainable parameters, in "
+            "registration order"
         )
         return BlockChoice(
             owners,
-            f"no repeated ModuleList/Sequential found, so {these} trainable parameters, in "
-            "registration order (blocks=[...] names others)",
+            f"no repeated ModuleList/Sequential found, so {these} (blocks=[...] names others)",
             registration_order=len(owners) > 1,
         )
     return BlockChoice(
@@ -270,15 +271,13 @@ class ForwardOrderCheck:
         if index < self._latest:
             self.done = True
             later = self.names[self._latest]
-            warnings.warn(
+            rank_zero_warn(
                 f"GradientFlowCallback: blocks='auto' lists the modules that own parameters in "
                 f"registration order, but the forward pass reached {self.names[index]!r} after "
                 f"{later!r}, which is registered later. grad_gain/<block> compares each block with "
                 "the one listed before it, so where the two orders differ a gain is not the "
                 "backward gain through one module. Name the blocks in forward order: "
                 "blocks=['...', '...', ...] (qualified module names).",
-                UserWarning,
-                stacklevel=2,
             )
         self._latest = max(self._latest, index)
         self.done = self.done or len(self._seen) == len(self.names)
