@@ -25,7 +25,7 @@ from lightning_gradwatch.lightning.diagnosis import RunDiagnosis
 from lightning_gradwatch.lightning.noise_monitor import NoiseScaleMonitor
 from lightning_gradwatch.lightning.sinks import log_metrics
 from lightning_gradwatch.lightning.tensorboard import TensorBoardWriter
-from lightning_gradwatch.measure.blocks import eager_name, resolve_blocks, validate_blocks_spec
+from lightning_gradwatch.measure.blocks import choose_blocks, eager_name, validate_blocks_spec
 from lightning_gradwatch.measure.probe import GradientProbe
 from lightning_gradwatch.measure.record import GradientMeasurement, MeasurementSpec, measure
 from lightning_gradwatch.numerics.norms import validate_norm_type
@@ -76,7 +76,8 @@ class GradientFlowCallback(Callback):
 
     Args:
         blocks: ``"auto"`` (default: the longest ``ModuleList``/``Sequential`` of same-class
-            modules not inside another one's blocks), a
+            modules not inside another one's blocks; without one, the modules that own trainable
+            parameters in registration order; without those, none: parameter figures only), a
             dotted attribute path to a container (``"model.transformer.h"``), a list of qualified
             module names, or a callable ``pl_module -> [(name, module), ...]``.
         log_every_n_steps: measure and log every n optimizer steps (default 50). With several
@@ -215,9 +216,16 @@ class GradientFlowCallback(Callback):
                 "read `callback.last`."
             )
         # Keys as in eager mode: without the `_orig_mod` of torch.compile wrappers (OptimizedModule).
-        blocks = [(eager_name(n), m) for n, m in resolve_blocks(pl_module, self.blocks)]
+        choice = choose_blocks(pl_module, self.blocks)
+        blocks = [(eager_name(n), m) for n, m in choice.blocks]
         self._remove_hooks()
-        self._probe = GradientProbe(blocks, self.spec.norm_type, keep_grads=self.log_histograms)
+        self._probe = GradientProbe(
+            blocks,
+            self.spec.norm_type,
+            keep_grads=self.log_histograms,
+            check_order=choice.registration_order,
+            device=pl_module.device,
+        )
         fit = build_fit_context(
             trainer,
             pl_module,
@@ -240,8 +248,8 @@ class GradientFlowCallback(Callback):
         self._diagnosis.start(trainer, pl_module, fit.blocks, fit.spec, self.rules, fit.files)
         self._noise.start(trainer, pl_module, fit.plan)
         rank_zero_info(
-            f"GradientFlowCallback: watching {len(blocks)} blocks "
-            f"({', '.join(self.block_names)}) every {self.log_every_n_steps} optimizer steps."
+            f"GradientFlowCallback: watching {choice.describe(self.block_names)} "
+            f"every {self.log_every_n_steps} optimizer steps{choice.reason}."
         )
         if fit.is_global_zero:
             self._tensorboard.start(fit.loggers, fit.block_names, fit.spec)

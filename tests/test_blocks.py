@@ -338,10 +338,22 @@ def test_callback_auto_discovery_in_fit(
     assert hooks_of(module) == 0
 
 
-def test_callback_auto_discovery_fails_at_fit_start(tmp_path: Any) -> None:
+def test_callback_auto_without_a_stack_watches_the_parameter_owners(
+    tmp_path: Any, recwarn: pytest.WarningsRecorder
+) -> None:
+    # No repeated container: the modules owning parameters, in registration order (which is the
+    # forward order here, so no order warning). tests/test_block_fallback.py checks the figures.
     module = Wrapper(Flat())
-    with pytest.raises(ValueError, match=r"Could not find the model's blocks automatically"):
-        trainer(tmp_path, [GradientFlowCallback()]).fit(module)
+    callback = GradientFlowCallback(log_every_n_steps=1)
+    trainer(tmp_path, [callback], max_steps=1).fit(module)
+    names = ["model.embed", "model.mix.0", "model.out"]
+    assert callback.block_names == names
+    assert callback.last is not None
+    assert {k for k in callback.last.metrics if k.startswith(("grad_norm/", "grad_gain/"))} == {
+        *(f"grad_norm/{n}" for n in names),
+        *(f"grad_gain/{n}" for n in names[1:]),
+    }
+    assert not [w for w in recwarn if "registration order" in str(w.message)]
     assert hooks_of(module) == 0
 
 

@@ -223,7 +223,8 @@ def healthy_summary(figures: RunFigures, summary: Optional[FlowSummary] = None) 
         return "No measured step yet: nothing to diagnose."
     span = s.span
     if not s.transitions:
-        return f"Only one block is watched: no transition to judge over {span}."
+        watched = "Only one block is" if figures.block_names else "No block is"
+        return f"{watched} watched: no transition to judge over {span}."
     finite = [g for g in s.gains if g is not None and math.isfinite(g)]
     counts = ", ".join(f"{s.count(c)} {c.value}" for c in Category if s.count(c))
     parts = [

@@ -57,6 +57,8 @@ def warn_unmatched(
                 "Rules see the logged keys: per-parameter norms are logged for the parameters "
                 "that `log_param_norms` selects (default: none)."
             )
+        elif not block_names:
+            hint = "This run watches no blocks: no 'grad_norm/<block>' keys are logged."
         else:
             hint = f"Block keys look like 'grad_norm/<block>' with blocks {blocks}."
         rank_zero_warn(

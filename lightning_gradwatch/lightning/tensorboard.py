@@ -174,8 +174,13 @@ class TensorBoardWriter:
                 writer.add_text(CONFIG_TAG, config, 0)
 
     def update(self, measurement: GradientMeasurement) -> None:
-        """Record one measured step; log the heatmap when it is due."""
-        if not self._writers or self.figure_every_n_steps is None or self._history is None:
+        """Record one measured step; log the heatmap when it is due (never without blocks)."""
+        if (
+            not self._writers
+            or not self._names
+            or self.figure_every_n_steps is None
+            or self._history is None
+        ):
             return
         self._history.append(measurement.step, measurement.norms_of(self._names))
         self._measured += 1

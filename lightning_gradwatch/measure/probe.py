@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_gradwatch.measure.blocks import BlockList, primary_tensor
+from lightning_gradwatch.measure.blocks import BlockList, ForwardOrderCheck, primary_tensor
 from lightning_gradwatch.numerics.norms import NormType, combines_by_max, partial_norm
 
 #: DTensor, where torch has distributed support (``isinstance`` against it: no graph break).
@@ -45,6 +45,10 @@ class GradientProbe:
         accumulate: combine successive backward passes instead of overwriting.
         strict_single_backward: raise on a second backward without :meth:`reset`.
         keep_grads: keep a detached reference to each block's latest output gradient (histograms).
+        check_order: warn once when the forward pass does not first reach the blocks in the order
+            given (:class:`~lightning_gradwatch.measure.blocks.ForwardOrderCheck`; eager mode only).
+        device: where the buffer lives when no block has a parameter or buffer to tell (no blocks
+            at all, or parameter-free ones); default: CPU.
     """
 
     def __init__(
@@ -55,6 +59,8 @@ class GradientProbe:
         accumulate: bool = True,
         strict_single_backward: bool = False,
         keep_grads: bool = False,
+        check_order: bool = False,
+        device: Optional[torch.device] = None,
     ) -> None:
         self.names = [name for name, _ in blocks]
         self.modules = [module for _, module in blocks]
@@ -64,13 +70,14 @@ class GradientProbe:
         self.keep_grads = keep_grads
         self.armed = False
         self.buffer = torch.zeros(
-            len(blocks), 3, dtype=torch.float32, device=_device_of(self.modules)
+            len(blocks), 3, dtype=torch.float32, device=_device_of(self.modules, device)
         )
         self.grads: list[Optional[Tensor]] = [None] * len(blocks)
         #: Whether block i's input was block i-1's output tensor itself in the armed forward (eager
         #: only): then a NaN/Inf appearing between the two outputs came from block i's backward.
         self.chained = [False] * len(blocks)
         self._previous: Optional[tuple[int, weakref.ref[Tensor]]] = None
+        self._order = ForwardOrderCheck(self.names) if check_order else None
         self._fired = [False] * len(blocks)
         self._tensor_hooks = [self._make_tensor_hook(i) for i in range(len(blocks))]
         self._handles: list[RemovableHandle] = [
@@ -120,6 +127,8 @@ class GradientProbe:
                         and previous[1]() is given
                     )
                     self._previous = (index, weakref.ref(tensor))
+                    if self._order is not None:
+                        self._order.reached(index)
             return None  # a returned value would replace the block's output
 
         return forward_hook
@@ -200,10 +209,10 @@ def _local_values(grad: Tensor) -> Tensor:
     return grad.to_local()  # type: ignore[attr-defined]
 
 
-def _device_of(modules: list[nn.Module]) -> torch.device:
+def _device_of(modules: list[nn.Module], default: Optional[torch.device]) -> torch.device:
     for module in modules:
         for param in module.parameters():
             return param.device
         for buffer in module.buffers():
             return buffer.device
-    return torch.device("cpu")
+    return torch.device("cpu") if default is None else torch.device(default)

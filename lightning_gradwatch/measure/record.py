@@ -316,7 +316,10 @@ def build_measurement(
         for name, partial, numel in zip(param_names, partials, param_numels)
     }
     lo, hi = spec.damping_threshold, spec.amplifying_threshold
-    gains, log_gains, summary = step_flow(block_norms, spec.eps, lo, hi)
+    # No blocks (a model without any, or an optimizer owning none): no flow to summarise.
+    gains, log_gains, summary = (
+        step_flow(block_norms, spec.eps, lo, hi) if block_norms else ([], [], {})
+    )
     measurement = GradientMeasurement(
         step=step,
         norm_type=spec.norm_type,

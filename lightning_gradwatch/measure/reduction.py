@@ -154,7 +154,7 @@ def reduce_step(
     (:func:`param_partials`, the cheap statistics pass) with the fewest gathers: without tensor
     parallelism the rows ride in the gather of a parameter group that is the same process group
     (1-D FSDP2: one gather for everything; DDP: one, for the rows)."""
-    if plan.group is None or plan.tensor_parallel_size > 1:
+    if plan.group is None or plan.tensor_parallel_size > 1 or block_rows.numel() == 0:
         rows = reduce_block_rows(block_rows, norm_type, plan)
         partials, stat_row = param_partials(
             grads, norm_type, stats=stats, large_threshold=large_threshold, assume_finite=True
@@ -176,7 +176,7 @@ def reduce_block_rows(rows: Tensor, norm_type: NormType, plan: ReductionPlan) ->
     """Combine the probe's ``(n, 3)`` rows ``[partial, numel, calls]`` over the data-parallel ranks,
     counting a block replicated on the TP ranks once (one ``all_gather``; float64 result)."""
     rows = rows.double()
-    if plan.group is None:
+    if plan.group is None or rows.numel() == 0:  # no blocks (the same on every rank): no gather
         return rows
     gathered = _all_gather(rows, plan.group)  # (ranks, n, 3)
     tensor = plan.tensor_parallel_size

@@ -25,7 +25,7 @@ from lightning_gradwatch.diagnosis.run_history import (
 from lightning_gradwatch.keys import NOISE_B_SIMPLE_KEY, NOISE_BATCH_KEY, stats_key
 from lightning_gradwatch.report.reader import NORM_PREFIX, TOTAL_NORM_TAG, RunLog, Series
 
-__all__ = ["RunDiagnosisReport", "diagnose_run", "run_figures"]
+__all__ = ["RunDiagnosisReport", "block_norms", "diagnose_run", "run_figures"]
 
 
 class RunDiagnosisReport:
@@ -77,7 +77,7 @@ def run_figures(
         amplifying_threshold=amplifying_threshold,
         clip_bounds=figures.settings.clip_bounds if run.facts else _alert_bounds(run.alerts),
     )
-    steps, norms = run.matrix(NORM_PREFIX, names)
+    steps, norms = block_norms(run)
     keys = (TOTAL_NORM_TAG, stats_key("zero_fraction"), NOISE_B_SIMPLE_KEY, NOISE_BATCH_KEY)
     columns = [_aligned(run.scalars.get(key), steps) for key in keys]
     for row, step in enumerate(steps.tolist()):
@@ -86,6 +86,17 @@ def run_figures(
             continue
         figures.add(step, norms[row].tolist(), *(_value(column, row) for column in columns))
     return figures
+
+
+def block_norms(run: RunLog) -> tuple[np.ndarray, np.ndarray]:
+    """``(steps, norms)``: the measured steps and each block's norm there (``RunLog.matrix``); a run
+    without blocks has the steps of its total norm(s) (one per optimizer) and no norm column."""
+    names = run.block_names
+    if names:
+        return run.matrix(NORM_PREFIX, names)
+    totals = [t for t in run.scalars if t == TOTAL_NORM_TAG or t.startswith(TOTAL_NORM_TAG + "/")]
+    steps, _ = run.matrix("", totals)
+    return steps, np.zeros((len(steps), 0))
 
 
 def _aligned(series: Optional[Series], steps: np.ndarray) -> Optional[np.ndarray]:

@@ -196,11 +196,14 @@ def _label_rows(axes: Any, labels: Sequence[str]) -> None:
 
 def custom_scalars_layout(block_names: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
     """The layout for ``SummaryWriter.add_custom_scalars``: every block's norm in one multi-line
-    chart, every gain in another, log-gains, the total norm and the category counts.
+    chart, every gain in another, log-gains, the total norm and the category counts (the total
+    alone when there are no blocks).
 
     Each tag is listed by its full name (TensorBoard reads them as regular expressions; a ``.`` in a
     name matches itself among others, and every match is one of our tags)."""
     names = list(block_names)
+    if not names:
+        return {LAYOUT_CATEGORY: {TOTAL_CHART: ["Multiline", [TOTAL_NORM_KEY]]}}
     return {
         LAYOUT_CATEGORY: {
             NORMS_CHART: ["Multiline", [norm_key(name) for name in names]],

@@ -40,9 +40,14 @@ def thin(steps: np.ndarray, max_points: int) -> np.ndarray:
 def write_run_pictures(
     run: RunLog, report: RunReport, out: Path, max_points: int = 1000
 ) -> list[Path]:
-    """Write the three PNGs of one run into ``out`` (created) and return their paths."""
+    """Write the three PNGs of one run into ``out`` (created) and return their paths (only
+    ``total_norm.png`` for a run without blocks)."""
     out.mkdir(parents=True, exist_ok=True)
     names = report.block_names
+    if not names:
+        total = out / PICTURES[2]
+        _save(_total_figure(run, report, max_points), total)
+        return [total]
     steps, norms = run.matrix(NORM_PREFIX, names)
     keep = np.isin(steps, report.steps)
     steps, norms = steps[keep], norms[keep]
@@ -128,12 +133,15 @@ def _total_figure(run: RunLog, report: RunReport, max_points: int) -> Any:
     figure = Figure(figsize=(10, 3.5), dpi=80, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots()
-    series = run.scalars.get(TOTAL_NORM_TAG)
-    if series is not None and len(series.steps):
+    # One curve per total: grad_norm_total, or grad_norm_total/<optimizer> with several.
+    tags = [t for t in run.scalars if t == TOTAL_NORM_TAG or t.startswith(TOTAL_NORM_TAG + "/")]
+    for tag in sorted(tags):
+        series = run.scalars[tag]
         keep = np.isin(series.steps, report.steps)
         steps, values = series.steps[keep], series.values[keep]
         rows = thin(steps, max_points)
-        axes.plot(steps[rows], values[rows], color="black", linewidth=1, label=TOTAL_NORM_TAG)
+        colour = "black" if tag == TOTAL_NORM_TAG else None
+        axes.plot(steps[rows], values[rows], color=colour, linewidth=1, label=tag)
         if np.any(values > 0):
             axes.set_yscale("log")
     _mark_alerts(axes, report.alerts)

@@ -55,6 +55,8 @@ GRADWATCH_PREFIXES = (
     PARAM_NORM_PREFIX,
     NOISE_PREFIX,
 )
+#: Tags that make a run a gradwatch run: block norms, or the total (a run without blocks).
+MEASURED_PREFIXES = (NORM_PREFIX, TOTAL_NORM_TAG)
 #: The tag under which TensorBoard stores a custom-scalars layout.
 LAYOUT_TAG = "custom_scalars__config__"
 #: The callback's settings (``lightning_gradwatch.lightning.tensorboard.CONFIG_TAG`` as TensorBoard stores text).
@@ -151,15 +153,15 @@ def read_logdir(logdir: Union[str, Path]) -> list[RunLog]:
             runs.append(run)
     if not runs:
         raise ReportError(
-            f"{root}: logs found, but no gradwatch metrics ({NORM_PREFIX}...) in them; "
-            "was GradientFlowCallback in the Trainer's callbacks?"
+            f"{root}: logs found, but no gradwatch metrics ({NORM_PREFIX}... or {TOTAL_NORM_TAG}) "
+            "in them; was GradientFlowCallback in the Trainer's callbacks?"
         )
     return runs
 
 
 def read_run(path: Union[str, Path], name: Optional[str] = None) -> Optional[RunLog]:
     """The run in folder ``path`` (a local path or a URL; event files preferred over
-    ``metrics.csv``); ``None`` if it has no gradwatch block norms."""
+    ``metrics.csv``); ``None`` if it has no gradwatch block norms or total norm."""
     location = _spelt(path)
     fs, inner = filesystem(location)
     files = {
@@ -275,7 +277,7 @@ def _read_tensorboard(
                     config = _json_object(value.tensor.string_val[0])
     steps = {tag: slot[0] for tag, slot in slots.items() if slot and len(slot[0])}
     values = {tag: slots[tag][1] for tag in steps}
-    if not any(tag.startswith(NORM_PREFIX) for tag in steps):
+    if not any(tag.startswith(MEASURED_PREFIXES) for tag in steps):
         return None
     scalars = {
         tag: _series(np.frombuffer(steps[tag], dtype=np.int64), np.frombuffer(values[tag]))
@@ -315,7 +317,7 @@ def _read_csv(fs: AbstractFileSystem, file: str, path: str, name: str) -> Option
     with fs.open(file, "rb") as handle:
         header = handle.readline().decode("utf-8").strip().split(",")
         body = handle.read()
-    if "step" not in header or not any(h.startswith(NORM_PREFIX) for h in header):
+    if "step" not in header or not any(h.startswith(MEASURED_PREFIXES) for h in header):
         return None
     # numpy's C parser has no notion of empty fields: spell them out as nan (bytes ops, no Python
     # loop over cells). Twice, because ",,," overlaps.
@@ -344,6 +346,6 @@ def _read_csv(fs: AbstractFileSystem, file: str, path: str, name: str) -> Option
         # only as NaN, like a missing one (CSV cannot tell them apart after the fill above).
         keep = ~np.isnan(column) & ~np.isnan(step_column)
         scalars[tag] = _series(step_column[keep].astype(np.int64), column[keep])
-    if not any(tag.startswith(NORM_PREFIX) and len(s.steps) for tag, s in scalars.items()):
+    if not any(tag.startswith(MEASURED_PREFIXES) and len(s.steps) for tag, s in scalars.items()):
         return None
     return RunLog(path=path, name=name, source="csv", scalars=scalars)

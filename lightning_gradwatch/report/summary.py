@@ -15,7 +15,7 @@ import numpy as np
 from lightning_gradwatch.diagnosis.flow_arrays import category_masks, gains_array
 from lightning_gradwatch.keys import DEFAULT_EPS
 from lightning_gradwatch.numerics.norms import step_flow
-from lightning_gradwatch.report.findings import RunDiagnosisReport, diagnose_run
+from lightning_gradwatch.report.findings import RunDiagnosisReport, block_norms, diagnose_run
 from lightning_gradwatch.report.reader import NORM_PREFIX, TOTAL_NORM_TAG, ReportError, RunLog
 
 
@@ -109,8 +109,8 @@ def build_report(
     names = run.block_names
     steps, norms, alerts = _reported_steps(run, names, step)
     step_row = _step_norms(run, names, int(steps[-1]), norms[-1])
-    step_gains, step_log_gains, step_summary = step_flow(
-        step_row, eps, damping_threshold, amplifying_threshold
+    step_gains, step_log_gains, step_summary = (
+        step_flow(step_row, eps, damping_threshold, amplifying_threshold) if names else ([], [], {})
     )
     transitions, counts = _transitions(names, norms, eps, damping_threshold, amplifying_threshold)
     e2e = _end_to_end_gains(names, norms, eps)
@@ -169,7 +169,7 @@ def _reported_steps(
 ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
     """The reported measured steps, their norms (steps x blocks) and their alerts: every measured
     step, or only ``step`` (a :class:`ReportError` naming the nearest ones when it was not measured)."""
-    steps, norms = run.matrix(NORM_PREFIX, names)
+    steps, norms = block_norms(run)
     if step is None:
         return steps, norms, run.alerts
     (rows,) = np.nonzero(steps == step)

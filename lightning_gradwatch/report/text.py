@@ -16,6 +16,8 @@ from lightning_gradwatch.report.summary import RunReport
 
 #: Alerts listed in the text timeline (JSON lists all of them).
 MAX_TEXT_ALERTS = 200
+#: The flow section of a run that watched no blocks (a model without any).
+NO_BLOCKS = "No blocks were watched: parameter figures only (no block norms or gains)."
 
 
 def format_text(report: RunReport, diagnosis: bool = True) -> str:
@@ -31,7 +33,37 @@ def format_text(report: RunReport, diagnosis: bool = True) -> str:
     ]
     if diagnosis and report.diagnosis is not None:
         header += [report.diagnosis.text(), ""]
-    body = format_report(
+    blocks = bool(report.block_names)
+    body = _flow_report(report) if blocks else NO_BLOCKS
+    total, e2e = report.total_norm, report.end_to_end
+    footer = ["", f"Over the run ({span}):"]
+    if blocks:
+        footer.append(
+            f"  End-to-end gain (first block norm / last block norm): last={_num(e2e['last'])}, "
+            f"median={_num(e2e['median'])}"
+        )
+    footer.append(
+        f"  Total gradient norm: last={_sci(total['last'])}, median={_sci(total['median'])}, "
+        f"max={_sci(total['max'])}"
+    )
+    if blocks:
+        footer.append(
+            f"  Transitions by category: {_counts(report.category_totals, keep_zero=True)}"
+        )
+    footer += ["", "Alert timeline:"]
+    shown = report.alerts[:MAX_TEXT_ALERTS]
+    footer += [f"  {format_alert(alert)}" for alert in shown] or ["  (no alerts)"]
+    if len(report.alerts) > len(shown):
+        footer.append(
+            f"  ... and {len(report.alerts) - len(shown)} more (all of them: --format json, or "
+            "gradwatch_alerts.jsonl)"
+        )
+    return "\n".join([*header, body, *footer])
+
+
+def _flow_report(report: RunReport) -> str:
+    """The GradientGainMonitor report of the reported step, annotated with the run's figures."""
+    return format_report(
         report.step_norms,
         report.step_gains,
         report.step_log_gains,
@@ -48,26 +80,6 @@ def format_text(report: RunReport, diagnosis: bool = True) -> str:
             f"[median gamma={_num(t.median_gain)}; {_counts(t.counts)}]" for t in report.transitions
         ],
     )
-    total, e2e = report.total_norm, report.end_to_end
-    footer = [
-        "",
-        f"Over the run ({span}):",
-        f"  End-to-end gain (first block norm / last block norm): last={_num(e2e['last'])}, "
-        f"median={_num(e2e['median'])}",
-        f"  Total gradient norm: last={_sci(total['last'])}, median={_sci(total['median'])}, "
-        f"max={_sci(total['max'])}",
-        f"  Transitions by category: {_counts(report.category_totals, keep_zero=True)}",
-        "",
-        "Alert timeline:",
-    ]
-    shown = report.alerts[:MAX_TEXT_ALERTS]
-    footer += [f"  {format_alert(alert)}" for alert in shown] or ["  (no alerts)"]
-    if len(report.alerts) > len(shown):
-        footer.append(
-            f"  ... and {len(report.alerts) - len(shown)} more (all of them: --format json, or "
-            "gradwatch_alerts.jsonl)"
-        )
-    return "\n".join([*header, body, *footer])
 
 
 def format_alert(alert: dict[str, Any]) -> str:
