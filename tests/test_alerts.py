@@ -20,7 +20,8 @@ from governance_worker import KILL_STEP
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_gradwatch import GradientFlowCallback, Rule
-from lightning_gradwatch.governance.alerts import Alert, JsonlAlertSink, read_alerts
+from lightning_gradwatch.governance.alerts import Alert
+from lightning_gradwatch.governance.trail import JsonlAlertSink, read_alerts
 
 WORKER = Path(__file__).with_name("governance_worker.py")
 

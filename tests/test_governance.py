@@ -21,7 +21,7 @@ from reference import csv_metrics, hooks_of
 from torch import Tensor
 
 from lightning_gradwatch import GradientFlowCallback, Rule
-from lightning_gradwatch.governance.alerts import read_alerts
+from lightning_gradwatch.governance.trail import read_alerts
 from lightning_gradwatch.numerics.norms import Category
 
 pytestmark = [RULE_TRIPS, WIRING_REPORT]

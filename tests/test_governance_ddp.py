@@ -18,7 +18,7 @@ from faults import same_weights
 from governance_worker import FAULT_STEP, LOG_EVERY, LOSS_SPIKE_STEP
 from reference import csv_metrics
 
-from lightning_gradwatch.governance.alerts import read_alerts
+from lightning_gradwatch.governance.trail import read_alerts
 
 WORKER = Path(__file__).with_name("governance_worker.py")
 

@@ -35,7 +35,7 @@ from reference import ref_norm
 from lightning_gradwatch import GradientFlowCallback, Rule
 from lightning_gradwatch.diagnosis.run_history import FACTS_FORMAT
 from lightning_gradwatch.files import can_append, dirname, join
-from lightning_gradwatch.governance.alerts import read_alerts
+from lightning_gradwatch.governance.trail import read_alerts
 from lightning_gradwatch.report.cli import main
 
 pytestmark = [RULE_TRIPS, WIRING_REPORT]

@@ -22,13 +22,14 @@ from lightning_gradwatch.governance.actions import (
     save_halt_checkpoint,
 )
 from lightning_gradwatch.governance.agreement import Agreement, agree
-from lightning_gradwatch.governance.alerts import Alert, JsonlAlertSink, build_alert
+from lightning_gradwatch.governance.alerts import Alert, build_alert
 from lightning_gradwatch.governance.engine import Check, Decision, RuleEngine, strongest
 from lightning_gradwatch.governance.intervals import IntervalAggregates, governance_keys
 from lightning_gradwatch.governance.notices import StaleGradientWatch, warn_unmatched
 from lightning_gradwatch.governance.readings import has_nonfinite, nonfinite_report, rule_values
 from lightning_gradwatch.governance.rules import NO_ACTION, Rule
 from lightning_gradwatch.governance.step_loss import StepLoss
+from lightning_gradwatch.governance.trail import JsonlAlertSink
 from lightning_gradwatch.governance.verdict import Verdict
 from lightning_gradwatch.keys import CLIPPED_KEY, for_optimizer, total_norm_key
 from lightning_gradwatch.measure.record import GradientMeasurement, MeasurementSpec, measure_params

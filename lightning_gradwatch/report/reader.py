@@ -28,7 +28,7 @@ from fsspec import AbstractFileSystem
 from lightning_gradwatch.diagnosis.run_history import FACTS_FILENAME, FACTS_FORMAT
 from lightning_gradwatch.files import filesystem, join
 from lightning_gradwatch.governance.alerts import ALERTS_FILENAME as ALERTS_FILE
-from lightning_gradwatch.governance.alerts import parse_alerts
+from lightning_gradwatch.governance.trail import parse_alerts
 from lightning_gradwatch.keys import (
     FLOW_PREFIX,
     GAIN_PREFIX,
@@ -40,6 +40,7 @@ from lightning_gradwatch.keys import (
 )
 from lightning_gradwatch.keys import TOTAL_NORM_KEY as TOTAL_NORM_TAG
 from lightning_gradwatch.report.events import ReportError, iter_events
+from lightning_gradwatch.report.pictures import layout_block_names
 
 __all__ = ["ReportError", "RunLog", "Series", "find_runs", "iter_events", "read_logdir", "read_run"]
 
@@ -283,7 +284,7 @@ def _read_tensorboard(
         tag: _series(np.frombuffer(steps[tag], dtype=np.int64), np.frombuffer(values[tag]))
         for tag in steps
     }
-    order = _layout_block_names(layout) if layout is not None else None
+    order = (layout_block_names(layout) or None) if layout is not None else None
     if not order:  # first appearance: the callback logs the blocks in forward order
         order = [tag[len(NORM_PREFIX) :] for tag in steps if tag.startswith(NORM_PREFIX)]
     return RunLog(
@@ -302,12 +303,6 @@ def _json_object(raw: bytes) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError):
         return {}
     return value if isinstance(value, dict) else {}
-
-
-def _layout_block_names(serialized: bytes) -> Optional[list[str]]:
-    from lightning_gradwatch.report.pictures import layout_block_names
-
-    return layout_block_names(serialized) or None
 
 
 def _read_csv(fs: AbstractFileSystem, file: str, path: str, name: str) -> Optional[RunLog]:
