@@ -14,20 +14,19 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_gradwatch._compat import loss_scale
-from lightning_gradwatch.diagnosis.findings import Finding
 from lightning_gradwatch.diagnosis.first_step import FirstStepReport
 from lightning_gradwatch.governance import Rule, validate_rules
-from lightning_gradwatch.governance.alerts import Alert
 from lightning_gradwatch.governance.enforcer import RuleEnforcer
-from lightning_gradwatch.keys import DEFAULT_EPS, TOTAL_NORM_KEY, total_norm_key
+from lightning_gradwatch.keys import DEFAULT_EPS
 from lightning_gradwatch.lightning.context import FitContext, build_fit_context
 from lightning_gradwatch.lightning.diagnosis import RunDiagnosis
 from lightning_gradwatch.lightning.noise_monitor import NoiseScaleMonitor
+from lightning_gradwatch.lightning.outcome import WatchOutcome
 from lightning_gradwatch.lightning.sinks import log_metrics
 from lightning_gradwatch.lightning.tensorboard import TensorBoardWriter
 from lightning_gradwatch.measure.blocks import choose_blocks, eager_name, validate_blocks_spec
 from lightning_gradwatch.measure.probe import GradientProbe
-from lightning_gradwatch.measure.record import GradientMeasurement, MeasurementSpec, measure
+from lightning_gradwatch.measure.record import GradientMeasurement, MeasurementSpec
 from lightning_gradwatch.numerics.norms import validate_norm_type
 from lightning_gradwatch.validation import (
     check_param_filter,
@@ -38,37 +37,19 @@ from lightning_gradwatch.validation import (
     check_type,
 )
 
-#: The layout of :meth:`GradientFlowCallback.state_dict` (1: with ``measured_step``; still loads).
-STATE_VERSION = 2
 
-
-class GradientFlowCallback(Callback):
+class GradientFlowCallback(WatchOutcome, Callback):
     r"""Measure and log gradient flow through a model's blocks while it trains.
 
-    Every ``log_every_n_steps`` optimizer steps (steps 0, n, 2n, ... counted by
-    ``trainer.global_step``, not micro-batches) the callback measures the gradient at each block's
-    output (from tensor hooks during that step's backward, combined over all micro-batches of the
-    step) and every parameter gradient (in ``on_before_optimizer_step``: after accumulation and AMP
-    unscaling, before clipping), computes everything batched on the device, copies it to the host
-    once (twice when a NaN/Inf makes the ``grad_stats/`` figures be counted again), and writes it
-    to every logger of the Trainer at that step, one write per logger (``log_metrics``; for a plain
-    ``TensorBoardLogger`` one event holding every scalar). On unmeasured steps the hooks return at
-    once; only rules checked every step (``rules``, the default one included) cost anything there.
+    Every ``log_every_n_steps`` optimizer steps (``trainer.global_step`` 0, n, 2n, ...) it measures
+    the gradient at each block's output (tensor hooks, combined over the step's micro-batches) and
+    every parameter gradient (after accumulation and AMP unscaling, before clipping), batched on
+    the device with one host copy, and writes it in one ``log_metrics`` call per logger. On
+    unmeasured steps the hooks return at once; only rules checked every step cost anything there.
 
-    Logged keys (``<block>`` is the block's qualified name in the LightningModule, e.g. ``blocks.3``):
-
-    * ``grad_norm/<block>``: norm of dL/d(block output).
-    * ``grad_gain/<block>``: backward gain through the block, norm at its input / norm at its
-      output (every block but the first); ``grad_log_gain/<block>``: its log.
-    * ``grad_norm_total``: norm over all parameter gradients (what ``clip_grad_norm_`` sees).
-    * ``grad_param_norm/<param>``: per-parameter norms (``log_param_norms``).
-    * ``grad_flow/<stat>``: ``mean_gain``, ``min_gain``, ``max_gain``, ``mean_log_gain``,
-      ``num_amplifying``, ``num_damping``, ``num_healthy``, ``num_vanishing``, ``num_missing``,
-      ``end_to_end_gain`` (first block's norm / last block's norm).
-    * ``grad_stats/<stat>``: ``mean``, ``std``, ``min``, ``max``, ``zero_fraction``,
-      ``large_fraction``, ``nonfinite_count`` over all parameter-gradient elements.
-    * ``grad_noise/b_simple``, ``grad_noise/grad_sq``, ``grad_noise/trace_sigma``: the gradient
-      noise scale and its two smoothed components (``noise_scale=True``).
+    Logged keys (``grad_norm/<block>``, ``grad_gain/<block>``, ``grad_log_gain/<block>``,
+    ``grad_norm_total``, ``grad_param_norm/<param>``, ``grad_flow/<stat>``, ``grad_stats/<stat>``,
+    ``grad_noise/<stat>``): the README's table, spelled once in :mod:`lightning_gradwatch.keys`.
 
     With several optimizers (manual optimization) each ``optimizer.step()`` is measured over that
     optimizer's parameters and blocks, and its total is logged as ``grad_norm_total/<name>`` (the
@@ -97,18 +78,13 @@ class GradientFlowCallback(Callback):
         amplifying_threshold: gains above this are "amplifying" (default 2.0).
         require_logger: raise at fit start when the Trainer has no logger (default ``True``).
         figure_every_n_steps: every this many *measured* steps, log a gradient-flow heatmap image
-            (blocks x the last 200 measured steps: log10 norm, and log-gain on a diverging map) to
-            TensorBoard (needs matplotlib: ``lightning-gradwatch[plots]``); ``None`` (default): off.
-            A custom-scalars layout (all norms in one chart, all gains in another) is written at fit
-            start whenever a TensorBoardLogger is present.
+            (blocks x the last 200 measured steps) to TensorBoard (needs matplotlib:
+            ``lightning-gradwatch[plots]``); ``None`` (default): off.
         rules: :class:`~lightning_gradwatch.governance.Rule` objects that warn, clip, skip or halt
             (``None``, the default: ``[Rule("nonfinite", action="halt")]``; ``[]``: none). Rules on
             ``grad_norm_total``, ``loss`` and ``nonfinite`` run every ``check_every_n_steps``
-            optimizer steps (one batched norm pass and one host copy, about the cost of
-            ``clip_grad_norm_``, plus one boolean all-reduce per check in multi-process runs;
-            measured steps reuse the measurement), rules on block metrics on measured steps (no
-            extra cost). Their counters ``grad_alerts/<rule>`` and the interval's
-            ``grad_norm_total_max`` / ``grad_norm_total_mean`` are logged on measured steps.
+            steps (one batched norm pass, one host copy, one boolean all-reduce across ranks),
+            rules on block metrics on measured steps (no extra cost); see docs/governance.md.
         check_every_n_steps: cadence of the every-step rules (default 1).
         alerts_path: the JSONL audit trail, a ``str``, ``os.PathLike`` or URL (``None``, the
             default: ``gradwatch_alerts.jsonl`` in the first logger's ``log_dir`` when that is a
@@ -121,17 +97,9 @@ class GradientFlowCallback(Callback):
             :mod:`lightning_gradwatch.lightning.noise_monitor`).
 
     Attributes:
-        alerts: every :class:`~lightning_gradwatch.governance.alerts.Alert` of this run (on every rank).
-        halted: whether a ``halt`` rule stopped training; ``halt_reason``: why (else ``None``).
-        first_step_report: parameters with ``grad is None`` / an all-zero gradient and vanishing
-            blocks at the first measured step, with the findings that already apply
-            (:class:`~lightning_gradwatch.diagnosis.first_step.FirstStepReport`).
-        findings: the diagnoses over the measured steps so far
-            (:class:`~lightning_gradwatch.diagnosis.findings.Finding`; also in TensorBoard's TEXT tab at fit
-            end and in ``gradwatch report``).
         last: the latest :class:`~lightning_gradwatch.measure.record.GradientMeasurement` (``None``
-            before the first measured step).
-        block_names: the watched blocks' names once fit has started.
+            before the first measured step); ``block_names``: the watched blocks once fit started.
+        alerts, halted, halt_reason, findings, first_step_report: see the properties.
 
     Example::
 
@@ -184,11 +152,9 @@ class GradientFlowCallback(Callback):
             check_positive_int(check_every_n_steps, "check_every_n_steps"),
             None if alerts_path is None else check_path(alerts_path, "alerts_path"),
         )
-        self.figure_every_n_steps = (
-            None
-            if figure_every_n_steps is None
-            else check_positive_int(figure_every_n_steps, "figure_every_n_steps")
-        )
+        every = figure_every_n_steps
+        checked = None if every is None else check_positive_int(every, "figure_every_n_steps")
+        self.figure_every_n_steps = checked
         self._tensorboard = TensorBoardWriter(self.figure_every_n_steps)
         self.last: Optional[GradientMeasurement] = None
         self.block_names: list[str] = []
@@ -353,31 +319,20 @@ class GradientFlowCallback(Callback):
 
     def _measure(self, trainer: pl.Trainer, k: int) -> Optional[GradientMeasurement]:
         """Optimizer ``k``'s figures at this step if it is measured (else ``None``)."""
-        fit, probe, step = self._fit, self._probe, trainer.global_step
+        fit, probe = self._fit, self._probe
         if fit is None or probe is None or not probe.armed:
             return None
-        steps = fit.steps
-        if not steps.measures(k, step, self.log_every_n_steps):
-            return None
-        params = steps.params[k]
-        measurement = measure(
-            steps.rows(probe.buffer, k),
-            [(name, p.grad) for name, p in params if p.grad is not None],
-            fit.spec,
-            fit.plan,
-            step=step,
-            block_names=steps.block_names[k],
+        measurement = fit.measure(
+            probe,
+            k,
+            trainer.global_step,
+            self.log_every_n_steps,
             scale=loss_scale(trainer),
-            loss=self._enforcer.step_loss(trainer),
+            take_loss=lambda: self._enforcer.step_loss(trainer),
         )
-        steps.clear(probe.buffer, k)  # later steps of this batch start afresh
-        measurement.chained = [probe.chained[i] for i in steps.blocks[k]]
-        measurement.optimizer = steps.names[k]
-        if steps.names[k] is not None:
-            total = measurement.metrics.pop(TOTAL_NORM_KEY, None)
-            if total is not None:
-                measurement.metrics[total_norm_key(steps.names[k])] = total
-        measurement.metrics.update(self._noise.update(trainer, measurement, params))
+        if measurement is not None:
+            update = self._noise.update(trainer, measurement, fit.steps.params[k])
+            measurement.metrics.update(update)
         return measurement
 
     def _log(
@@ -417,35 +372,6 @@ class GradientFlowCallback(Callback):
             report = self._diagnosis.first_step(measurement, params)
             self._first_step_report = self._first_step_report or report
 
-    @property
-    def norm_type(self) -> str:
-        """The norm of every figure (``"l2"``, ``"l1"``, ``"linf"`` or ``"mean"``)."""
-        return self.spec.norm_type
-
-    @property
-    def alerts(self) -> list[Alert]:
-        return self._enforcer.alerts
-
-    @property
-    def halted(self) -> bool:
-        return self._enforcer.halted
-
-    @property
-    def halt_reason(self) -> Optional[str]:
-        return self._enforcer.halt_reason
-
-    @property
-    def findings(self) -> list[Finding]:
-        """Diagnoses over the measured steps of this fit so far (the last 32 and the first 3)
-        (:mod:`lightning_gradwatch.diagnosis.checks`); empty when nothing was found."""
-        return self._diagnosis.findings
-
-    @property
-    def first_step_report(self) -> Optional[FirstStepReport]:
-        """Parameters without / with an all-zero gradient and vanishing blocks at the first
-        measured step."""
-        return self._first_step_report
-
     # -- state -----------------------------------------------------------------------------------
 
     @property
@@ -456,16 +382,3 @@ class GradientFlowCallback(Callback):
         return self._generate_state_key(
             blocks=blocks, norm_type=self.spec.norm_type, log_every_n_steps=self.log_every_n_steps
         )
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "version": STATE_VERSION,
-            "governance": self._enforcer.state_dict(),
-            "noise_scale": self._noise.estimator.state_dict(),
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Version 1 (before one optimizer became a list of one) also held "measured_step": the
-        # measuring grid now follows the restored global step (`on_train_start`), so it is dropped.
-        self._enforcer.load_state_dict(state_dict.get("governance", {}))
-        self._noise.estimator.load_state_dict(state_dict.get("noise_scale", {}))

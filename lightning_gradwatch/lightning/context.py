@@ -8,18 +8,21 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import Logger
-from torch import nn
+from torch import Tensor, nn
 
+from lightning_gradwatch.keys import TOTAL_NORM_KEY, total_norm_key
 from lightning_gradwatch.lightning.optimizers import OptimizerSteps, optimizer_steps
 from lightning_gradwatch.lightning.run_files import RunFiles, resolve_run_files
 from lightning_gradwatch.lightning.strategies import StrategySupport, check_strategy
 from lightning_gradwatch.measure.blocks import eager_name
-from lightning_gradwatch.measure.record import MeasurementSpec
+from lightning_gradwatch.measure.probe import GradientProbe
+from lightning_gradwatch.measure.record import GradientMeasurement, MeasurementSpec
+from lightning_gradwatch.measure.record import measure as measure_record
 from lightning_gradwatch.measure.reduction import ReductionPlan, plan_reduction
 
 __all__ = ["FitContext", "build_fit_context"]
@@ -55,6 +58,42 @@ class FitContext:
     @property
     def block_names(self) -> list[str]:
         return [name for name, _ in self.blocks]
+
+    def measure(
+        self,
+        probe: GradientProbe,
+        k: int,
+        step: int,
+        every: int,
+        *,
+        scale: Optional[Tensor],
+        take_loss: Callable[[], Optional[Tensor]],
+    ) -> Optional[GradientMeasurement]:
+        """Optimizer ``k``'s step at ``step`` over what it owns, if it is measured (every ``every``
+        steps): its block rows of the probe and its parameters' gradients, reduced across ranks and
+        copied to the host once (``scale``: the AMP loss scale the block gradients carry;
+        ``take_loss``: the step's loss, taken only when measured). Its totals carry the optimizer's
+        name when there are several."""
+        steps = self.steps
+        if not steps.measures(k, step, every):
+            return None
+        measurement = measure_record(
+            steps.rows(probe.buffer, k),
+            [(name, p.grad) for name, p in steps.params[k] if p.grad is not None],
+            self.spec,
+            self.plan,
+            step=step,
+            block_names=steps.block_names[k],
+            scale=scale,
+            loss=take_loss(),
+        )
+        steps.clear(probe.buffer, k)  # later steps of this batch start afresh
+        measurement.chained = [probe.chained[i] for i in steps.blocks[k]]
+        name = measurement.optimizer = steps.names[k]
+        total = measurement.metrics.pop(TOTAL_NORM_KEY, None) if name is not None else None
+        if total is not None:
+            measurement.metrics[total_norm_key(name)] = total
+        return measurement
 
 
 def build_fit_context(
