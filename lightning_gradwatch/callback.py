@@ -1,5 +1,5 @@
-"""``GradientFlowCallback``: the Lightning glue. It decides when to arm the probe, reads one step's
-figures, reduces them across ranks, and hands them to the loggers."""
+"""``GradientFlowCallback``: the Lightning glue. It arms the probe for measured steps, and at each
+optimizer step calls measure -> decide -> act -> log -> observe, each in the layer that owns it."""
 
 from __future__ import annotations
 
@@ -14,15 +14,14 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_gradwatch._compat import loss_scale
-from lightning_gradwatch.diagnosis.first_step import FirstStepReport
 from lightning_gradwatch.governance import Rule, validate_rules
 from lightning_gradwatch.governance.enforcer import RuleEnforcer
 from lightning_gradwatch.keys import DEFAULT_EPS
-from lightning_gradwatch.lightning.context import FitContext, build_fit_context
+from lightning_gradwatch.lightning.context import FitContext, build_fit_context, require_a_logger
 from lightning_gradwatch.lightning.diagnosis import RunDiagnosis
 from lightning_gradwatch.lightning.noise_monitor import NoiseScaleMonitor
 from lightning_gradwatch.lightning.outcome import WatchOutcome
-from lightning_gradwatch.lightning.sinks import log_metrics
+from lightning_gradwatch.lightning.sinks import log_step
 from lightning_gradwatch.lightning.tensorboard import TensorBoardWriter
 from lightning_gradwatch.measure.blocks import choose_blocks, eager_name, validate_blocks_spec
 from lightning_gradwatch.measure.probe import GradientProbe
@@ -61,21 +60,17 @@ class GradientFlowCallback(WatchOutcome, Callback):
             parameters in registration order; without those, none: parameter figures only), a
             dotted attribute path to a container (``"model.transformer.h"``), a list of qualified
             module names, or a callable ``pl_module -> [(name, module), ...]``.
-        log_every_n_steps: measure and log every n optimizer steps (default 50). With several
-            optimizers (manual optimization) each one is measured at its first step at or after
-            every multiple of n, over its own parameters and blocks.
+        log_every_n_steps: measure and log every n optimizer steps (default 50); each optimizer
+            at its first step at or after every multiple of n, over what it owns.
         norm_type: ``"l2"`` (default), ``"l1"``, ``"linf"`` or ``"mean"`` (mean absolute value).
         log_param_norms: ``False`` (default), ``True`` for every parameter, or a glob pattern / list
             of patterns over parameter names (``"*.weight"``).
         log_grad_stats: log the ``grad_stats/`` figures (default ``True``).
-        log_histograms: add TensorBoard histograms of block-output and parameter gradients
-            (default ``False``).
-        large_threshold: ``grad_stats/large_fraction`` counts elements with ``|g| >`` this
-            (default 1.0).
-        eps: norms at or below ``eps`` count as zero (a gain into them is ``inf``: vanishing;
-            default :data:`~lightning_gradwatch.keys.DEFAULT_EPS`, 1e-30).
-        damping_threshold: gains below this are "damping" (default 0.5).
-        amplifying_threshold: gains above this are "amplifying" (default 2.0).
+        log_histograms: TensorBoard histograms of block-output and parameter gradients (``False``).
+        large_threshold: ``grad_stats/large_fraction`` counts ``|g| >`` this (default 1.0).
+        eps: norms at or below ``eps`` count as zero (a gain into them is ``inf``; default 1e-30).
+        damping_threshold, amplifying_threshold: gains below / above them are "damping" /
+            "amplifying" (defaults 0.5, 2.0).
         require_logger: raise at fit start when the Trainer has no logger (default ``True``).
         figure_every_n_steps: every this many *measured* steps, log a gradient-flow heatmap image
             (blocks x the last 200 measured steps) to TensorBoard (needs matplotlib:
@@ -83,23 +78,14 @@ class GradientFlowCallback(WatchOutcome, Callback):
         rules: :class:`~lightning_gradwatch.governance.Rule` objects that warn, clip, skip or halt
             (``None``, the default: ``[Rule("nonfinite", action="halt")]``; ``[]``: none). Rules on
             ``grad_norm_total``, ``loss`` and ``nonfinite`` run every ``check_every_n_steps``
-            steps (one batched norm pass, one host copy, one boolean all-reduce across ranks),
-            rules on block metrics on measured steps (no extra cost); see docs/governance.md.
+            steps (one norm pass, one host copy, one boolean all-reduce), others on measured steps.
         check_every_n_steps: cadence of the every-step rules (default 1).
         alerts_path: the JSONL audit trail, a ``str``, ``os.PathLike`` or URL (``None``, the
             default: ``gradwatch_alerts.jsonl`` in the first logger's ``log_dir`` when that is a
-            path, else in ``trainer.default_root_dir``). On a store that cannot append (``s3://``,
-            ``gs://``) alerts go to a local spool file, copied whole to the URL at each
-            checkpoint and when the fit ends (an info line at fit start names it).
-        noise_scale: estimate the gradient noise scale (critical batch size) on measured steps,
-            from DDP ranks' local gradients or accumulated micro-batches (default ``False``: it
-            costs one more norm pass and, under DDP, one tiny all-reduce per measured step; see
-            :mod:`lightning_gradwatch.lightning.noise_monitor`).
-
-    Attributes:
-        last: the latest :class:`~lightning_gradwatch.measure.record.GradientMeasurement` (``None``
-            before the first measured step); ``block_names``: the watched blocks once fit started.
-        alerts, halted, halt_reason, findings, first_step_report: see the properties.
+            path, else in ``trainer.default_root_dir``); where a store cannot append (``s3://``),
+            a local spool copied to the URL at checkpoints and at the end.
+        noise_scale: estimate the gradient noise scale on measured steps (default ``False``: one
+            more norm pass, and one tiny all-reduce under DDP; see docs/noise-scale.md).
 
     Example::
 
@@ -156,13 +142,11 @@ class GradientFlowCallback(WatchOutcome, Callback):
         checked = None if every is None else check_positive_int(every, "figure_every_n_steps")
         self.figure_every_n_steps = checked
         self._tensorboard = TensorBoardWriter(self.figure_every_n_steps)
-        self.last: Optional[GradientMeasurement] = None
-        self.block_names: list[str] = []
+        self.last: Optional[GradientMeasurement] = None  #: the latest measured step's figures
+        self.block_names: list[str] = []  #: the watched blocks, once fit has started
         self._probe: Optional[GradientProbe] = None
         #: Everything decided about the Trainer at fit start (``None`` outside a fit).
         self._fit: Optional[FitContext] = None
-        self._first_step_report: Optional[FirstStepReport] = None
-        self._reported: set[Optional[str]] = set()  # optimizers whose first step was reported
         self._armed_step = -1
         self._diagnosis = RunDiagnosis()
         self.noise_scale = check_type(noise_scale, bool, "noise_scale")
@@ -175,12 +159,8 @@ class GradientFlowCallback(WatchOutcome, Callback):
             self._noise.setup(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.require_logger and not trainer.loggers:
-            raise ValueError(
-                "GradientFlowCallback needs a logger to write to, but the Trainer has none "
-                "(logger=False). Add one (e.g. TensorBoardLogger) or pass require_logger=False and "
-                "read `callback.last`."
-            )
+        if self.require_logger:
+            require_a_logger(trainer)
         # Keys as in eager mode: without the `_orig_mod` of torch.compile wrappers (OptimizedModule).
         choice = choose_blocks(pl_module, self.blocks)
         blocks = [(eager_name(n), m) for n, m in choice.blocks]
@@ -203,7 +183,6 @@ class GradientFlowCallback(WatchOutcome, Callback):
         )
         self._fit, self.block_names = fit, fit.block_names
         self._armed_step = -1
-        self._first_step_report, self._reported = None, set()
         self._enforcer.setup(
             trainer,
             fit.block_names,
@@ -298,10 +277,12 @@ class GradientFlowCallback(WatchOutcome, Callback):
         if measurement is not None and measurement.skipped_by_scaler:
             # The AMP scaler skips this step (inf/NaN gradients) and lowers its scale: its job, not
             # a measurement. Rules have seen it; nothing is logged unless they halted training.
-            if extra and self.halted and trainer.is_global_zero:
-                log_metrics(trainer.loggers, extra, trainer.global_step)
+            if self.halted and trainer.is_global_zero:
+                log_step(trainer, None, extra, self._tensorboard)
             return
-        self._log(trainer, measurement, params, extra)
+        if trainer.is_global_zero:
+            histograms = self._probe if self.log_histograms else None
+            log_step(trainer, measurement, extra, self._tensorboard, histograms, params)
         if measurement is not None:
             self._observe(trainer, measurement, params)
 
@@ -335,42 +316,15 @@ class GradientFlowCallback(WatchOutcome, Callback):
             measurement.metrics.update(update)
         return measurement
 
-    def _log(
-        self,
-        trainer: pl.Trainer,
-        measurement: Optional[GradientMeasurement],
-        params: Sequence[tuple[str, nn.Parameter]],
-        extra: dict[str, float],
-    ) -> None:
-        """One ``log_metrics`` call per logger and step (the figures and governance's own keys),
-        then TensorBoard's pictures and histograms; global rank zero only."""
-        if not trainer.is_global_zero or (measurement is None and not extra):
-            return
-        if measurement is None:
-            log_metrics(trainer.loggers, extra, trainer.global_step)
-            return
-        log_metrics(trainer.loggers, {**measurement.metrics, **extra}, measurement.step)
-        self._tensorboard.update(measurement)
-        if self.log_histograms and self._probe is not None:
-            self._tensorboard.histograms(
-                measurement,
-                list(zip(self._probe.names, self._probe.grads)),
-                [(n, p.grad) for n, p in params if p.grad is not None],
-            )
-
     def _observe(
         self,
         trainer: pl.Trainer,
         measurement: GradientMeasurement,
         params: Sequence[tuple[str, nn.Parameter]],
     ) -> None:
-        """Keep the measurement, feed the run's diagnosis, report each optimizer's first step."""
+        """Keep the measurement and feed the run's diagnosis."""
         self.last = measurement
-        self._diagnosis.observe(trainer, measurement)
-        if measurement.optimizer not in self._reported:
-            self._reported.add(measurement.optimizer)
-            report = self._diagnosis.first_step(measurement, params)
-            self._first_step_report = self._first_step_report or report
+        self._diagnosis.observe(trainer, measurement, params)
 
     # -- state -----------------------------------------------------------------------------------
 

@@ -25,7 +25,17 @@ from lightning_gradwatch.measure.record import GradientMeasurement, MeasurementS
 from lightning_gradwatch.measure.record import measure as measure_record
 from lightning_gradwatch.measure.reduction import ReductionPlan, plan_reduction
 
-__all__ = ["FitContext", "build_fit_context"]
+__all__ = ["FitContext", "build_fit_context", "require_a_logger"]
+
+
+def require_a_logger(trainer: pl.Trainer) -> None:
+    """Raise ``ValueError`` when the Trainer has no logger to write to."""
+    if not trainer.loggers:
+        raise ValueError(
+            "GradientFlowCallback needs a logger to write to, but the Trainer has none "
+            "(logger=False). Add one (e.g. TensorBoardLogger) or pass require_logger=False and "
+            "read `callback.last`."
+        )
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,9 @@ class RunDiagnosis:
         self.figures = RunFigures([])
         self._capture: Optional[StructureCapture] = None
         self._written = False
+        #: The first measured step's report (of the first optimizer to step, with several).
+        self.first_step_report: Optional[FirstStepReport] = None
+        self._reported: set[Optional[str]] = set()  # optimizers whose first step was reported
         self._facts_paths: tuple[str, ...] = ()
         self._warned_write = False
 
@@ -85,6 +88,7 @@ class RunDiagnosis:
         self.figures = RunFigures([name for name, _ in blocks], settings=settings, facts=facts)
         self._capture = StructureCapture(blocks, facts)
         self._written = False
+        self.first_step_report, self._reported = None, set()
 
     def first_step(self, measurement: GradientMeasurement, params: NamedParams) -> FirstStepReport:
         """The first measured step's wiring report, with the findings of that step alone; says it
@@ -108,12 +112,19 @@ class RunDiagnosis:
         (rank_zero_info if report.ok and not report.findings else rank_zero_warn)(report.message())
         return report
 
-    def observe(self, trainer: pl.Trainer, measurement: GradientMeasurement) -> None:
-        """Add one logged measured step; the first one also writes the facts file (rank 0)."""
+    def observe(
+        self, trainer: pl.Trainer, measurement: GradientMeasurement, params: NamedParams
+    ) -> None:
+        """Add one logged measured step; the first one also writes the facts file (rank 0), and
+        each optimizer's first one is reported (:meth:`first_step`)."""
         _add(self.figures, measurement)
         if not self._written:
             self._written = True
             self._write(trainer)
+        if measurement.optimizer not in self._reported:
+            self._reported.add(measurement.optimizer)
+            report = self.first_step(measurement, params)
+            self.first_step_report = self.first_step_report or report
 
     @property
     def findings(self) -> list[Finding]:

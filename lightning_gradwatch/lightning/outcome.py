@@ -28,7 +28,6 @@ class WatchOutcome:
     _enforcer: RuleEnforcer
     _diagnosis: RunDiagnosis
     _noise: NoiseScaleMonitor
-    _first_step_report: Optional[FirstStepReport]
 
     @property
     def norm_type(self) -> str:
@@ -57,7 +56,7 @@ class WatchOutcome:
     def first_step_report(self) -> Optional[FirstStepReport]:
         """Parameters without / with an all-zero gradient and vanishing blocks at the first
         measured step."""
-        return self._first_step_report
+        return self._diagnosis.first_step_report
 
     def state_dict(self) -> dict[str, Any]:
         return {
