@@ -1,5 +1,5 @@
 """One measured step as data: :func:`measure` packs every device-side figure into one vector (its
-:class:`Layout` is the only code that knows the offsets), has it reduced across ranks
+:class:`~lightning_gradwatch.measure.packing.Layout` is the only code that knows the offsets), has it reduced across ranks
 (:mod:`lightning_gradwatch.measure.reduction`), copies it to the host once and turns the floats into a
 :class:`GradientMeasurement` with the logged metric keys. :func:`measure_params` is the
 parameter-only variant for the every-step governance check.
@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-import torch
 from torch import Tensor
 
 from lightning_gradwatch.keys import (
@@ -28,10 +27,10 @@ from lightning_gradwatch.keys import (
     param_norm_key,
     stats_key,
 )
+from lightning_gradwatch.measure.packing import Layout
 from lightning_gradwatch.measure.probe import CALLS, NUMEL, PARTIAL
 from lightning_gradwatch.measure.reduction import ReductionPlan, param_partials, reduce_step
 from lightning_gradwatch.numerics.grad_stats import (
-    N_STAT_PARTIALS,
     finalize_grad_stats,
     stat_partials_finite,
 )
@@ -130,72 +129,6 @@ class MeasurementSpec:
             else list(self.log_param_norms)
         )
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where each figure sits in the packed vector of one step, the only place that knows.
-
-    ``[block rows (n x 3) | parameter partials (m) | grad-stat partials (8, if stats) | scale (1,
-    if scaled) | loss (1, if loss)]``: everything a step copies to the host, in one float64 vector,
-    so the copy happens once.
-    """
-
-    num_blocks: int
-    num_params: int
-    stats: bool = False
-    scaled: bool = False
-    loss: bool = False
-
-    @property
-    def blocks(self) -> slice:
-        return slice(0, 3 * self.num_blocks)
-
-    @property
-    def params(self) -> slice:
-        start = self.blocks.stop
-        return slice(start, start + self.num_params)
-
-    @property
-    def grad_stats(self) -> slice:
-        start = self.params.stop
-        return slice(start, start + (N_STAT_PARTIALS if self.stats else 0))
-
-    def scale(self, values: Sequence[float]) -> float:
-        """The loss scale of the block rows (1 where none was packed or it is not positive)."""
-        if not self.scaled:
-            return 1.0
-        value = values[self.grad_stats.stop]
-        return value if value > 0 else 1.0
-
-    def loss_value(self, values: Sequence[float]) -> Optional[float]:
-        """The packed loss (``None`` where none was packed)."""
-        return values[self.grad_stats.stop + int(self.scaled)] if self.loss else None
-
-    def pack(
-        self,
-        block_rows: Tensor,
-        partials: Tensor,
-        stat_partials: Optional[Tensor],
-        scale: Optional[Tensor],
-        loss: Optional[Tensor] = None,
-    ) -> Tensor:
-        """One float64 vector on ``block_rows``' device (no host sync)."""
-        device = block_rows.device
-        parts = [block_rows.reshape(-1).double(), partials.to(device).double()]
-        if self.stats and stat_partials is not None:
-            parts.append(stat_partials.to(device).double())
-        if self.scaled:
-            assert scale is not None
-            parts.append(scale.detach().reshape(1).to(device=device, dtype=torch.float64))
-        if self.loss:
-            assert loss is not None
-            parts.append(loss.detach().reshape(1).to(device=device, dtype=torch.float64))
-        return torch.cat(parts)
-
-    def rows(self, values: Sequence[float]) -> list[Sequence[float]]:
-        """The ``[partial, numel, calls]`` row of each block."""
-        return [values[3 * i : 3 * i + 3] for i in range(self.num_blocks)]
 
 
 def measure(

@@ -17,11 +17,10 @@ that hold different samples, so rows are combined over the data-parallel ranks. 
 parallelism the rows of the TP ranks of one data-parallel rank are gathered in the same collective
 (one ``all_gather`` over the world, read as a ``(data parallel, tensor parallel)`` grid): a block
 whose row is identical on every TP rank holds a replicated activation and is counted once; otherwise
-its activation is split over the TP ranks (sequence parallelism) and the rows are summed. Block
-outputs that are DTensors are measured from their local values by the probe and go through the same
-rule. (A sequence-parallel block whose shards happen to give bit-identical rows on every TP rank
-would be counted once: not a case that occurs with real gradients.) Dividing by the number of
-data-parallel replicas happens on the host (:func:`lightning_gradwatch.measure.record.unpack`).
+its activation is split over the TP ranks (sequence parallelism) and the rows are summed (shards
+giving bit-identical rows would count once). DTensor block outputs are measured from their local
+values by the probe and go through the same rule. Dividing by the number of data-parallel replicas
+happens on the host (:func:`lightning_gradwatch.measure.record.build_measurement`).
 
 **Cost**, collectives per measured step (blocks + parameters) and per every-step rule check
 (parameters only), each a small ``all_gather``; no per-parameter or per-block collective, no host
@@ -39,15 +38,13 @@ TP + FSDP2               3 (dp, tp, world)  2 (dp, tp)
 
 One ``all_gather`` per distinct process group over which some gradient is split (parameters whose
 gradients are split over several dims are reduced one dim after the other), plus one for the block
-rows unless they ride in a parameter gather over the same group (:func:`reduce_step`: no TP). Each gathers ``group size x payload`` floats (payload: blocks x 3, or parameters + 8 per
-placement group). A step whose gradients hold a NaN/Inf repeats the parameter gathers once (the
-exact ``grad_stats`` recount).
+rows unless they ride in a parameter gather over the same group (:func:`reduce_step`: no TP), of
+``group size x payload`` floats. A step whose gradients hold a NaN/Inf repeats the parameter
+gathers once (the exact ``grad_stats`` recount).
 
-Why not torch's own reductions: ``.full_tensor()`` of each parameter's norm (or
-``get_total_norm`` per mesh, as torchtitan's ``clip_grad_norm_`` does) costs a collective per
-parameter or per mesh and norm, gives no per-parameter figures in one go and has nothing for the
-``grad_stats`` mix of sums, minima and maxima. So torch decides *where* (the placements of its norm,
-asked once per layout), and this module batches *how*.
+Why not ``.full_tensor()`` norms or ``get_total_norm`` per mesh: a collective per parameter or mesh,
+and nothing for the ``grad_stats`` mix of sums, minima and maxima. So torch decides *where* (the
+placements of its norm, asked once per layout), and this module batches *how*.
 """
 
 from __future__ import annotations
