@@ -61,11 +61,7 @@ from torch import Tensor
 
 from lightning_gradwatch.measure.probe import PARTIAL
 from lightning_gradwatch.numerics.grad_stats import combine_stat_partials, grad_stat_partials
-from lightning_gradwatch.numerics.norms import (
-    NormType,
-    combine_partials,
-    foreach_partial_norms,
-)
+from lightning_gradwatch.numerics.norms import NormType, combine_partials, foreach_partial_norms
 
 __all__ = [
     "ReductionPlan",
