@@ -238,17 +238,16 @@ class GradientFlowCallback(WatchOutcome, Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step
-        measured = self._fit is not None and self._fit.steps.may_be_due(
-            step, self.log_every_n_steps
-        )
+        step, fit = trainer.global_step, self._fit
+        measured = fit is not None and fit.steps.may_be_due(step, self.log_every_n_steps)
         self._noise.on_batch_start(trainer, batch, measured)
-        if self._probe is None or not measured:
+        if fit is None or self._probe is None or not measured:
             return
         # First micro-batch of a measured step: start from zero. Later micro-batches of the same
         # step (gradient accumulation) add to it, so every micro-batch of the step is combined.
         if step != self._armed_step:
             self._probe.reset()
+            fit.steps.zeroed()
             self._armed_step = step
         self._probe.arm()  # until the batch ends
 
@@ -260,6 +259,10 @@ class GradientFlowCallback(WatchOutcome, Callback):
         if self._probe is not None and self._probe.armed:
             self._fit.steps.forget_zeroed(self._probe.buffer)
         self._enforcer.on_before_backward(trainer, pl_module, loss, self._fit.steps.params)
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._fit is not None and self._probe is not None and self._probe.armed:
+            self._fit.steps.backward_done()
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer

@@ -195,6 +195,8 @@ class OptimizerSteps:
         self._ids = [id(getattr(o, "optimizer", o)) for o in optimizers]
         #: The global step of each optimizer's latest step (-1: none yet).
         self.last = [-1] * len(self.names)
+        #: Whether a backward may have written each optimizer's rows since they were last zeroed.
+        self._written = [False] * len(self.names)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -237,11 +239,22 @@ class OptimizerSteps:
         """Start optimizer ``k``'s block rows afresh."""
         if len(self._rows[k]):
             buffer.index_fill_(0, self._rows[k], 0.0)
+        self._written[k] = False
+
+    def zeroed(self) -> None:
+        """The whole buffer was zeroed (the probe's reset): no rows are written."""
+        self._written = [False] * len(self.names)
+
+    def backward_done(self) -> None:
+        """An armed backward ran: every optimizer's rows may hold figures now."""
+        self._written = [True] * len(self.names)
 
     def forget_zeroed(self, buffer: Tensor) -> None:
-        """Before a backward: clear the rows of every optimizer whose gradients are all ``None``."""
+        """Before a backward: clear the written rows of every optimizer whose gradients are all
+        ``None`` (they fed no step). Rows nothing wrote are left alone: an in-place write between a
+        compiled forward and its backward would break the compiled graph."""
         for k, params in enumerate(self.params):
-            if params and all(p.grad is None for _, p in params):
+            if self._written[k] and params and all(p.grad is None for _, p in params):
                 self.clear(buffer, k)
 
 
