@@ -1,7 +1,10 @@
-"""Telling the user where to look: where a NaN/Inf started, which parameters get no gradient or a zero
-one, which blocks' gains vanish, and a missing ``zero_grad()`` in manual optimization.
+"""The first measured step's wiring report: which parameters got no gradient (``grad is None``: not
+connected to the loss) or an exactly-zero one, which blocks' gains vanish, and the findings that
+already apply at that step.
 
-Works on plain floats and names (plus one helper over gradient tensors); no Lightning, no I/O.
+Where a NaN/Inf started is told by :mod:`lightning_gradwatch.measure.nonfinite`, a missing
+``zero_grad()`` by :mod:`lightning_gradwatch.governance.notices`. Plain floats and names: no tensors,
+no Lightning, no I/O.
 """
 
 from __future__ import annotations

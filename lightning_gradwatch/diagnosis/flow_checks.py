@@ -1,7 +1,8 @@
-"""The flow rules of the diagnosis: vanishing, exploding, and Post-LN gains that compound with depth.
+"""The flow checks of the diagnosis: vanishing, exploding, and Post-LN gains that compound with depth.
 
-Each rule reads the :class:`~lightning_gradwatch.diagnosis.findings.FlowSummary` (medians over the measured
-steps) and the model facts, and returns a :class:`~lightning_gradwatch.diagnosis.findings.Finding` or ``None``.
+Each check reads the :class:`~lightning_gradwatch.diagnosis.findings.FlowSummary` (medians over the
+measured steps) and the model facts, and returns a
+:class:`~lightning_gradwatch.diagnosis.findings.Finding` or ``None``.
 Thresholds are module constants, chosen so that a textbook case (a sigmoid MLP, std-5 init, a
 Post-LN stack) is found and a Pre-LN residual net is not; they are heuristics, and each finding
 says which numbers crossed them. :func:`lightning_gradwatch.diagnosis.checks.diagnose` runs them all.
@@ -15,7 +16,8 @@ import math
 from typing import Callable, Optional
 
 from lightning_gradwatch.diagnosis.findings import Finding, FlowSummary, fmt, short_list
-from lightning_gradwatch.diagnosis.run_history import ModelFacts, RunFigures
+from lightning_gradwatch.diagnosis.model_facts import ModelFacts
+from lightning_gradwatch.diagnosis.run_history import RunHistory
 from lightning_gradwatch.numerics.norms import Category
 
 __all__ = [
@@ -55,7 +57,7 @@ _RESIDUAL = (
 )
 
 
-def vanishing_flow(figures: RunFigures, s: FlowSummary) -> Optional[Finding]:
+def vanishing_flow(history: RunHistory, s: FlowSummary) -> Optional[Finding]:
     """Most transitions shrink the gradient and the end-to-end gain is tiny (or no gradient at all
     reaches most blocks' outputs)."""
     present = s.present
@@ -67,7 +69,7 @@ def vanishing_flow(figures: RunFigures, s: FlowSummary) -> Optional[Finding]:
     tiny = s.end_to_end is not None and s.end_to_end <= TINY_END_TO_END
     if not ((tiny and shrinking + zero > present / 2) or zero > present / 2):
         return None
-    lo = figures.settings.damping_threshold
+    lo = history.settings.damping_threshold
     evidence = [
         f"{shrinking} of {present} transitions shrink the gradient going backward "
         f"({damping} below the damping threshold {fmt(lo)}); median gains: {s.gain_list()}"
@@ -76,7 +78,7 @@ def vanishing_flow(figures: RunFigures, s: FlowSummary) -> Optional[Finding]:
         evidence.append(_end_to_end_sentence(s))
     if zero:
         evidence.append(f"{zero} transition(s) carry no gradient at all (output norm <= eps)")
-    facts = figures.facts
+    facts = history.facts
     saturating = facts.blocks_with(SATURATING) if facts else {}
     evidence += [
         f"saturating activation {name} in {blocks_text(b)}" for name, b in saturating.items()
@@ -103,7 +105,7 @@ def vanishing_flow(figures: RunFigures, s: FlowSummary) -> Optional[Finding]:
     )
 
 
-def exploding_flow(figures: RunFigures, s: FlowSummary) -> Optional[Finding]:
+def exploding_flow(history: RunHistory, s: FlowSummary) -> Optional[Finding]:
     """Amplifying transitions with a large end-to-end gain, a huge end-to-end gain, a fast-growing
     total norm, or infinite total norms."""
     amplifying = s.count(Category.AMPLIFYING)
@@ -118,7 +120,7 @@ def exploding_flow(figures: RunFigures, s: FlowSummary) -> Optional[Finding]:
         return None
     evidence = []
     if by_blocks:
-        hi = figures.settings.amplifying_threshold
+        hi = history.settings.amplifying_threshold
         evidence.append(
             f"{amplifying} of {s.present} transitions grow the gradient above the amplifying "
             f"threshold {fmt(hi)}; median gains: {s.gain_list()}"
@@ -131,7 +133,7 @@ def exploding_flow(figures: RunFigures, s: FlowSummary) -> Optional[Finding]:
         )
     if s.infinite_totals:
         evidence.append(f"{s.infinite_totals} measured step(s) had an infinite total norm")
-    ratio, layer = _init_extreme(figures.facts, max)
+    ratio, layer = _init_extreme(history.facts, max)
     if ratio is not None:
         evidence.append(_init_sentence(ratio, layer))
     if ratio is not None and ratio > LARGE_INIT:
@@ -154,10 +156,10 @@ def exploding_flow(figures: RunFigures, s: FlowSummary) -> Optional[Finding]:
     )
 
 
-def post_norm_gains(figures: RunFigures, s: FlowSummary) -> Optional[Finding]:
+def post_norm_gains(history: RunHistory, s: FlowSummary) -> Optional[Finding]:
     """Post-LN blocks (``norm(x + f(x))``) whose gains move the norm the same way block after block,
     compounding with depth."""
-    facts = figures.facts
+    facts = history.facts
     if facts is None:
         return None
     post = [b for b in facts.blocks if b.post_norm]

@@ -19,16 +19,24 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_gradwatch.diagnosis.run_history import BlockFacts, ModelFacts
 from lightning_gradwatch.measure.reduction import local_tensor
 
-__all__ = ["ACTIVATIONS", "StructureCapture", "activation_name", "collect_model_facts", "norm_name"]
+__all__ = [
+    "ACTIVATIONS",
+    "BlockFacts",
+    "ModelFacts",
+    "StructureCapture",
+    "activation_name",
+    "collect_model_facts",
+    "norm_name",
+]
 
 #: Activation module classes recorded by their torch name (subclasses count as their torch base).
 ACTIVATIONS: tuple[type[nn.Module], ...] = (
@@ -38,6 +46,60 @@ ACTIVATIONS: tuple[type[nn.Module], ...] = (
 )  # fmt: skip
 #: Class names that are normalisation layers (torch's and look-alikes such as ``LlamaRMSNorm``).
 _NORM_NAME = re.compile(r"(Layer|RMS|Group|Batch|Instance|Local\w*)Norm(\d+d)?$|Norm$")
+
+
+@dataclass
+class BlockFacts:
+    """What the module tree says about one block (collected once, at fit start).
+
+    Attributes:
+        name: the block's qualified name.
+        activations: activation classes inside it (torch names, e.g. ``"Sigmoid"``), sorted.
+        norms: normalisation classes inside it (``"LayerNorm"``, ``"BatchNorm1d"``, ...), sorted.
+        params: number of parameter elements in it; ``trainable``: those requiring grad.
+        init_ratio: the largest ``weight.std() * sqrt(fan_in)`` over its weight matrices (PyTorch's
+            default init gives about 0.58, He/Kaiming 1.41, Xavier about 1); ``None`` if none.
+        init_layer: the parameter holding that largest ratio.
+        post_norm: the block's last executed submodule is a normalisation layer applied to the
+            result of an addition (the Post-LN shape ``norm(x + f(x))``), seen in the first
+            training forward; ``None``: not seen (no forward yet, torch.compile).
+    """
+
+    name: str
+    activations: list[str] = field(default_factory=list)
+    norms: list[str] = field(default_factory=list)
+    params: int = 0
+    trainable: int = 0
+    init_ratio: Optional[float] = None
+    init_layer: Optional[str] = None
+    post_norm: Optional[bool] = None
+
+
+@dataclass
+class ModelFacts:
+    """The module tree's facts: per block, plus parameter counts over the whole model.
+
+    Attributes:
+        blocks: per watched block, in forward order.
+        trainable: parameter elements requiring grad in the whole model.
+        embedding_params: of those, elements in ``nn.Embedding`` / ``nn.EmbeddingBag`` weights (rows
+            a batch does not touch get exactly zero gradients).
+    """
+
+    blocks: list[BlockFacts] = field(default_factory=list)
+    trainable: int = 0
+    embedding_params: int = 0
+
+    def blocks_with(
+        self, names: Sequence[str], attribute: str = "activations"
+    ) -> dict[str, list[str]]:
+        """``{class name: [blocks]}`` for the classes of ``names`` found in ``attribute``."""
+        found: dict[str, list[str]] = {}
+        for block in self.blocks:
+            for name in getattr(block, attribute):
+                if name in names:
+                    found.setdefault(name, []).append(block.name)
+        return found
 
 
 def activation_name(module: nn.Module) -> Optional[str]:
@@ -57,7 +119,7 @@ def norm_name(module: nn.Module) -> Optional[str]:
 
 
 def collect_model_facts(root: nn.Module, blocks: Sequence[tuple[str, nn.Module]]) -> ModelFacts:
-    """The :class:`~lightning_gradwatch.diagnosis.run_history.ModelFacts` of ``root`` and its ``blocks``.
+    """The :class:`ModelFacts` of ``root`` and its ``blocks``.
 
     Example::
 
