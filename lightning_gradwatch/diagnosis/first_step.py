@@ -9,7 +9,7 @@ no Lightning, no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from lightning_gradwatch.diagnosis.findings import Finding
@@ -69,16 +69,17 @@ class FirstStepReport:
 def first_step_report(
     step: int,
     params_without_grad: Sequence[str],
-    param_norms: Mapping[str, float],
+    params_zero_grad: Sequence[str],
     block_names: Sequence[str],
     categories: Sequence[Category],
 ) -> FirstStepReport:
-    """Build the :class:`FirstStepReport` from a measurement's figures (``categories[i]`` is the
-    transition into ``block_names[i + 1]``)."""
+    """Build the :class:`FirstStepReport` from a measurement's figures (``params_zero_grad``: the
+    parameters whose gradient is exactly zero; ``categories[i]`` is the transition into
+    ``block_names[i + 1]``)."""
     return FirstStepReport(
         step=step,
         no_grad=list(params_without_grad),
-        zero_grad=[name for name, norm in param_norms.items() if norm == 0.0],
+        zero_grad=list(params_zero_grad),
         vanishing=[
             name
             for name, category in zip(block_names[1:], categories)

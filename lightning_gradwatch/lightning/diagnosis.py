@@ -96,7 +96,7 @@ class RunDiagnosis:
         report = first_step_report(
             measurement.step,
             [name for name, p in params if p.grad is None],
-            measurement.param_norms,
+            measurement.zero_grad_params,
             measurement.block_names,
             measurement.categories,
         )
@@ -191,7 +191,7 @@ def _add(history: RunHistory, measurement: GradientMeasurement) -> None:
     history.add(
         measurement.step,
         measurement.norms_of(history.block_names),  # several optimizers: a step's blocks only
-        measurement.total_norm if measurement.param_norms else None,
+        measurement.total_norm if measurement.grads_measured else None,
         measurement.grad_stats.get("zero_fraction"),
         measurement.metrics.get(NOISE_B_SIMPLE_KEY),
         measurement.metrics.get(NOISE_BATCH_KEY),
