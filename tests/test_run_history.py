@@ -15,8 +15,9 @@ from torch import nn
 from lightning_gradwatch import Rule
 from lightning_gradwatch.diagnosis.checks import diagnose
 from lightning_gradwatch.diagnosis.findings import healthy_summary
-from lightning_gradwatch.diagnosis.model_facts import StructureCapture, collect_model_facts
+from lightning_gradwatch.diagnosis.model_facts import collect_model_facts
 from lightning_gradwatch.diagnosis.run_history import ClipBound, RunHistory, Settings, Wiring
+from lightning_gradwatch.diagnosis.structure import StructureCapture
 from lightning_gradwatch.lightning.diagnosis import clip_bounds
 
 

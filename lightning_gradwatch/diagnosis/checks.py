@@ -30,6 +30,7 @@ from lightning_gradwatch.diagnosis.flow_checks import (
     post_norm_gains,
     vanishing_flow,
 )
+from lightning_gradwatch.diagnosis.remedies import GENERIC
 from lightning_gradwatch.diagnosis.run_history import RunHistory
 
 __all__ = ["CHECKS", "FindingCheck", "diagnose"]
@@ -59,8 +60,12 @@ def dead_units(history: RunHistory, s: FlowSummary) -> Optional[Finding]:
     ]
     evidence += [f"ReLU-family activation {name} in {blocks_text(b)}" for name, b in relu.items()]
     share = facts.embedding_params / facts.trainable if facts and facts.trainable else 0.0
+    relu_blocks = {block for blocks in relu.values() for block in blocks}
+    he = bool(relu_blocks) and all(
+        b.init_schemes == ["he"] for b in (facts.blocks if facts else []) if b.name in relu_blocks
+    )
     if facts is None:
-        evidence.append("model facts unavailable: the activations cannot be checked")
+        evidence += ["the activations cannot be checked", GENERIC]
     elif share > 0:
         evidence.append(f"embeddings hold {share:.0%} of the trainable parameters (unused rows "
                         "also get zero gradients)")  # fmt: skip
@@ -71,11 +76,15 @@ def dead_units(history: RunHistory, s: FlowSummary) -> Optional[Finding]:
         confidence,
         evidence,
         [
-            "use LeakyReLU or GELU (no zero-gradient region), or check the biases and init "
-            f"(a negative bias shift kills ReLU units; {HE_INIT})",
+            "use LeakyReLU or GELU (no zero-gradient region), or check the biases"
+            + (
+                " (a negative bias shift kills ReLU units; the init is already He-scaled)"
+                if he
+                else f" and init (a negative bias shift kills ReLU units; {HE_INIT})"
+            ),
             "lower the learning rate (large updates push units into the dead region)",
         ],
-        blocks=sorted({b for blocks in relu.values() for b in blocks}),
+        blocks=sorted(relu_blocks),
         figures={"zero_fraction": zf, "embedding_share": share},
     )
 

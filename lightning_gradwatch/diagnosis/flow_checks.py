@@ -17,7 +17,8 @@ from typing import Callable, Optional
 
 from lightning_gradwatch.diagnosis.findings import Finding, FlowSummary, fmt, short_list
 from lightning_gradwatch.diagnosis.model_facts import ModelFacts
-from lightning_gradwatch.diagnosis.run_history import RunHistory
+from lightning_gradwatch.diagnosis.remedies import GENERIC, PRE_LN, WARMUP_OR_LOWER, Structure
+from lightning_gradwatch.diagnosis.run_history import ClipBound, RunHistory
 from lightning_gradwatch.numerics.norms import Category
 
 __all__ = [
@@ -51,10 +52,15 @@ POST_NORM_SAME_WAY = 2 / 3
 POST_NORM_FACTOR = 2.0
 #: The init to suggest for ReLU-family layers.
 HE_INIT = "nn.init.kaiming_normal_(weight, nonlinearity='relu')"
-_RESIDUAL = (
+#: The suggestions of the flow checks to take when no model facts say what the blocks have.
+_GENERIC_RESIDUAL = (
     "add normalisation (LayerNorm/BatchNorm) inside each block and residual connections "
     "(x + f(x)), so the gradient keeps an identity path"
 )
+_GENERIC_INIT = "use He (ReLU/GELU) or Xavier (tanh) initialisation: std about sqrt(2/fan_in)"
+_GENERIC_NORM = "add normalisation (LayerNorm/BatchNorm) inside the blocks"
+#: At most this many suggestions per finding, most promising first.
+MAX_SUGGESTIONS = 3
 
 
 def vanishing_flow(history: RunHistory, s: FlowSummary) -> Optional[Finding]:
@@ -85,21 +91,17 @@ def vanishing_flow(history: RunHistory, s: FlowSummary) -> Optional[Finding]:
     ]
     ratio, layer = _init_extreme(facts, min)
     relu = bool(facts and facts.blocks_with(RELU_FAMILY))
-    if relu and ratio is not None and ratio < SMALL_INIT:
+    small_init = relu and ratio is not None and ratio < SMALL_INIT
+    if small_init and ratio is not None:
         evidence.append(_init_sentence(ratio, layer))
-    if saturating:
-        first = f"replace {'/'.join(saturating)} with ReLU or GELU, with He init ({HE_INIT})"
-    elif relu and ratio is not None and ratio < SMALL_INIT:
-        first = f"use He/Kaiming init for the ReLU layers ({HE_INIT}): std sqrt(2/fan_in)"
-    else:
-        first = "use He (ReLU/GELU) or Xavier (tanh) initialisation: std about sqrt(2/fan_in)"
+    said, suggestions = _vanishing_fixes(facts, list(saturating), small_init)
     strong = damping + zero > present / 2 and (zero > present / 2 or _below(s, 1e-3))
     return Finding(
         "vanishing_flow",
         "Vanishing gradient flow: early blocks get little or no gradient",
         "high" if strong else "medium",
-        evidence,
-        [first, _RESIDUAL],
+        evidence + said,
+        suggestions,
         blocks=[t for t, g in zip(s.transitions, s.gains) if g is not None and g < 1.0],
         figures=_flow_figures(s) | {"shrinking": shrinking, "zero": zero},
     )
@@ -136,21 +138,14 @@ def exploding_flow(history: RunHistory, s: FlowSummary) -> Optional[Finding]:
     ratio, layer = _init_extreme(history.facts, max)
     if ratio is not None:
         evidence.append(_init_sentence(ratio, layer))
-    if ratio is not None and ratio > LARGE_INIT:
-        first = f"re-initialise with std = gain/sqrt(fan_in) ({HE_INIT}, or xavier_normal_)"
-    else:
-        first = "add normalisation (LayerNorm/BatchNorm) inside the blocks"
+    said, suggestions = _exploding_fixes(history, ratio is not None and ratio > LARGE_INIT)
     high = (e2e is not None and e2e >= HUGE_END_TO_END) or (growth or 0) >= 1e3
     return Finding(
         "exploding_flow",
         "Exploding gradient flow: gradients grow going backward or over the steps",
         "high" if high or s.infinite_totals else "medium",
-        evidence,
-        [
-            first,
-            "clip the total norm (Trainer(gradient_clip_val=...) or a clip Rule) and lower the "
-            "learning rate",
-        ],
+        evidence + said,
+        suggestions,
         blocks=[t for t, c in zip(s.transitions, s.categories) if c == Category.AMPLIFYING],
         figures=_flow_figures(s) | {"growth": growth, "init_ratio": ratio, "init_layer": layer},
     )
@@ -184,13 +179,69 @@ def post_norm_gains(history: RunHistory, s: FlowSummary) -> Optional[Finding]:
             f"{s.gain_list()}), compounding to an end-to-end gain of {fmt(factor)}",
         ],
         [
-            "move the normalisation before the sublayer (Pre-LN: x + f(norm(x))): the residual "
-            "path then carries the gradient unchanged through every block",
-            "if you keep Post-LN: learning-rate warmup and a smaller init of each block's last layer",
+            PRE_LN,
+            "if you keep Post-LN: learning-rate warm-up and a smaller init of each block's last "
+            "layer",
         ],
         blocks=[b.name for b in post],
         figures=_flow_figures(s) | {"same_way": same, "post_norm_blocks": len(post)},
     )
+
+
+def _vanishing_fixes(
+    facts: Optional[ModelFacts], saturating: list[str], small_init: bool
+) -> tuple[list[str], list[str]]:
+    """Evidence on what the blocks have, and the fixes for what they lack: an activation that
+    saturates, a small init for ReLU, an init that is not variance-scaled, missing normalisation
+    or residual connections; with nothing structural missing, what is left (Pre-LN placement for
+    a Post-LN stack, warm-up or a lower learning rate)."""
+    if facts is None:
+        return [GENERIC], [_GENERIC_INIT, _GENERIC_RESIDUAL]
+    structure = Structure.of(facts)
+    fixes = []
+    if saturating:
+        fixes.append(f"replace {'/'.join(saturating)} with ReLU or GELU, with He init ({HE_INIT})")
+    elif small_init:
+        fixes.append(f"use He/Kaiming init for the ReLU layers ({HE_INIT}): std sqrt(2/fan_in)")
+    elif structure.init.lack:
+        fixes.append(
+            f"use He (ReLU/GELU) or Xavier (tanh) initialisation in "
+            f"{blocks_text(structure.init.lack)}: their weight std matches no variance-scaled init"
+        )
+    fixes += structure.missing()
+    if not structure.lacks:
+        fixes += [PRE_LN, WARMUP_OR_LOWER] if structure.post_ln else [WARMUP_OR_LOWER]
+    present = structure.present()
+    return ([present] if present else []), fixes[:MAX_SUGGESTIONS]
+
+
+def _exploding_fixes(history: RunHistory, large_init: bool) -> tuple[list[str], list[str]]:
+    """Evidence on what the blocks have, and the fixes: a re-init for a large init, normalisation
+    where the blocks lack it, clipping where the run does not clip yet, and the learning rate."""
+    facts, bounds = history.facts, history.settings.clip_bounds
+    said, fixes = [], []
+    if large_init:
+        fixes.append(f"re-initialise with std = gain/sqrt(fan_in) ({HE_INIT}, or xavier_normal_)")
+    if facts is None:
+        said.append(GENERIC)
+        fixes = fixes or [_GENERIC_NORM]
+    else:
+        structure = Structure.of(facts)
+        fixes += structure.missing(residual=False)
+        present = structure.present(residual=False)
+        said += [present] if present else []
+    fixes.append(_clip_advice(bounds))
+    return said, fixes[:MAX_SUGGESTIONS]
+
+
+def _clip_advice(bounds: list[ClipBound]) -> str:
+    if not bounds:
+        return (
+            "clip the total norm (Trainer(gradient_clip_val=...) or a clip Rule) and lower the "
+            "learning rate"
+        )
+    where = short_list([f"{b.source} at {fmt(b.threshold)}" for b in bounds], 3)
+    return f"the run already clips the total norm ({where}): lower the learning rate or warm it up"
 
 
 def _end_to_end_sentence(s: FlowSummary) -> str:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from lightning_gradwatch.diagnosis.model_facts import BlockFacts, ModelFacts
+from lightning_gradwatch.diagnosis.model_facts import ModelFacts
 from lightning_gradwatch.keys import DEFAULT_EPS
 
 __all__ = [
@@ -168,12 +168,7 @@ class RunHistory:
         settings = dict(data.get("settings") or {})
         bounds = [ClipBound(**bound) for bound in settings.pop("clip_bounds", [])]
         model = data.get("model")
-        facts = None
-        if isinstance(model, dict):
-            blocks = [BlockFacts(**block) for block in model.get("blocks", [])]
-            facts = ModelFacts(
-                blocks, int(model.get("trainable", 0)), int(model.get("embedding_params", 0))
-            )
+        facts = ModelFacts.from_dict(model) if isinstance(model, dict) else None
         wiring = data.get("first_step")
         return cls(
             list(block_names),

@@ -20,13 +20,14 @@ from torch import nn
 from lightning_gradwatch.diagnosis.checks import diagnose
 from lightning_gradwatch.diagnosis.findings import Finding, format_findings
 from lightning_gradwatch.diagnosis.first_step import FirstStepReport, first_step_report
-from lightning_gradwatch.diagnosis.model_facts import StructureCapture, collect_model_facts
+from lightning_gradwatch.diagnosis.model_facts import collect_model_facts
 from lightning_gradwatch.diagnosis.run_history import (
     ClipBound,
     RunHistory,
     Settings,
     Wiring,
 )
+from lightning_gradwatch.diagnosis.structure import StructureCapture
 from lightning_gradwatch.files import write_text
 from lightning_gradwatch.governance import Rule, rule_labels
 from lightning_gradwatch.keys import NOISE_B_SIMPLE_KEY, NOISE_BATCH_KEY, TOTAL_NORM_KEY
