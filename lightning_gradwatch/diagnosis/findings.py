@@ -219,7 +219,7 @@ def healthy_summary(history: RunHistory, summary: Optional[FlowSummary] = None) 
         return "No measured step yet: nothing to diagnose."
     span = s.span
     if not s.transitions:
-        watched = "Only one block is" if figures.block_names else "No block is"
+        watched = "Only one block is" if history.block_names else "No block is"
         return f"{watched} watched: no transition to judge over {span}."
     finite = [g for g in s.gains if g is not None and math.isfinite(g)]
     counts = ", ".join(f"{s.count(c)} {c.value}" for c in Category if s.count(c))
