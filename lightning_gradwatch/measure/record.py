@@ -58,13 +58,9 @@ class GradientMeasurement:
         categories: the :class:`~lightning_gradwatch.numerics.norms.Category` of each transition.
         summary: the gain summary keys (``SUMMARY_KEYS``) plus ``end_to_end_gain``.
         total_norm: the norm over all parameter gradients.
-        param_norms: the gradient norms of the parameters that ``log_param_norms`` selects, and
-            only those (empty by default).
-        grads_measured: how many parameter gradients were measured (0: no parameter has a
-            gradient, or parameter figures are left out: there is no total norm).
-        nonfinite_params: the parameters whose gradient holds a NaN/Inf (of all measured).
-        zero_grad_params: the parameters whose gradient is exactly zero everywhere (of all
-            measured).
+        param_norms: the gradient norms of the parameters ``log_param_norms`` selects, only those.
+        grads_measured: parameter gradients measured (0: none, so no total norm); of them,
+            ``nonfinite_params`` hold a NaN/Inf and ``zero_grad_params`` are exactly zero.
         grad_stats: ``mean``, ``std``, ``min``, ``max``, ``zero_fraction``, ``large_fraction``,
             ``nonfinite_count`` over all parameter-gradient elements (empty when disabled).
         metrics: the flat dict handed to the loggers.
@@ -253,7 +249,6 @@ def build_measurement(
         for row in layout.rows(values)
     ]
     partials = values[layout.params]
-    # Every parameter's partial serves the checks below; only the selected ones become norms.
     param_norms = {
         name: finalize_norm(partial, numel, spec.norm_type)
         for name, partial, numel in zip(param_names, partials, param_numels)
@@ -276,7 +271,7 @@ def build_measurement(
         total_norm=_total_norm(partials, param_numels, spec.norm_type),
         param_norms=param_norms,
         grads_measured=len(partials),
-        # A partial is zero / non-finite exactly when its parameter's norm is (sums of |g|^p, max).
+        # Of every parameter (a partial, sum of |g|^p or max, is 0 / non-finite as its norm is).
         nonfinite_params=[n for n, p in zip(param_names, partials) if not math.isfinite(p)],
         zero_grad_params=[n for n, p in zip(param_names, partials) if p == 0.0],
         grad_stats=finalize_grad_stats(values[layout.grad_stats]) if layout.stats else {},
