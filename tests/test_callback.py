@@ -133,10 +133,18 @@ def test_param_norm_filter(log_param_norms: Any, keys: Any, tmp_path: Any) -> No
     torch.manual_seed(0)
     model = RefNet()
     callback = _fit(model, tmp_path, max_steps=1, log_param_norms=log_param_norms, norm_type="l1")
-    if keys is None:
-        keys = [name for name, _ in model.named_parameters()]
-    assert callback.last is not None
-    assert_metrics_equal(callback.last.metrics, model.expected(0, "l1", param_keys=keys))
+    params = [name for name, _ in model.named_parameters()]
+    keys = params if keys is None else keys
+    last = callback.last
+    assert last is not None
+    expected = model.expected(0, "l1", param_keys=keys)
+    assert_metrics_equal(last.metrics, expected)
+    # The record holds what was asked for and nothing more (issue 19, item 5) ...
+    assert last.param_norms == {
+        key: pytest.approx(expected[f"grad_param_norm/{key}"], rel=1e-5) for key in keys
+    }
+    # ... while the checks that need every parameter still see all of them.
+    assert last.grads_measured == len(params) and last.nonfinite_params == []
 
 
 def test_grad_stats_can_be_turned_off(tmp_path: Any) -> None:
@@ -166,6 +174,8 @@ def test_non_finite_gradients_are_counted(tmp_path: Any) -> None:
     assert metrics["grad_stats/nonfinite_count"] == 5
     assert metrics["grad_norm_total"] == math.inf
     assert_metrics_equal(metrics, model.expected(0))
+    # Found among every parameter, though no parameter norm was asked for.
+    assert callback.last.nonfinite_params == ["dead"] and callback.last.param_norms == {}
 
 
 def test_measured_steps_follow_the_interval(tmp_path: Any) -> None:

@@ -66,7 +66,10 @@ def test_std5_init_exploding_flow_reports_the_init_ratio(tmp_path: Path) -> None
     assert exploding.figures["init_ratio"] == pytest.approx(expected, rel=1e-5)
     assert exploding.figures["init_layer"] == f"blocks.{ratios.index(expected)}.weight"
     assert exploding.confidence == "high"  # gains of about 20 per block: e2e far above 1e3
-    assert "re-initialise" in exploding.suggestions[0] and "clip" in exploding.suggestions[1]
+    first, norm, clip = exploding.suggestions
+    assert "re-initialise" in first and "clip" in clip
+    # The plain Linear blocks have no norm: the facts show it, so it is offered for each of them.
+    assert norm.startswith("add normalisation") and "blocks.0, blocks.1, blocks.2, blocks.3" in norm
     assert "vanishing_flow" not in by_name(callback.findings)
 
 
@@ -94,7 +97,7 @@ def test_disconnected_and_dead_parameters_told_apart(tmp_path: Path) -> None:
 
 def test_post_ln_stack_suggests_pre_ln(tmp_path: Path) -> None:
     callback = fit(tmp_path, residual_net(post=True))
-    facts = callback._diagnosis.figures.facts
+    facts = callback._diagnosis.history.facts
     assert facts is not None and all(block.post_norm for block in facts.blocks)
     post = by_name(callback.findings)["post_norm_gains"]
     assert "LayerNorm" in post.evidence[0]
@@ -104,13 +107,13 @@ def test_post_ln_stack_suggests_pre_ln(tmp_path: Path) -> None:
 
 def test_healthy_pre_ln_net_gets_no_finding_and_the_numbers(tmp_path: Path) -> None:
     callback = fit(tmp_path, residual_net(post=False))
-    facts = callback._diagnosis.figures.facts
+    facts = callback._diagnosis.history.facts
     assert facts is not None and not any(block.post_norm for block in facts.blocks)
     assert callback.findings == []
-    figures = callback._diagnosis.figures
+    history = callback._diagnosis.history
     from lightning_gradwatch.diagnosis.findings import healthy_summary
 
-    summary = healthy_summary(figures)
+    summary = healthy_summary(history)
     assert summary.startswith("Gradient flow looks healthy")
     assert "3 measured step(s)" in summary and "4 healthy" in summary
     assert "Median end-to-end gain" in summary and "gradient zero fraction" in summary
@@ -121,7 +124,7 @@ def test_clip_bound_below_the_typical_norm(tmp_path: Path) -> None:
     clip = by_name(callback.findings)["clipping_always"]
     assert clip.confidence == "high"  # 5 of 5 measured steps
     assert "gradient_clip_val bound 0.0001 on 5 of 5" in clip.evidence[0]
-    totals = sorted(row.total_norm for row in callback._diagnosis.figures.steps)  # type: ignore[type-var]
+    totals = sorted(row.total_norm for row in callback._diagnosis.history.steps)  # type: ignore[type-var]
     p90 = totals[3] + 0.6 * (totals[4] - totals[3])  # numpy's linear 90th percentile of 5 values
     assert clip.figures["p90_total"] == pytest.approx(p90)
     assert f"{p90:.3g}" in clip.suggestions[0]

@@ -131,7 +131,8 @@ def test_one_host_copy_per_measured_step_none_otherwise(
     assert {name for _, name in counts if name in HOST_COPIES} == {"tolist"}
     # ... and that one copy held every figure of the step.
     assert callback.last is not None and callback.last.step == measured[-1]
-    assert len(callback.last.param_norms) == len(list(fit.lightning_module.parameters()))
+    assert callback.last.grads_measured == len(list(fit.lightning_module.parameters()))
+    assert len(callback.last.param_norms) == callback.last.grads_measured  # log_param_norms=True
 
 
 ADAPTIVE_RULES = [

@@ -1,9 +1,10 @@
-"""The diagnosis rule set: :func:`diagnose` turns a run's figures and model facts into findings.
+"""The diagnosis checks: :func:`diagnose` turns a run's history and model facts into findings.
 
-The flow rules (vanishing, exploding, Post-LN) live in :mod:`lightning_gradwatch.diagnosis.flow_checks`; here
-are the rules on parameters (dead units, disconnected and dead parameters), on clipping, and the
-list of every rule. Each returns a :class:`~lightning_gradwatch.diagnosis.findings.Finding` or ``None``;
-thresholds are module constants (heuristics: each finding says which numbers crossed them).
+The flow checks (vanishing, exploding, Post-LN) live in :mod:`lightning_gradwatch.diagnosis.flow_checks`;
+here are the checks on parameters (dead units, disconnected and dead parameters), on clipping and on
+the batch size, and :data:`CHECKS`, the list of every check. Each is a :data:`FindingCheck`: it
+returns a :class:`~lightning_gradwatch.diagnosis.findings.Finding` or ``None``; thresholds are module
+constants (heuristics: each finding says which numbers crossed them).
 
 Pure: no tensors, no Lightning.
 """
@@ -29,9 +30,10 @@ from lightning_gradwatch.diagnosis.flow_checks import (
     post_norm_gains,
     vanishing_flow,
 )
-from lightning_gradwatch.diagnosis.run_history import RunFigures
+from lightning_gradwatch.diagnosis.remedies import GENERIC
+from lightning_gradwatch.diagnosis.run_history import RunHistory
 
-__all__ = ["RULES", "Rule", "diagnose"]
+__all__ = ["CHECKS", "FindingCheck", "diagnose"]
 
 #: Median ``grad_stats/zero_fraction`` at or above this points to dead units.
 DEAD_ZERO_FRACTION = 0.5
@@ -42,12 +44,13 @@ NOISE_FACTOR = 10.0
 #: Measured steps with a noise scale before its average is trusted beyond "low" confidence.
 NOISE_SETTLED = 5
 
-Rule = Callable[[RunFigures, FlowSummary], Optional[Finding]]
+#: A check: the run's history and its summary in, a finding (or ``None``: nothing found) out.
+FindingCheck = Callable[[RunHistory, FlowSummary], Optional[Finding]]
 
 
-def dead_units(figures: RunFigures, s: FlowSummary) -> Optional[Finding]:
+def dead_units(history: RunHistory, s: FlowSummary) -> Optional[Finding]:
     """Many exactly-zero gradient entries with ReLU-family activations in the blocks."""
-    zf, facts = s.zero_fraction, figures.facts
+    zf, facts = s.zero_fraction, history.facts
     relu = facts.blocks_with(RELU_FAMILY) if facts else {}
     if zf is None or zf < DEAD_ZERO_FRACTION or (facts is not None and not relu):
         return None
@@ -57,8 +60,12 @@ def dead_units(figures: RunFigures, s: FlowSummary) -> Optional[Finding]:
     ]
     evidence += [f"ReLU-family activation {name} in {blocks_text(b)}" for name, b in relu.items()]
     share = facts.embedding_params / facts.trainable if facts and facts.trainable else 0.0
+    relu_blocks = {block for blocks in relu.values() for block in blocks}
+    he = bool(relu_blocks) and all(
+        b.init_schemes == ["he"] for b in (facts.blocks if facts else []) if b.name in relu_blocks
+    )
     if facts is None:
-        evidence.append("model facts unavailable: the activations cannot be checked")
+        evidence += ["the activations cannot be checked", GENERIC]
     elif share > 0:
         evidence.append(f"embeddings hold {share:.0%} of the trainable parameters (unused rows "
                         "also get zero gradients)")  # fmt: skip
@@ -69,18 +76,22 @@ def dead_units(figures: RunFigures, s: FlowSummary) -> Optional[Finding]:
         confidence,
         evidence,
         [
-            "use LeakyReLU or GELU (no zero-gradient region), or check the biases and init "
-            f"(a negative bias shift kills ReLU units; {HE_INIT})",
+            "use LeakyReLU or GELU (no zero-gradient region), or check the biases"
+            + (
+                " (a negative bias shift kills ReLU units; the init is already He-scaled)"
+                if he
+                else f" and init (a negative bias shift kills ReLU units; {HE_INIT})"
+            ),
             "lower the learning rate (large updates push units into the dead region)",
         ],
-        blocks=sorted({b for blocks in relu.values() for b in blocks}),
+        blocks=sorted(relu_blocks),
         figures={"zero_fraction": zf, "embedding_share": share},
     )
 
 
-def disconnected_parameters(figures: RunFigures, s: FlowSummary) -> Optional[Finding]:
+def disconnected_parameters(history: RunHistory, s: FlowSummary) -> Optional[Finding]:
     """Parameters that require grad but got ``grad is None`` on the first measured step."""
-    wiring = figures.wiring
+    wiring = history.wiring
     if wiring is None or not wiring.no_grad:
         return None
     return Finding(
@@ -100,9 +111,9 @@ def disconnected_parameters(figures: RunFigures, s: FlowSummary) -> Optional[Fin
     )
 
 
-def dead_parameters(figures: RunFigures, s: FlowSummary) -> Optional[Finding]:
+def dead_parameters(history: RunHistory, s: FlowSummary) -> Optional[Finding]:
     """Parameters connected to the loss whose gradient was exactly zero everywhere."""
-    wiring = figures.wiring
+    wiring = history.wiring
     if wiring is None or not wiring.zero_grad:
         return None
     return Finding(
@@ -122,12 +133,12 @@ def dead_parameters(figures: RunFigures, s: FlowSummary) -> Optional[Finding]:
     )
 
 
-def clipping_always(figures: RunFigures, s: FlowSummary) -> Optional[Finding]:
+def clipping_always(history: RunHistory, s: FlowSummary) -> Optional[Finding]:
     """A norm-clipping bound below the typical total norm: it acts on most measured steps."""
     if not s.totals:
         return None
     firing = []
-    for bound in figures.settings.clip_bounds:
+    for bound in history.settings.clip_bounds:
         trips = sum(1 for total in s.totals if total > bound.threshold)
         if trips >= CLIP_MOST * len(s.totals):
             firing.append((bound, trips))
@@ -157,7 +168,7 @@ def clipping_always(figures: RunFigures, s: FlowSummary) -> Optional[Finding]:
     )
 
 
-def batch_vs_noise_scale(figures: RunFigures, s: FlowSummary) -> Optional[Finding]:
+def batch_vs_noise_scale(history: RunHistory, s: FlowSummary) -> Optional[Finding]:
     """The batch is far from the gradient noise scale (the critical batch size estimate)."""
     if s.noise is None:
         return None
@@ -191,8 +202,8 @@ def batch_vs_noise_scale(figures: RunFigures, s: FlowSummary) -> Optional[Findin
     )
 
 
-#: Every rule, in the order findings are listed.
-RULES: tuple[Rule, ...] = (
+#: Every check, in the order findings are listed.
+CHECKS: tuple[FindingCheck, ...] = (
     disconnected_parameters,
     dead_parameters,
     vanishing_flow,
@@ -204,14 +215,14 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-def diagnose(figures: RunFigures) -> list[Finding]:
-    """Every finding that ``figures`` support (empty: nothing found; see ``healthy_summary``).
+def diagnose(history: RunHistory) -> list[Finding]:
+    """Every finding that ``history`` supports (empty: nothing found; see ``healthy_summary``).
 
     Example::
 
-        figures = RunFigures(["blocks.0", "blocks.1", "blocks.2"])
-        figures.add(0, [1e-6, 1e-3, 1.0])
-        [finding.name for finding in diagnose(figures)]  # ['vanishing_flow']
+        history = RunHistory(["blocks.0", "blocks.1", "blocks.2"])
+        history.add(0, [1e-6, 1e-3, 1.0])
+        [finding.name for finding in diagnose(history)]  # ['vanishing_flow']
     """
-    summary = summarize(figures)
-    return [f for f in (rule(figures, summary) for rule in RULES) if f is not None]
+    summary = summarize(history)
+    return [f for f in (check(history, summary) for check in CHECKS) if f is not None]

@@ -1,10 +1,10 @@
-"""What a finding is, and the run's figures boiled down to what the rules compare.
+"""What a finding is, and the run's history boiled down to what the checks compare.
 
 A :class:`Finding` names a problem, gives the evidence (sentences with the numbers, plus the numbers
 themselves), says how sure it is (``low`` / ``medium`` / ``high``) and suggests one or two changes.
-:func:`summarize` reduces :class:`~lightning_gradwatch.diagnosis.run_history.RunFigures` to medians over the
-measured steps kept (the recent window: per transition, end to end, total norm, zero fraction):
-medians, because one odd step must not make or hide a finding.
+:func:`summarize` reduces a :class:`~lightning_gradwatch.diagnosis.run_history.RunHistory` to medians
+over the measured steps kept (the recent window: per transition, end to end, total norm, zero
+fraction): medians, because one odd step must not make or hide a finding.
 
 Pure: floats and names in, dataclasses out (no tensors, no Lightning).
 """
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from lightning_gradwatch.diagnosis.run_history import RunFigures
+from lightning_gradwatch.diagnosis.run_history import RunHistory
 from lightning_gradwatch.numerics.norms import (
     Category,
     classify_gain,
@@ -26,7 +26,6 @@ from lightning_gradwatch.numerics.norms import (
 )
 
 __all__ = [
-    "CONFIDENCES",
     "Finding",
     "FlowSummary",
     "diagnosis_dict",
@@ -37,9 +36,6 @@ __all__ = [
     "short_list",
     "summarize",
 ]
-
-#: Confidence words, weakest first.
-CONFIDENCES = ("low", "medium", "high")
 
 
 @dataclass
@@ -57,7 +53,7 @@ class Finding:
 
     Example::
 
-        for finding in diagnose(figures):
+        for finding in diagnose(history):
             print(finding.text())
     """
 
@@ -147,12 +143,12 @@ class FlowSummary:
         return short_list(pairs, limit)
 
 
-def summarize(figures: RunFigures) -> FlowSummary:
-    """Reduce ``figures`` to medians (see :class:`FlowSummary`)."""
-    settings = figures.settings
-    per_transition: list[list[float]] = [[] for _ in figures.block_names[1:]]
+def summarize(history: RunHistory) -> FlowSummary:
+    """Reduce ``history`` to medians (see :class:`FlowSummary`)."""
+    settings = history.settings
+    per_transition: list[list[float]] = [[] for _ in history.block_names[1:]]
     end_to_end: list[float] = []
-    for row in figures.steps:
+    for row in history.steps:
         for values, gain in zip(per_transition, compute_gains(row.block_norms, settings.eps)):
             if gain is not None and not math.isnan(gain):
                 values.append(gain)
@@ -160,15 +156,15 @@ def summarize(figures: RunFigures) -> FlowSummary:
         if not math.isnan(e2e):
             end_to_end.append(e2e)
     gains = [statistics.median(values) if values else None for values in per_transition]
-    totals = [row.total_norm for row in figures.steps if row.total_norm is not None]
-    zeros = [row.zero_fraction for row in figures.steps if row.zero_fraction is not None]
-    steps = [row.step for row in figures.steps]
+    totals = [row.total_norm for row in history.steps if row.total_norm is not None]
+    zeros = [row.zero_fraction for row in history.steps if row.zero_fraction is not None]
+    steps = [row.step for row in history.steps]
     return FlowSummary(
-        steps=figures.measured,
-        window=len(figures.steps),
+        steps=history.measured,
+        window=len(history.steps),
         first=steps[0] if steps else None,
         last=steps[-1] if steps else None,
-        transitions=list(figures.block_names[1:]),
+        transitions=list(history.block_names[1:]),
         gains=gains,
         categories=[
             classify_gain(gain, settings.damping_threshold, settings.amplifying_threshold)
@@ -180,17 +176,17 @@ def summarize(figures: RunFigures) -> FlowSummary:
         zero_fraction=statistics.median(zeros) if zeros else None,
         early_totals=[
             row.total_norm
-            for row in figures.first
+            for row in history.first
             if row.total_norm is not None and math.isfinite(row.total_norm)
         ],
-        noise=_noise(figures),
+        noise=_noise(history),
     )
 
 
-def _noise(figures: RunFigures) -> Optional[tuple[float, float, int]]:
+def _noise(history: RunHistory) -> Optional[tuple[float, float, int]]:
     pairs = [
         (row.noise_scale, row.batch_size)
-        for row in figures.steps
+        for row in history.steps
         if row.noise_scale is not None and row.batch_size is not None
     ]
     return (*pairs[-1], len(pairs)) if pairs else None
@@ -216,14 +212,14 @@ def short_list(items: Sequence[str], limit: int = 6) -> str:
     return shown + (f", ... (+{len(items) - limit})" if len(items) > limit else "")
 
 
-def healthy_summary(figures: RunFigures, summary: Optional[FlowSummary] = None) -> str:
-    """What the figures show when no rule found anything: the numbers behind "looks healthy"."""
-    s = summary or summarize(figures)
+def healthy_summary(history: RunHistory, summary: Optional[FlowSummary] = None) -> str:
+    """What the history shows when no check found anything: the numbers behind "looks healthy"."""
+    s = summary or summarize(history)
     if s.steps == 0:
         return "No measured step yet: nothing to diagnose."
     span = s.span
     if not s.transitions:
-        watched = "Only one block is" if figures.block_names else "No block is"
+        watched = "Only one block is" if history.block_names else "No block is"
         return f"{watched} watched: no transition to judge over {span}."
     finite = [g for g in s.gains if g is not None and math.isfinite(g)]
     counts = ", ".join(f"{s.count(c)} {c.value}" for c in Category if s.count(c))
@@ -239,7 +235,7 @@ def healthy_summary(figures: RunFigures, summary: Optional[FlowSummary] = None) 
         parts.append(f"median total norm {fmt(quantile(s.totals, 0.5))}.")
     if s.noise is not None:
         parts.append(f"Gradient noise scale {fmt(s.noise[0])} at a batch of {fmt(s.noise[1])}.")
-    bounds = figures.settings.clip_bounds
+    bounds = history.settings.clip_bounds
     if bounds and s.totals:
         over = sum(1 for t in s.totals if t > min(b.threshold for b in bounds))
         parts.append(f"Clipping acted on {over} of {len(s.totals)} measured step(s).")
@@ -247,11 +243,11 @@ def healthy_summary(figures: RunFigures, summary: Optional[FlowSummary] = None) 
 
 
 def format_findings(
-    findings: Sequence[Finding], figures: RunFigures, markdown: bool = False
+    findings: Sequence[Finding], history: RunHistory, markdown: bool = False
 ) -> str:
     """The findings (or the healthy summary) as text, or as Markdown for TensorBoard's TEXT tab."""
     if not findings:
-        return healthy_summary(figures)
+        return healthy_summary(history)
     if not markdown:
         return "\n".join(finding.text() for finding in findings)
     lines = []
@@ -263,11 +259,11 @@ def format_findings(
     return "\n".join(lines)
 
 
-def diagnosis_dict(findings: Sequence[Finding], figures: RunFigures) -> dict[str, Any]:
+def diagnosis_dict(findings: Sequence[Finding], history: RunHistory) -> dict[str, Any]:
     """``{"findings": [...], "healthy": bool, "summary": str}`` (the report's ``"diagnosis"``)."""
     return {
         "healthy": not findings,
-        "summary": format_findings(findings, figures) if not findings else "",
-        "measured_steps": figures.measured,
+        "summary": format_findings(findings, history) if not findings else "",
+        "measured_steps": history.measured,
         "findings": [finding.to_dict() for finding in findings],
     }

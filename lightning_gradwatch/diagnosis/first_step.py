@@ -1,12 +1,15 @@
-"""Telling the user where to look: where a NaN/Inf started, which parameters get no gradient or a zero
-one, which blocks' gains vanish, and a missing ``zero_grad()`` in manual optimization.
+"""The first measured step's wiring report: which parameters got no gradient (``grad is None``: not
+connected to the loss) or an exactly-zero one, which blocks' gains vanish, and the findings that
+already apply at that step.
 
-Works on plain floats and names (plus one helper over gradient tensors); no Lightning, no I/O.
+Where a NaN/Inf started is told by :mod:`lightning_gradwatch.measure.nonfinite`, a missing
+``zero_grad()`` by :mod:`lightning_gradwatch.governance.notices`. Plain floats and names: no tensors,
+no Lightning, no I/O.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from lightning_gradwatch.diagnosis.findings import Finding
@@ -66,16 +69,17 @@ class FirstStepReport:
 def first_step_report(
     step: int,
     params_without_grad: Sequence[str],
-    param_norms: Mapping[str, float],
+    params_zero_grad: Sequence[str],
     block_names: Sequence[str],
     categories: Sequence[Category],
 ) -> FirstStepReport:
-    """Build the :class:`FirstStepReport` from a measurement's figures (``categories[i]`` is the
-    transition into ``block_names[i + 1]``)."""
+    """Build the :class:`FirstStepReport` from a measurement's figures (``params_zero_grad``: the
+    parameters whose gradient is exactly zero; ``categories[i]`` is the transition into
+    ``block_names[i + 1]``)."""
     return FirstStepReport(
         step=step,
         no_grad=list(params_without_grad),
-        zero_grad=[name for name, norm in param_norms.items() if norm == 0.0],
+        zero_grad=list(params_zero_grad),
         vanishing=[
             name
             for name, category in zip(block_names[1:], categories)

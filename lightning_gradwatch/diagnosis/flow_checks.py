@@ -1,7 +1,8 @@
-"""The flow rules of the diagnosis: vanishing, exploding, and Post-LN gains that compound with depth.
+"""The flow checks of the diagnosis: vanishing, exploding, and Post-LN gains that compound with depth.
 
-Each rule reads the :class:`~lightning_gradwatch.diagnosis.findings.FlowSummary` (medians over the measured
-steps) and the model facts, and returns a :class:`~lightning_gradwatch.diagnosis.findings.Finding` or ``None``.
+Each check reads the :class:`~lightning_gradwatch.diagnosis.findings.FlowSummary` (medians over the
+measured steps) and the model facts, and returns a
+:class:`~lightning_gradwatch.diagnosis.findings.Finding` or ``None``.
 Thresholds are module constants, chosen so that a textbook case (a sigmoid MLP, std-5 init, a
 Post-LN stack) is found and a Pre-LN residual net is not; they are heuristics, and each finding
 says which numbers crossed them. :func:`lightning_gradwatch.diagnosis.checks.diagnose` runs them all.
@@ -15,7 +16,9 @@ import math
 from typing import Callable, Optional
 
 from lightning_gradwatch.diagnosis.findings import Finding, FlowSummary, fmt, short_list
-from lightning_gradwatch.diagnosis.run_history import ModelFacts, RunFigures
+from lightning_gradwatch.diagnosis.model_facts import ModelFacts
+from lightning_gradwatch.diagnosis.remedies import GENERIC, PRE_LN, WARMUP_OR_LOWER, Structure
+from lightning_gradwatch.diagnosis.run_history import ClipBound, RunHistory
 from lightning_gradwatch.numerics.norms import Category
 
 __all__ = [
@@ -49,13 +52,18 @@ POST_NORM_SAME_WAY = 2 / 3
 POST_NORM_FACTOR = 2.0
 #: The init to suggest for ReLU-family layers.
 HE_INIT = "nn.init.kaiming_normal_(weight, nonlinearity='relu')"
-_RESIDUAL = (
+#: The suggestions of the flow checks to take when no model facts say what the blocks have.
+_GENERIC_RESIDUAL = (
     "add normalisation (LayerNorm/BatchNorm) inside each block and residual connections "
     "(x + f(x)), so the gradient keeps an identity path"
 )
+_GENERIC_INIT = "use He (ReLU/GELU) or Xavier (tanh) initialisation: std about sqrt(2/fan_in)"
+_GENERIC_NORM = "add normalisation (LayerNorm/BatchNorm) inside the blocks"
+#: At most this many suggestions per finding, most promising first.
+MAX_SUGGESTIONS = 3
 
 
-def vanishing_flow(figures: RunFigures, s: FlowSummary) -> Optional[Finding]:
+def vanishing_flow(history: RunHistory, s: FlowSummary) -> Optional[Finding]:
     """Most transitions shrink the gradient and the end-to-end gain is tiny (or no gradient at all
     reaches most blocks' outputs)."""
     present = s.present
@@ -67,7 +75,7 @@ def vanishing_flow(figures: RunFigures, s: FlowSummary) -> Optional[Finding]:
     tiny = s.end_to_end is not None and s.end_to_end <= TINY_END_TO_END
     if not ((tiny and shrinking + zero > present / 2) or zero > present / 2):
         return None
-    lo = figures.settings.damping_threshold
+    lo = history.settings.damping_threshold
     evidence = [
         f"{shrinking} of {present} transitions shrink the gradient going backward "
         f"({damping} below the damping threshold {fmt(lo)}); median gains: {s.gain_list()}"
@@ -76,34 +84,30 @@ def vanishing_flow(figures: RunFigures, s: FlowSummary) -> Optional[Finding]:
         evidence.append(_end_to_end_sentence(s))
     if zero:
         evidence.append(f"{zero} transition(s) carry no gradient at all (output norm <= eps)")
-    facts = figures.facts
+    facts = history.facts
     saturating = facts.blocks_with(SATURATING) if facts else {}
     evidence += [
         f"saturating activation {name} in {blocks_text(b)}" for name, b in saturating.items()
     ]
     ratio, layer = _init_extreme(facts, min)
     relu = bool(facts and facts.blocks_with(RELU_FAMILY))
-    if relu and ratio is not None and ratio < SMALL_INIT:
+    small_init = relu and ratio is not None and ratio < SMALL_INIT
+    if small_init and ratio is not None:
         evidence.append(_init_sentence(ratio, layer))
-    if saturating:
-        first = f"replace {'/'.join(saturating)} with ReLU or GELU, with He init ({HE_INIT})"
-    elif relu and ratio is not None and ratio < SMALL_INIT:
-        first = f"use He/Kaiming init for the ReLU layers ({HE_INIT}): std sqrt(2/fan_in)"
-    else:
-        first = "use He (ReLU/GELU) or Xavier (tanh) initialisation: std about sqrt(2/fan_in)"
+    said, suggestions = _vanishing_fixes(facts, list(saturating), small_init)
     strong = damping + zero > present / 2 and (zero > present / 2 or _below(s, 1e-3))
     return Finding(
         "vanishing_flow",
         "Vanishing gradient flow: early blocks get little or no gradient",
         "high" if strong else "medium",
-        evidence,
-        [first, _RESIDUAL],
+        evidence + said,
+        suggestions,
         blocks=[t for t, g in zip(s.transitions, s.gains) if g is not None and g < 1.0],
         figures=_flow_figures(s) | {"shrinking": shrinking, "zero": zero},
     )
 
 
-def exploding_flow(figures: RunFigures, s: FlowSummary) -> Optional[Finding]:
+def exploding_flow(history: RunHistory, s: FlowSummary) -> Optional[Finding]:
     """Amplifying transitions with a large end-to-end gain, a huge end-to-end gain, a fast-growing
     total norm, or infinite total norms."""
     amplifying = s.count(Category.AMPLIFYING)
@@ -118,7 +122,7 @@ def exploding_flow(figures: RunFigures, s: FlowSummary) -> Optional[Finding]:
         return None
     evidence = []
     if by_blocks:
-        hi = figures.settings.amplifying_threshold
+        hi = history.settings.amplifying_threshold
         evidence.append(
             f"{amplifying} of {s.present} transitions grow the gradient above the amplifying "
             f"threshold {fmt(hi)}; median gains: {s.gain_list()}"
@@ -131,33 +135,26 @@ def exploding_flow(figures: RunFigures, s: FlowSummary) -> Optional[Finding]:
         )
     if s.infinite_totals:
         evidence.append(f"{s.infinite_totals} measured step(s) had an infinite total norm")
-    ratio, layer = _init_extreme(figures.facts, max)
+    ratio, layer = _init_extreme(history.facts, max)
     if ratio is not None:
         evidence.append(_init_sentence(ratio, layer))
-    if ratio is not None and ratio > LARGE_INIT:
-        first = f"re-initialise with std = gain/sqrt(fan_in) ({HE_INIT}, or xavier_normal_)"
-    else:
-        first = "add normalisation (LayerNorm/BatchNorm) inside the blocks"
+    said, suggestions = _exploding_fixes(history, ratio is not None and ratio > LARGE_INIT)
     high = (e2e is not None and e2e >= HUGE_END_TO_END) or (growth or 0) >= 1e3
     return Finding(
         "exploding_flow",
         "Exploding gradient flow: gradients grow going backward or over the steps",
         "high" if high or s.infinite_totals else "medium",
-        evidence,
-        [
-            first,
-            "clip the total norm (Trainer(gradient_clip_val=...) or a clip Rule) and lower the "
-            "learning rate",
-        ],
+        evidence + said,
+        suggestions,
         blocks=[t for t, c in zip(s.transitions, s.categories) if c == Category.AMPLIFYING],
         figures=_flow_figures(s) | {"growth": growth, "init_ratio": ratio, "init_layer": layer},
     )
 
 
-def post_norm_gains(figures: RunFigures, s: FlowSummary) -> Optional[Finding]:
+def post_norm_gains(history: RunHistory, s: FlowSummary) -> Optional[Finding]:
     """Post-LN blocks (``norm(x + f(x))``) whose gains move the norm the same way block after block,
     compounding with depth."""
-    facts = figures.facts
+    facts = history.facts
     if facts is None:
         return None
     post = [b for b in facts.blocks if b.post_norm]
@@ -182,13 +179,69 @@ def post_norm_gains(figures: RunFigures, s: FlowSummary) -> Optional[Finding]:
             f"{s.gain_list()}), compounding to an end-to-end gain of {fmt(factor)}",
         ],
         [
-            "move the normalisation before the sublayer (Pre-LN: x + f(norm(x))): the residual "
-            "path then carries the gradient unchanged through every block",
-            "if you keep Post-LN: learning-rate warmup and a smaller init of each block's last layer",
+            PRE_LN,
+            "if you keep Post-LN: learning-rate warm-up and a smaller init of each block's last "
+            "layer",
         ],
         blocks=[b.name for b in post],
         figures=_flow_figures(s) | {"same_way": same, "post_norm_blocks": len(post)},
     )
+
+
+def _vanishing_fixes(
+    facts: Optional[ModelFacts], saturating: list[str], small_init: bool
+) -> tuple[list[str], list[str]]:
+    """Evidence on what the blocks have, and the fixes for what they lack: an activation that
+    saturates, a small init for ReLU, an init that is not variance-scaled, missing normalisation
+    or residual connections; with nothing structural missing, what is left (Pre-LN placement for
+    a Post-LN stack, warm-up or a lower learning rate)."""
+    if facts is None:
+        return [GENERIC], [_GENERIC_INIT, _GENERIC_RESIDUAL]
+    structure = Structure.of(facts)
+    fixes = []
+    if saturating:
+        fixes.append(f"replace {'/'.join(saturating)} with ReLU or GELU, with He init ({HE_INIT})")
+    elif small_init:
+        fixes.append(f"use He/Kaiming init for the ReLU layers ({HE_INIT}): std sqrt(2/fan_in)")
+    elif structure.init.lack:
+        fixes.append(
+            f"use He (ReLU/GELU) or Xavier (tanh) initialisation in "
+            f"{blocks_text(structure.init.lack)}: their weight std matches no variance-scaled init"
+        )
+    fixes += structure.missing()
+    if not structure.lacks:
+        fixes += [PRE_LN, WARMUP_OR_LOWER] if structure.post_ln else [WARMUP_OR_LOWER]
+    present = structure.present()
+    return ([present] if present else []), fixes[:MAX_SUGGESTIONS]
+
+
+def _exploding_fixes(history: RunHistory, large_init: bool) -> tuple[list[str], list[str]]:
+    """Evidence on what the blocks have, and the fixes: a re-init for a large init, normalisation
+    where the blocks lack it, clipping where the run does not clip yet, and the learning rate."""
+    facts, bounds = history.facts, history.settings.clip_bounds
+    said, fixes = [], []
+    if large_init:
+        fixes.append(f"re-initialise with std = gain/sqrt(fan_in) ({HE_INIT}, or xavier_normal_)")
+    if facts is None:
+        said.append(GENERIC)
+        fixes = fixes or [_GENERIC_NORM]
+    else:
+        structure = Structure.of(facts)
+        fixes += structure.missing(residual=False)
+        present = structure.present(residual=False)
+        said += [present] if present else []
+    fixes.append(_clip_advice(bounds))
+    return said, fixes[:MAX_SUGGESTIONS]
+
+
+def _clip_advice(bounds: list[ClipBound]) -> str:
+    if not bounds:
+        return (
+            "clip the total norm (Trainer(gradient_clip_val=...) or a clip Rule) and lower the "
+            "learning rate"
+        )
+    where = short_list([f"{b.source} at {fmt(b.threshold)}" for b in bounds], 3)
+    return f"the run already clips the total norm ({where}): lower the learning rate or warm it up"
 
 
 def _end_to_end_sentence(s: FlowSummary) -> str:

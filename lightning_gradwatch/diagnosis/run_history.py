@@ -1,13 +1,15 @@
-"""The input of the diagnosis rules: a run's figures and the model facts, as plain data.
+"""The input of the diagnosis checks: a run's history (one :class:`StepRecord` per measured step),
+its settings, the model facts and the first step's wiring, as plain data.
 
-Both sides build the same :class:`RunFigures`: the callback from its in-memory measurements (one
-:meth:`RunFigures.add` per logged measured step) and ``gradwatch report`` from the logged keys plus
-``gradwatch_model_facts.json`` (one :meth:`RunFigures.add` per logged row, in step order). Memory is
-bounded and flat: the rules read the last ``capacity`` measured steps (a window that follows the run:
-findings are about its recent state) plus the first :data:`FIRST_KEPT` (to tell how the total norm
-grew); older rows are dropped as new ones come, so both sides keep exactly the same rows.
+Both sides build the same :class:`RunHistory`: the callback from its in-memory measurements (one
+:meth:`RunHistory.add` per logged measured step) and ``gradwatch report`` from the logged keys plus
+``gradwatch_model_facts.json`` (one :meth:`RunHistory.add` per logged row, in step order). Memory is
+bounded and flat: the checks read the last ``capacity`` measured steps (a window that follows the
+run: findings are about its recent state) plus the first :data:`FIRST_KEPT` (to tell how the total
+norm grew); older rows are dropped as new ones come, so both sides keep exactly the same rows.
 
-No tensors, no Lightning: floats, names and a JSON-ready dict (:meth:`RunFigures.facts_dict`).
+No tensors, no Lightning: floats, names and a JSON-ready dict (:meth:`RunHistory.facts_dict`, the
+facts file's content; the model facts' classes are in :mod:`lightning_gradwatch.diagnosis.model_facts`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+from lightning_gradwatch.diagnosis.model_facts import ModelFacts
 from lightning_gradwatch.keys import DEFAULT_EPS
 
 __all__ = [
@@ -25,12 +28,10 @@ __all__ = [
     "FACTS_FORMAT",
     "FIRST_KEPT",
     "WINDOW",
-    "BlockFacts",
     "ClipBound",
-    "ModelFacts",
-    "RunFigures",
+    "RunHistory",
     "Settings",
-    "StepFigures",
+    "StepRecord",
     "Wiring",
 ]
 
@@ -39,63 +40,9 @@ FACTS_FILENAME = "gradwatch_model_facts.json"
 #: ``"format"`` field of that file, with ``"version"``.
 FACTS_FORMAT = "gradwatch-model-facts"
 _VERSION = 1
-#: Measured steps the rules read: the last ``WINDOW`` ones, plus the first ``FIRST_KEPT``.
+#: Measured steps the checks read: the last ``WINDOW`` ones, plus the first ``FIRST_KEPT``.
 WINDOW = 32
 FIRST_KEPT = 3
-
-
-@dataclass
-class BlockFacts:
-    """What the module tree says about one block (collected once, at fit start).
-
-    Attributes:
-        name: the block's qualified name.
-        activations: activation classes inside it (torch names, e.g. ``"Sigmoid"``), sorted.
-        norms: normalisation classes inside it (``"LayerNorm"``, ``"BatchNorm1d"``, ...), sorted.
-        params: number of parameter elements in it; ``trainable``: those requiring grad.
-        init_ratio: the largest ``weight.std() * sqrt(fan_in)`` over its weight matrices (PyTorch's
-            default init gives about 0.58, He/Kaiming 1.41, Xavier about 1); ``None`` if none.
-        init_layer: the parameter holding that largest ratio.
-        post_norm: the block's last executed submodule is a normalisation layer applied to the
-            result of an addition (the Post-LN shape ``norm(x + f(x))``), seen in the first
-            training forward; ``None``: not seen (no forward yet, torch.compile).
-    """
-
-    name: str
-    activations: list[str] = field(default_factory=list)
-    norms: list[str] = field(default_factory=list)
-    params: int = 0
-    trainable: int = 0
-    init_ratio: Optional[float] = None
-    init_layer: Optional[str] = None
-    post_norm: Optional[bool] = None
-
-
-@dataclass
-class ModelFacts:
-    """The module tree's facts: per block, plus parameter counts over the whole model.
-
-    Attributes:
-        blocks: per watched block, in forward order.
-        trainable: parameter elements requiring grad in the whole model.
-        embedding_params: of those, elements in ``nn.Embedding`` / ``nn.EmbeddingBag`` weights (rows
-            a batch does not touch get exactly zero gradients).
-    """
-
-    blocks: list[BlockFacts] = field(default_factory=list)
-    trainable: int = 0
-    embedding_params: int = 0
-
-    def blocks_with(
-        self, names: Sequence[str], attribute: str = "activations"
-    ) -> dict[str, list[str]]:
-        """``{class name: [blocks]}`` for the classes of ``names`` found in ``attribute``."""
-        found: dict[str, list[str]] = {}
-        for block in self.blocks:
-            for name in getattr(block, attribute):
-                if name in names:
-                    found.setdefault(name, []).append(block.name)
-        return found
 
 
 @dataclass
@@ -126,7 +73,8 @@ class Settings:
 
 @dataclass
 class Wiring:
-    """The first measured step's gradient wiring (see ``diagnosis.FirstStepReport``)."""
+    """The first measured step's gradient wiring (see
+    :class:`~lightning_gradwatch.diagnosis.first_step.FirstStepReport`)."""
 
     step: int = 0
     no_grad: list[str] = field(default_factory=list)
@@ -134,8 +82,8 @@ class Wiring:
 
 
 @dataclass
-class StepFigures:
-    """One measured step: block-output norms (``None``: no gradient, or non-finite as logged as
+class StepRecord:
+    """One measured step in a :class:`RunHistory`: block-output norms (``None``: no gradient, or non-finite as logged as
     NaN), the total parameter-gradient norm, ``grad_stats/zero_fraction``, the gradient noise
     scale ``grad_noise/b_simple`` and the batch it was measured at (``None``: not measured)."""
 
@@ -148,14 +96,15 @@ class StepFigures:
 
 
 @dataclass
-class RunFigures:
-    """Everything the diagnosis rules read.
+class RunHistory:
+    """Everything the diagnosis checks read: the measured steps kept, the settings, the model facts
+    and the first step's wiring.
 
     Example::
 
-        figures = RunFigures(["blocks.0", "blocks.1"])
-        figures.add(0, [0.01, 1.0], total_norm=2.0, zero_fraction=0.0)
-        findings = diagnose(figures)  # lightning_gradwatch.diagnosis.findings
+        history = RunHistory(["blocks.0", "blocks.1"])
+        history.add(0, [0.01, 1.0], total_norm=2.0, zero_fraction=0.0)
+        findings = diagnose(history)  # lightning_gradwatch.diagnosis.checks
     """
 
     block_names: list[str]
@@ -163,8 +112,8 @@ class RunFigures:
     facts: Optional[ModelFacts] = None
     wiring: Optional[Wiring] = None
     capacity: int = WINDOW
-    steps: deque[StepFigures] = field(default_factory=deque)
-    first: list[StepFigures] = field(default_factory=list)
+    steps: deque[StepRecord] = field(default_factory=deque)
+    first: list[StepRecord] = field(default_factory=list)
     _seen: int = 0
 
     def __post_init__(self) -> None:
@@ -191,7 +140,7 @@ class RunFigures:
         """Record one measured step (non-finite NaN norms count as missing, as in the logs)."""
         norms = [None if v is None or math.isnan(v) else float(v) for v in block_norms]
         scalars = [_number(v) for v in (total_norm, zero_fraction, noise_scale, batch_size)]
-        row = StepFigures(step, norms, *scalars)
+        row = StepRecord(step, norms, *scalars)
         if self._seen < FIRST_KEPT:
             self.first.append(row)
         self.steps.append(row)
@@ -214,17 +163,12 @@ class RunFigures:
         }
 
     @classmethod
-    def from_facts_dict(cls, data: dict[str, Any], block_names: Sequence[str]) -> RunFigures:
-        """Empty figures with the settings, facts and wiring of :meth:`facts_dict`'s output."""
+    def from_facts_dict(cls, data: dict[str, Any], block_names: Sequence[str]) -> RunHistory:
+        """An empty history with the settings, facts and wiring of :meth:`facts_dict`'s output."""
         settings = dict(data.get("settings") or {})
         bounds = [ClipBound(**bound) for bound in settings.pop("clip_bounds", [])]
         model = data.get("model")
-        facts = None
-        if isinstance(model, dict):
-            blocks = [BlockFacts(**block) for block in model.get("blocks", [])]
-            facts = ModelFacts(
-                blocks, int(model.get("trainable", 0)), int(model.get("embedding_params", 0))
-            )
+        facts = ModelFacts.from_dict(model) if isinstance(model, dict) else None
         wiring = data.get("first_step")
         return cls(
             list(block_names),

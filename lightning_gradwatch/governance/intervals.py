@@ -63,7 +63,7 @@ class IntervalAggregates:
     def add_step(self, measurement: GradientMeasurement, total_key: str, reads_loss: bool) -> None:
         """Keep what a checked step computed (its total norm under ``total_key``, and its loss when
         a rule reads it) for the next measured step's max and mean."""
-        if measurement.param_norms:
+        if measurement.grads_measured:
             self.add(total_key, measurement.total_norm)
         if reads_loss and measurement.loss is not None:
             self.add(LOSS_KEY, measurement.loss)

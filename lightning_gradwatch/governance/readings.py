@@ -20,7 +20,7 @@ def rule_values(
     """The logged figures (an unmeasured step knows the total norm only, under ``total_key``, so
     nothing else may match there) and ``"loss"``."""
     values = dict(measurement.metrics) if measured else {total_key: measurement.total_norm}
-    if not measurement.param_norms:  # no parameter has a gradient: there is no total norm
+    if not measurement.grads_measured:  # no parameter has a gradient: there is no total norm
         values.pop(total_key, None)
     if measurement.loss is not None:
         values[LOSS] = measurement.loss
@@ -36,8 +36,8 @@ def has_nonfinite(
     bad_loss = loss is not None and not math.isfinite(loss)
     if not (measured or params_measured):
         return True if bad_loss else None
-    # Per-parameter norms, not the total: with no gradient at all the total is NaN too.
-    bad_params = not all(math.isfinite(v) for v in measurement.param_norms.values())
+    # Per parameter, not the total: with no gradient at all the total is NaN too.
+    bad_params = bool(measurement.nonfinite_params)
     return bad_loss or bad_params or bool(measurement.nonfinite_blocks)
 
 
@@ -45,7 +45,7 @@ def nonfinite_report(
     block_names: Sequence[str], measurement: GradientMeasurement
 ) -> Optional[NonFiniteReport]:
     """Where a NaN/Inf in this rank's gradients or loss started (``None``: there is none)."""
-    params = [name for name, v in measurement.param_norms.items() if not math.isfinite(v)]
+    params = list(measurement.nonfinite_params)
     loss = measurement.loss
     bad_loss = None if loss is None else not math.isfinite(loss)
     if not (params or measurement.nonfinite_blocks or bad_loss):

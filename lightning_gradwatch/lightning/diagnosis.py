@@ -1,9 +1,9 @@
-"""The diagnosis inside a Lightning run: model facts at fit start, one row of figures per logged
-measured step, the first-step report with the findings that already apply, the facts file beside the
-logs, and the findings in TensorBoard's TEXT tab at fit end.
+"""The diagnosis inside a Lightning run: model facts at fit start, one row of the run history per
+logged measured step, the first-step report with the findings that already apply, the facts file
+beside the logs, and the findings in TensorBoard's TEXT tab at fit end.
 
-The rules themselves are pure (:mod:`lightning_gradwatch.diagnosis.checks`); this module only feeds them
-and writes what they say. Per measured step it costs one :meth:`RunFigures.add` (a few Python floats;
+The checks themselves are pure (:mod:`lightning_gradwatch.diagnosis.checks`); this module only feeds
+them and writes what they say. Per measured step it costs one :meth:`RunHistory.add` (a few Python floats;
 a fixed number of rows is kept); no tensor work after fit start.
 """
 
@@ -20,13 +20,14 @@ from torch import nn
 from lightning_gradwatch.diagnosis.checks import diagnose
 from lightning_gradwatch.diagnosis.findings import Finding, format_findings
 from lightning_gradwatch.diagnosis.first_step import FirstStepReport, first_step_report
-from lightning_gradwatch.diagnosis.model_facts import StructureCapture, collect_model_facts
+from lightning_gradwatch.diagnosis.model_facts import collect_model_facts
 from lightning_gradwatch.diagnosis.run_history import (
     ClipBound,
-    RunFigures,
+    RunHistory,
     Settings,
     Wiring,
 )
+from lightning_gradwatch.diagnosis.structure import StructureCapture
 from lightning_gradwatch.files import write_text
 from lightning_gradwatch.governance import Rule, rule_labels
 from lightning_gradwatch.keys import NOISE_B_SIMPLE_KEY, NOISE_BATCH_KEY, TOTAL_NORM_KEY
@@ -43,7 +44,7 @@ NamedParams = Sequence[tuple[str, nn.Parameter]]
 
 
 class RunDiagnosis:
-    """Feeds the diagnosis rules during a fit (every rank; files and TensorBoard on rank 0).
+    """Feeds the diagnosis checks during a fit (every rank; files and TensorBoard on rank 0).
 
     Example::
 
@@ -55,7 +56,7 @@ class RunDiagnosis:
     """
 
     def __init__(self) -> None:
-        self.figures = RunFigures([])
+        self.history = RunHistory([])
         self._capture: Optional[StructureCapture] = None
         self._written = False
         #: The first measured step's report (of the first optimizer to step, with several).
@@ -85,7 +86,7 @@ class RunDiagnosis:
             amplifying_threshold=spec.amplifying_threshold,
             clip_bounds=clip_bounds(trainer, rules, spec.norm_type),
         )
-        self.figures = RunFigures([name for name, _ in blocks], settings=settings, facts=facts)
+        self.history = RunHistory([name for name, _ in blocks], settings=settings, facts=facts)
         self._capture = StructureCapture(blocks, facts)
         self._written = False
         self.first_step_report, self._reported = None, set()
@@ -96,16 +97,16 @@ class RunDiagnosis:
         report = first_step_report(
             measurement.step,
             [name for name, p in params if p.grad is None],
-            measurement.param_norms,
+            measurement.zero_grad_params,
             measurement.block_names,
             measurement.categories,
         )
-        self.figures.wiring = Wiring(measurement.step, list(report.no_grad), list(report.zero_grad))
-        alone = RunFigures(
-            self.figures.block_names,
-            settings=self.figures.settings,
-            facts=self.figures.facts,
-            wiring=self.figures.wiring,
+        self.history.wiring = Wiring(measurement.step, list(report.no_grad), list(report.zero_grad))
+        alone = RunHistory(
+            self.history.block_names,
+            settings=self.history.settings,
+            facts=self.history.facts,
+            wiring=self.history.wiring,
         )
         _add(alone, measurement)
         report.findings = diagnose(alone)
@@ -117,7 +118,7 @@ class RunDiagnosis:
     ) -> None:
         """Add one logged measured step; the first one also writes the facts file (rank 0), and
         each optimizer's first one is reported (:meth:`first_step`)."""
-        _add(self.figures, measurement)
+        _add(self.history, measurement)
         if not self._written:
             self._written = True
             self._write(trainer)
@@ -128,19 +129,19 @@ class RunDiagnosis:
 
     @property
     def findings(self) -> list[Finding]:
-        """The findings over the measured steps so far (the window the rules read)."""
-        return diagnose(self.figures)
+        """The findings over the measured steps so far (the window the checks read)."""
+        return diagnose(self.history)
 
     def finish(self, trainer: pl.Trainer) -> list[Finding]:
         """At fit end: the findings; on rank 0 the facts file again (complete) and the findings as
         text in each TensorBoard logger."""
         self.remove()
         findings = self.findings
-        if self.figures.measured == 0:
+        if self.history.measured == 0:
             return findings
         self._write(trainer)
         if trainer.is_global_zero:
-            text = format_findings(findings, self.figures, markdown=True)
+            text = format_findings(findings, self.history, markdown=True)
             tensorboard.write_text(trainer.loggers, DIAGNOSIS_TAG, text, trainer.global_step)
         return findings
 
@@ -153,7 +154,7 @@ class RunDiagnosis:
         if not trainer.is_global_zero:
             return
         # Every float in it is finite (validated settings, finite init ratios): plain JSON.
-        content = json.dumps(self.figures.facts_dict(), indent=1)
+        content = json.dumps(self.history.facts_dict(), indent=1)
         for path in self._facts_paths:
             try:
                 write_text(path, content)
@@ -187,11 +188,11 @@ def clip_bounds(trainer: pl.Trainer, rules: Sequence[Rule], norm_type: str) -> l
     return bounds
 
 
-def _add(figures: RunFigures, measurement: GradientMeasurement) -> None:
-    figures.add(
+def _add(history: RunHistory, measurement: GradientMeasurement) -> None:
+    history.add(
         measurement.step,
-        measurement.norms_of(figures.block_names),  # several optimizers: a step's blocks only
-        measurement.total_norm if measurement.param_norms else None,
+        measurement.norms_of(history.block_names),  # several optimizers: a step's blocks only
+        measurement.total_norm if measurement.grads_measured else None,
         measurement.grad_stats.get("zero_fraction"),
         measurement.metrics.get(NOISE_B_SIMPLE_KEY),
         measurement.metrics.get(NOISE_BATCH_KEY),

@@ -242,7 +242,7 @@ class NoiseScaleMonitor:
 
 def _big_sq(measurement: GradientMeasurement, params: Sequence[tuple[str, nn.Parameter]]) -> float:
     """``|G_big|^2``: the measured L2 total norm squared, else one batched pass."""
-    if measurement.norm_type == "l2" and measurement.param_norms:
+    if measurement.norm_type == "l2" and measurement.grads_measured:
         return measurement.total_norm**2
     grads = [p.grad for _, p in params if p.grad is not None]
     if not grads:

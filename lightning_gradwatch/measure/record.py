@@ -58,7 +58,9 @@ class GradientMeasurement:
         categories: the :class:`~lightning_gradwatch.numerics.norms.Category` of each transition.
         summary: the gain summary keys (``SUMMARY_KEYS``) plus ``end_to_end_gain``.
         total_norm: the norm over all parameter gradients.
-        param_norms: per-parameter gradient norms.
+        param_norms: the gradient norms of the parameters ``log_param_norms`` selects, only those.
+        grads_measured: parameter gradients measured (0: none, so no total norm); of them,
+            ``nonfinite_params`` hold a NaN/Inf and ``zero_grad_params`` are exactly zero.
         grad_stats: ``mean``, ``std``, ``min``, ``max``, ``zero_fraction``, ``large_fraction``,
             ``nonfinite_count`` over all parameter-gradient elements (empty when disabled).
         metrics: the flat dict handed to the loggers.
@@ -85,6 +87,9 @@ class GradientMeasurement:
     param_norms: dict[str, float]
     grad_stats: dict[str, float]
     metrics: dict[str, float] = field(default_factory=dict)
+    grads_measured: int = 0
+    nonfinite_params: list[str] = field(default_factory=list)
+    zero_grad_params: list[str] = field(default_factory=list)
     skipped_by_scaler: bool = False
     chained: list[bool] = field(default_factory=list)
     optimizer: Optional[str] = None
@@ -247,6 +252,7 @@ def build_measurement(
     param_norms = {
         name: finalize_norm(partial, numel, spec.norm_type)
         for name, partial, numel in zip(param_names, partials, param_numels)
+        if spec.log_param_norms is not False and spec.logs_param(name)
     }
     lo, hi = spec.damping_threshold, spec.amplifying_threshold
     # No blocks (a model without any, or an optimizer owning none): no flow to summarise.
@@ -264,6 +270,10 @@ def build_measurement(
         summary=summary,
         total_norm=_total_norm(partials, param_numels, spec.norm_type),
         param_norms=param_norms,
+        grads_measured=len(partials),
+        # Of every parameter (a partial, sum of |g|^p or max, is 0 / non-finite as its norm is).
+        nonfinite_params=[n for n, p in zip(param_names, partials) if not math.isfinite(p)],
+        zero_grad_params=[n for n, p in zip(param_names, partials) if p == 0.0],
         grad_stats=finalize_grad_stats(values[layout.grad_stats]) if layout.stats else {},
         loss=layout.loss_value(values),
     )
@@ -272,7 +282,7 @@ def build_measurement(
 
 
 def _all_finite(measurement: GradientMeasurement) -> bool:
-    figures = [measurement.total_norm] if measurement.param_norms else measurement.block_norms
+    figures = [measurement.total_norm] if measurement.grads_measured else measurement.block_norms
     return all(value is None or math.isfinite(value) for value in figures)
 
 
@@ -297,10 +307,8 @@ def to_metrics(measurement: GradientMeasurement, spec: MeasurementSpec) -> dict[
             metrics[log_gain_key(name)] = log_gain
     if spec.measure_params:
         metrics[TOTAL_NORM_KEY] = measurement.total_norm
-    if spec.log_param_norms is not False:  # off by default: no walk over every parameter
-        for name, norm in measurement.param_norms.items():
-            if spec.logs_param(name):
-                metrics[param_norm_key(name)] = norm
+    for name, norm in measurement.param_norms.items():  # the selected ones only
+        metrics[param_norm_key(name)] = norm
     for key, value in measurement.summary.items():
         metrics[flow_key(key)] = float(value)
     for key in GRAD_STAT_KEYS:

@@ -1,10 +1,11 @@
-"""The report's Diagnosis section: the same rules as the callback, fed from a finished run's logs.
+"""The report's Diagnosis section: the same checks as the callback, fed from a finished run's logs.
 
-:func:`run_figures` rebuilds :class:`~lightning_gradwatch.diagnosis.run_history.RunFigures` from the logged
-``grad_norm/<block>``, ``grad_norm_total`` and ``grad_stats/zero_fraction`` keys (the
-same rows as the callback keeps: the first measured steps and the last ones) plus ``gradwatch_model_facts.json`` (model facts, clip
-bounds, first-step wiring). Without the facts file the rules that need model facts say less: a
-finding never claims more than its evidence.
+:func:`run_history` rebuilds a :class:`~lightning_gradwatch.diagnosis.run_history.RunHistory` from
+the logged ``grad_norm/<block>``, ``grad_norm_total``, ``grad_stats/zero_fraction`` and
+``grad_noise/`` keys (the same rows as the callback keeps: the first measured steps and the last
+ones) plus ``gradwatch_model_facts.json`` (model facts, clip bounds, first-step wiring). Without the
+facts file the checks that need model facts say less, and their suggestions say that they are
+generic: a finding never claims more than its evidence.
 """
 
 from __future__ import annotations
@@ -19,17 +20,17 @@ from lightning_gradwatch.diagnosis.findings import Finding, diagnosis_dict, form
 from lightning_gradwatch.diagnosis.run_history import (
     FACTS_FILENAME,
     ClipBound,
-    RunFigures,
+    RunHistory,
     Settings,
 )
 from lightning_gradwatch.keys import NOISE_B_SIMPLE_KEY, NOISE_BATCH_KEY, stats_key
 from lightning_gradwatch.report.reader import NORM_PREFIX, TOTAL_NORM_TAG, RunLog, Series
 
-__all__ = ["RunDiagnosisReport", "block_norms", "diagnose_run", "run_figures"]
+__all__ = ["RunDiagnosisReport", "block_norms", "diagnose_run", "run_history"]
 
 
 class RunDiagnosisReport:
-    """The findings of one run with the figures they came from.
+    """The findings of one run with the history they came from.
 
     Example::
 
@@ -37,22 +38,22 @@ class RunDiagnosisReport:
         print(diagnosis.text())
     """
 
-    def __init__(self, findings: list[Finding], figures: RunFigures) -> None:
+    def __init__(self, findings: list[Finding], history: RunHistory) -> None:
         self.findings = findings
-        self.figures = figures
+        self.history = history
 
     def text(self) -> str:
         """The ``Diagnosis`` section of the text report."""
-        steps = self.figures.measured
+        steps = self.history.measured
         head = f"Diagnosis (over {steps} measured step{'s' if steps != 1 else ''}):"
-        if self.figures.facts is None:
+        if self.history.facts is None:
             head += f"  [no {FACTS_FILENAME} beside the logs: model facts unknown]"
-        body = format_findings(self.findings, self.figures)
+        body = format_findings(self.findings, self.history)
         return head + "\n" + (body if self.findings else "  " + body)
 
     def to_dict(self) -> dict[str, Any]:
-        return diagnosis_dict(self.findings, self.figures) | {
-            "model_facts": self.figures.facts is not None
+        return diagnosis_dict(self.findings, self.history) | {
+            "model_facts": self.history.facts is not None
         }
 
 
@@ -60,32 +61,32 @@ def diagnose_run(
     run: RunLog, *, damping_threshold: float, amplifying_threshold: float, eps: float
 ) -> RunDiagnosisReport:
     """Diagnose ``run`` over all its measured steps with the report's thresholds."""
-    figures = run_figures(run, damping_threshold, amplifying_threshold, eps)
-    return RunDiagnosisReport(diagnose(figures), figures)
+    history = run_history(run, damping_threshold, amplifying_threshold, eps)
+    return RunDiagnosisReport(diagnose(history), history)
 
 
-def run_figures(
+def run_history(
     run: RunLog, damping_threshold: float, amplifying_threshold: float, eps: float
-) -> RunFigures:
-    """The :class:`RunFigures` of ``run`` (facts from the facts file when there is one)."""
+) -> RunHistory:
+    """The :class:`RunHistory` of ``run`` (facts from the facts file when there is one)."""
     names = run.block_names
-    figures = RunFigures.from_facts_dict(run.facts or {}, names)
-    figures.settings = Settings(
-        norm_type=str(run.config.get("norm_type", figures.settings.norm_type)),
+    history = RunHistory.from_facts_dict(run.facts or {}, names)
+    history.settings = Settings(
+        norm_type=str(run.config.get("norm_type", history.settings.norm_type)),
         eps=eps,
         damping_threshold=damping_threshold,
         amplifying_threshold=amplifying_threshold,
-        clip_bounds=figures.settings.clip_bounds if run.facts else _alert_bounds(run.alerts),
+        clip_bounds=history.settings.clip_bounds if run.facts else _alert_bounds(run.alerts),
     )
     steps, norms = block_norms(run)
     keys = (TOTAL_NORM_TAG, stats_key("zero_fraction"), NOISE_B_SIMPLE_KEY, NOISE_BATCH_KEY)
     columns = [_aligned(run.scalars.get(key), steps) for key in keys]
     for row, step in enumerate(steps.tolist()):
-        if not figures.needs(row, len(steps)):
-            figures.skip()  # counted, not kept (the callback drops it too)
+        if not history.needs(row, len(steps)):
+            history.skip()  # counted, not kept (the callback drops it too)
             continue
-        figures.add(step, norms[row].tolist(), *(_value(column, row) for column in columns))
-    return figures
+        history.add(step, norms[row].tolist(), *(_value(column, row) for column in columns))
+    return history
 
 
 def block_norms(run: RunLog) -> tuple[np.ndarray, np.ndarray]:

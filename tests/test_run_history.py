@@ -1,4 +1,4 @@
-"""The pieces under the diagnosis, without a Trainer: the bounded per-step figures, the facts file's
+"""The pieces under the diagnosis, without a Trainer: the bounded run history, the facts file's
 round trip, the model facts read from a module tree (activations, norms, init scale), the one-off
 Post-LN capture, the clip bounds, and what the rules say (or refuse to say) on edge cases."""
 
@@ -15,47 +15,48 @@ from torch import nn
 from lightning_gradwatch import Rule
 from lightning_gradwatch.diagnosis.checks import diagnose
 from lightning_gradwatch.diagnosis.findings import healthy_summary
-from lightning_gradwatch.diagnosis.model_facts import StructureCapture, collect_model_facts
-from lightning_gradwatch.diagnosis.run_history import ClipBound, RunFigures, Settings, Wiring
+from lightning_gradwatch.diagnosis.model_facts import collect_model_facts
+from lightning_gradwatch.diagnosis.run_history import ClipBound, RunHistory, Settings, Wiring
+from lightning_gradwatch.diagnosis.structure import StructureCapture
 from lightning_gradwatch.lightning.diagnosis import clip_bounds
 
 
 def test_figures_keep_the_first_steps_and_a_window_of_the_last() -> None:
-    figures = RunFigures(["a", "b"], capacity=8)
+    history = RunHistory(["a", "b"], capacity=8)
     for step in range(100):
-        figures.add(step, [1.0, 1.0], total_norm=float(step))
-    assert figures.measured == 100
-    assert [row.step for row in figures.first] == [0, 1, 2]
-    assert [row.step for row in figures.steps] == list(range(92, 100))
-    # The report feeds only the rows it needs and reaches the same figures.
-    again = RunFigures(["a", "b"], capacity=8)
+        history.add(step, [1.0, 1.0], total_norm=float(step))
+    assert history.measured == 100
+    assert [row.step for row in history.first] == [0, 1, 2]
+    assert [row.step for row in history.steps] == list(range(92, 100))
+    # The report feeds only the rows it needs and reaches the same rows.
+    again = RunHistory(["a", "b"], capacity=8)
     for step in range(100):
         if again.needs(step, 100):
             again.add(step, [1.0, 1.0], total_norm=float(step))
         else:
             again.skip()
-    assert again == figures
-    assert "the last 8 of 100 measured steps (92 .. 99)" in healthy_summary(figures)
+    assert again == history
+    assert "the last 8 of 100 measured steps (92 .. 99)" in healthy_summary(history)
 
 
 def test_nan_counts_as_missing_like_in_the_logs() -> None:
-    figures = RunFigures(["a", "b"])
-    figures.add(3, [math.nan, 2.0], total_norm=math.nan, zero_fraction=math.nan)
-    (row,) = figures.steps
+    history = RunHistory(["a", "b"])
+    history.add(3, [math.nan, 2.0], total_norm=math.nan, zero_fraction=math.nan)
+    (row,) = history.steps
     assert row.block_norms == [None, 2.0] and row.total_norm is None and row.zero_fraction is None
 
 
 def test_facts_file_round_trip() -> None:
     model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), nn.Embedding(10, 4))
-    figures = RunFigures(
+    history = RunHistory(
         ["0"],
         settings=Settings(norm_type="l1", clip_bounds=[ClipBound("gradient_clip_val", 1.0, 1.0)]),
         facts=collect_model_facts(model, [("0", model[0])]),
         wiring=Wiring(0, ["x"], ["y"]),
     )
-    data = json.loads(json.dumps(figures.facts_dict()))
-    back = RunFigures.from_facts_dict(data, ["0"])
-    assert back.facts_dict() == figures.facts_dict()
+    data = json.loads(json.dumps(history.facts_dict()))
+    back = RunHistory.from_facts_dict(data, ["0"])
+    assert back.facts_dict() == history.facts_dict()
     assert back.facts is not None and back.facts.embedding_params == 40
 
 
@@ -120,23 +121,23 @@ def test_clip_bounds_from_lightning_and_rules() -> None:
 
 def test_rules_need_their_evidence() -> None:
     # High zero fraction without model facts: reported, but with low confidence and saying why.
-    figures = RunFigures(["a", "b"])
-    figures.add(0, [1.0, 1.0], total_norm=1.0, zero_fraction=0.9)
-    (dead,) = diagnose(figures)
+    history = RunHistory(["a", "b"])
+    history.add(0, [1.0, 1.0], total_norm=1.0, zero_fraction=0.9)
+    (dead,) = diagnose(history)
     assert dead.name == "dead_units" and dead.confidence == "low"
     assert any("model facts unavailable" in line for line in dead.evidence)
     # One block: no transition, so no flow finding and a summary that says why.
-    single = RunFigures(["a"])
+    single = RunHistory(["a"])
     single.add(0, [1e-9])
     assert diagnose(single) == []
     assert healthy_summary(single).startswith("Only one block is watched")
-    assert healthy_summary(RunFigures(["a", "b"])) == "No measured step yet: nothing to diagnose."
+    assert healthy_summary(RunHistory(["a", "b"])) == "No measured step yet: nothing to diagnose."
 
 
 def test_fast_growing_total_norm_is_exploding_even_with_healthy_gains() -> None:
-    figures = RunFigures(["a", "b"])
+    history = RunHistory(["a", "b"])
     for step, total in enumerate([1.0, 1.2, 0.9, 30.0, 200.0, 400.0]):
-        figures.add(step, [1.0, 1.0], total_norm=total)
-    (exploding,) = diagnose(figures)
+        history.add(step, [1.0, 1.0], total_norm=total)
+    (exploding,) = diagnose(history)
     assert exploding.name == "exploding_flow" and exploding.figures["growth"] == 200.0
     assert "grew 200x" in exploding.evidence[0]
