@@ -231,10 +231,6 @@ class GradientFlowCallback(WatchOutcome, Callback):
 
     # -- one optimizer step: arm, then measure -> decide -> act -> log -> observe ----------------
 
-    def is_measured_step(self, step: int) -> bool:
-        """Whether optimizer step ``step`` (0-based) is on the measuring grid."""
-        return step % self.log_every_n_steps == 0
-
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
