@@ -243,6 +243,8 @@ class GradientFlowCallback(WatchOutcome, Callback):
             step, self.log_every_n_steps
         )
         self._noise.on_batch_start(trainer, batch, measured)
+        if self._fit is not None:
+            self._fit.steps.track_trainable(trainer.current_epoch, force=measured)
         if self._probe is None or not measured:
             return
         # First micro-batch of a measured step: start from zero. Later micro-batches of the same
