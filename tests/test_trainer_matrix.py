@@ -1,5 +1,6 @@
-"""Do no harm (issue 19): the Trainer configurations and entry points users combine, each a short real
-run on CPU made twice, without and with ``GradientFlowCallback`` (same seed, same data), asserting
+"""Do no harm (issue 19): the Trainer configurations and entry points users combine, each a short
+real run on CPU made twice, without and with ``GradientFlowCallback`` (same seed, same data),
+asserting
 
 (a) the final weights and buffers are bit-identical (``torch.equal``) with and without the callback;
 (b) every ``grad_norm_total`` the callback measured, and every one a logger holds, equals an
@@ -10,10 +11,11 @@ run on CPU made twice, without and with ``GradientFlowCallback`` (same seed, sam
 (c) nothing is left attached: every module's and parameter's hooks and torch's global module hooks
     are what they were before the run, and a forward/backward afterwards registers no tensor hook
     and changes nothing the callback holds (its probe buffer, ``last``);
-and the callback causes no warning of torch or Lightning the run without it does not have, and of its
-own only the first step's wiring report (the models here have dead and unused parameters on purpose)
-or what the case names. The model has a ``Dropout`` (a callback drawing random numbers would change
-its masks, hence the weights) and a ``BatchNorm`` (buffers).
+and that the callback causes no warning of torch or Lightning that the run without it does not
+have, and of its own only the first step's wiring report (some models here have dead and unused
+parameters on purpose) or the one the case names, once; and that it writes nothing outside the
+run's folder. The model has a ``Dropout`` (a callback drawing random numbers would change its masks,
+hence the weights) and a ``BatchNorm`` (buffers).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from lightning.pytorch.callbacks import (
     ModelPruning,
     StochasticWeightAveraging,
 )
+from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.tuner import Tuner
@@ -156,7 +159,8 @@ class Boom(RuntimeError):
 
 
 class ServiceLogger(Logger):
-    """A custom logger for a metrics service: no ``save_dir``, no ``log_dir``; keeps what it gets."""
+    """A custom logger for a metrics service: no ``save_dir``, no ``log_dir``; keeps what it
+    gets."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -241,19 +245,33 @@ def tolerance(dtype: Optional[torch.dtype]) -> float:
 
 # -- one run ------------------------------------------------------------------------------------
 
+Model = pl.LightningModule
+#: A Trainer of the case (keyword arguments override its options).
+Make = Callable[..., pl.Trainer]
+#: An entry point: runs Trainers from ``make`` on the model (the run's root is the third argument)
+#: and returns the models it trained, the last one being the one compared.
+Entry = Callable[[Make, Model, str], list[Model]]
+
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One configuration. ``options``: Trainer keywords; ``logger``: ``"csv"``, ``"tensorboard"``,
-    ``"none"``, ``"custom"`` (:class:`ServiceLogger`), ``"mock"``, ``"several"`` (CSV,
-    TensorBoard and custom); ``extras``: objects
-    built afresh for each run (``"scaler"``, ``"checkpoint"``, ``"early_stopping"``,
-    ``"lr_monitor"``); ``entry``: a key of :data:`ENTRIES`; ``model``: :class:`MatrixNet` keywords;
-    ``watch``: callback keywords; ``memory``: log to ``memory://``; ``checkpoint``: a checkpoint
-    (under the run's root) that must hold the callback's state; ``warns``: a warning of the callback
-    the case expects, exactly once."""
+    """One configuration.
+
+    Attributes:
+        options: Trainer keywords.
+        model_class: the LightningModule (:class:`MatrixNet`); ``model``: its keywords.
+        logger: ``"csv"``, ``"tensorboard"``, ``"none"``, ``"custom"`` (:class:`ServiceLogger`),
+            ``"mock"`` or ``"several"`` (CSV, TensorBoard and custom).
+        extras: plugins and callbacks built afresh for each run (:func:`make_extra`).
+        entry: a key of :data:`ENTRIES`.
+        watch: ``GradientFlowCallback`` keywords (``log_every_n_steps=1`` unless given).
+        memory: the run's root is a ``memory://`` URL.
+        checkpoint: a checkpoint (under the run's root) that must hold the callback's state.
+        warns: a warning of the callback the case expects, exactly once.
+    """
 
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    model_class: type[Model] = MatrixNet
     logger: str = "csv"
     extras: tuple[str, ...] = ()
     entry: str = "fit"
@@ -306,72 +324,20 @@ def make_extra(name: str, root: str) -> Any:
     raise AssertionError(name)
 
 
-#: Each entry point runs ``make`` (a Trainer of the case, overridable) on the model; returns the
-#: models it trained, the last one being the one compared.
-Entry = Callable[[Callable[..., pl.Trainer], MatrixNet, str], list[MatrixNet]]
-
-
-def _fit(make: Callable[..., pl.Trainer], model: MatrixNet, root: str) -> list[MatrixNet]:
+def _fit(make: Make, model: Model, root: str) -> list[Model]:
     make().fit(model)
     return [model]
 
 
 def _evaluate(stage: str) -> Entry:
-    def entry(make: Callable[..., pl.Trainer], model: MatrixNet, root: str) -> list[MatrixNet]:
+    def entry(make: Make, model: Model, root: str) -> list[Model]:
         getattr(make(), stage)(model)
         return [model]
 
     return entry
 
 
-def _lr_find(make: Callable[..., pl.Trainer], model: MatrixNet, root: str) -> list[MatrixNet]:
-    fit = make()
-    finder = Tuner(fit).lr_find(model, min_lr=1e-3, max_lr=0.5, num_training=16)
-    assert finder is not None and finder.suggestion() is not None
-    assert model.lr == finder.suggestion()  # the tuner's result is what trains
-    fit.fit(model)
-    return [model]
-
-
-def _scale_batch_size(
-    make: Callable[..., pl.Trainer], model: MatrixNet, root: str
-) -> list[MatrixNet]:
-    fit = make()
-    size = Tuner(fit).scale_batch_size(model, steps_per_trial=1, init_val=2, max_trials=2)
-    assert size == model.batch_size > 2  # the tuner's result is what trains
-    fit.fit(model)
-    return [model]
-
-
-def _reuse(make: Callable[..., pl.Trainer], model: MatrixNet, root: str) -> list[MatrixNet]:
-    make(max_steps=2).fit(model)  # the same callback instance serves both Trainers
-    make(max_steps=3).fit(model)
-    return [model]
-
-
-def _fit_twice(make: Callable[..., pl.Trainer], model: MatrixNet, root: str) -> list[MatrixNet]:
-    fit = make(max_steps=-1, max_epochs=1)
-    fit.fit(model)
-    fit.fit_loop.max_epochs = 2  # the same Trainer goes on for one more epoch
-    fit.fit(model)
-    assert fit.global_step == 8
-    return [model]
-
-
-def _resume(make: Callable[..., pl.Trainer], model: MatrixNet, root: str) -> list[MatrixNet]:
-    first = make(max_steps=2)
-    first.fit(model)
-    path = f"{root}/mid.ckpt"
-    first.save_checkpoint(path)
-    torch.manual_seed(1)  # another initialisation: the checkpoint must decide everything
-    resumed = MatrixNet(**model.init_kwargs)
-    make(max_steps=4).fit(resumed, ckpt_path=path)
-    return [model, resumed]
-
-
-def _fit_then_evaluate(
-    make: Callable[..., pl.Trainer], model: MatrixNet, root: str
-) -> list[MatrixNet]:
+def _fit_then_evaluate(make: Make, model: Model, root: str) -> list[Model]:
     fit = make()
     fit.fit(model)
     fit.validate(model)
@@ -380,19 +346,62 @@ def _fit_then_evaluate(
     return [model]
 
 
-def _fit_raises(make: Callable[..., pl.Trainer], model: MatrixNet, root: str) -> list[MatrixNet]:
+def _fit_raises(make: Make, model: Model, root: str) -> list[Model]:
     with pytest.raises(Boom, match="boom at step 2"):
         make().fit(model)
     return [model]
 
 
+def _lr_find(make: Make, model: Model, root: str) -> list[Model]:
+    fit = make()
+    finder = Tuner(fit).lr_find(model, min_lr=1e-3, max_lr=0.5, num_training=16)
+    assert finder is not None and finder.suggestion() is not None
+    assert model.lr == finder.suggestion()  # the tuner's result is what trains
+    fit.fit(model)
+    return [model]
+
+
+def _scale_batch_size(make: Make, model: Model, root: str) -> list[Model]:
+    fit = make()
+    size = Tuner(fit).scale_batch_size(model, steps_per_trial=1, init_val=2, max_trials=2)
+    assert size == model.batch_size > 2  # the tuner's result is what trains
+    fit.fit(model)
+    return [model]
+
+
+def _reuse(make: Make, model: Model, root: str) -> list[Model]:
+    make(max_steps=2).fit(model)  # the same callback instance serves both Trainers
+    make(max_steps=3).fit(model)
+    return [model]
+
+
+def _fit_twice(make: Make, model: Model, root: str) -> list[Model]:
+    fit = make(max_steps=-1, max_epochs=1)
+    fit.fit(model)
+    fit.fit_loop.max_epochs = 2  # the same Trainer goes on for one more epoch
+    fit.fit(model)
+    assert fit.global_step == 8
+    return [model]
+
+
+def _resume(make: Make, model: Model, root: str) -> list[Model]:
+    first = make(max_steps=2)
+    first.fit(model)
+    path = f"{root}/mid.ckpt"
+    first.save_checkpoint(path)
+    torch.manual_seed(1)  # another initialisation: the checkpoint must decide everything
+    resumed = type(model)(**model.init_kwargs)
+    make(max_steps=4).fit(resumed, ckpt_path=path)
+    return [model, resumed]
+
+
 ENTRIES: dict[str, Entry] = {
-    "fit_then_evaluate": _fit_then_evaluate,
-    "fit_raises": _fit_raises,
     "fit": _fit,
     "validate": _evaluate("validate"),
     "test": _evaluate("test"),
     "predict": _evaluate("predict"),
+    "fit_then_evaluate": _fit_then_evaluate,
+    "fit_raises": _fit_raises,
     "lr_find": _lr_find,
     "scale_batch_size": _scale_batch_size,
     "reuse": _reuse,
@@ -404,7 +413,7 @@ ENTRIES: dict[str, Entry] = {
 @dataclasses.dataclass
 class Outcome:
     state: dict[str, Tensor]
-    models: list[MatrixNet]
+    models: list[Model]
     trainers: list[pl.Trainer]
     reference: TotalNormReference
     gradwatch: Optional[GradientFlowCallback]
@@ -415,7 +424,8 @@ HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backw
 
 
 def hooks(model: nn.Module) -> dict[str, Any]:
-    """The ids of every hook on ``model``'s modules and parameters, and torch's global module hooks."""
+    """The ids of every hook on ``model``'s modules and parameters, and of torch's global module
+    hooks."""
     from torch.nn.modules import module as torch_module
 
     found: dict[str, Any] = {
@@ -433,7 +443,7 @@ def hooks(model: nn.Module) -> dict[str, Any]:
 
 def run(case: Case, root: str, watch: bool) -> Outcome:
     torch.manual_seed(0)
-    model = MatrixNet(**case.model)
+    model = case.model_class(**case.model)
     gradwatch = None
     if watch:
         options = {"log_every_n_steps": 1, "require_logger": case.logger != "none", **case.watch}
@@ -466,7 +476,7 @@ def run(case: Case, root: str, watch: bool) -> Outcome:
         models = ENTRIES[case.entry](make, model, root)
     assert hooks(model) == before, "a hook was left"
     for other in models[1:]:  # built by the entry point: it had none
-        assert hooks(other) == hooks(MatrixNet(**case.model)), "a hook was left"
+        assert hooks(other) == hooks(case.model_class(**case.model)), "a hook was left"
     final = models[-1]
     state = {key: value.detach().clone() for key, value in final.state_dict().items()}
     messages = [f"{w.category.__name__}: {w.message}".replace(root, "<root>") for w in caught]
@@ -535,16 +545,25 @@ def logged_totals(fit: pl.Trainer) -> list[tuple[str, dict[tuple[int, str], floa
 
 
 def assert_inert_after(outcome: Outcome) -> None:
-    """A forward/backward after the run registers no tensor hook and changes nothing the callback
-    holds."""
+    """A forward/backward after the run, on a batch of the model's own data, registers no tensor
+    hook on any module's output and changes nothing the callback holds."""
     gradwatch, model = outcome.gradwatch, outcome.models[-1]
     assert gradwatch is not None
     last = gradwatch.last
     buffers = [probe.buffer.clone() for probe in outcome.reference.probes]
-    dtype = model.head.weight.dtype
+    batch = next(iter(model.train_dataloader()))
+    x = batch[0] if isinstance(batch, (list, tuple)) else batch
+    outputs: list[Tensor] = []
+    # Registered after the run, so they run after any hook the callback might have left.
+    spies = [m.register_forward_hook(lambda m, i, o: outputs.append(o)) for m in model.modules()]
     model.train()
-    model(torch.randn(8, 4, dtype=dtype)).sum().backward()
-    assert all(t is None or not t._backward_hooks for t in model._outputs), "tensor hook left"
+    try:
+        model(x.to(next(model.parameters()).dtype)).sum().backward()
+    finally:
+        for spy in spies:
+            spy.remove()
+    tensors = [o for o in outputs if isinstance(o, Tensor)]
+    assert tensors and not any(t._backward_hooks for t in tensors), "a tensor hook was registered"
     assert gradwatch.last is last
     assert all(torch.equal(b, p.buffer) for b, p in zip(buffers, outcome.reference.probes))
 
@@ -563,6 +582,11 @@ def assert_warnings(case: Case, plain: Outcome, watched: Outcome) -> None:
 
 # -- the matrix ---------------------------------------------------------------------------------
 
+#: One process without accumulation has one batch size only: the noise scale cannot be measured.
+NOISE_NOT_MEASURED = (
+    r"noise_scale=True\): the gradient noise scale is not measured with one process and no "
+    "gradient accumulation"
+)
 TWO_EPOCHS = {"max_steps": -1, "max_epochs": 2, "limit_train_batches": 2}
 TRIP_EVERY_STEP = [Rule("grad_norm_total", max=1e-9, action="warn")]
 
@@ -611,7 +635,12 @@ CASES = [
         id="noise-scale-with-a-step-without-gradients",
     ),
     pytest.param(Case(watch={"log_every_n_steps": 3}), id="unmeasured-steps"),
+    pytest.param(
+        Case(watch={"noise_scale": True}, warns=NOISE_NOT_MEASURED),
+        id="noise-scale-unmeasurable-warns-once",
+    ),
     # the model
+    pytest.param(Case(model_class=BoringModel), id="lightning-boring-model"),
     pytest.param(
         Case(model={"frozen": ["blocks.0"], "skip": [1], "dead_param": True}),
         id="frozen-and-unused-parameters",
@@ -683,7 +712,7 @@ def test_no_harm(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert_totals_match(case, watched)
     assert_inert_after(watched)
     assert_warnings(case, plain, watched)
-    # Nothing written beside the runs' own folders (a URL or a Mock taken for a local path would be).
+    # Nothing beside the runs' own folders (a URL or a Mock taken for a local path would be here).
     written = {p.name for p in tmp_path.iterdir()}
     assert written <= (set() if case.memory else {"plain", "watched"}), written
     if case.memory:
@@ -708,3 +737,39 @@ def assert_state_in_checkpoint(path: str, watched: Outcome) -> None:
     state = checkpoint["callbacks"][gradwatch.state_key]
     assert state.keys() == gradwatch.state_dict().keys()
     assert state["version"] == gradwatch.state_dict()["version"]
+
+
+@pytest.mark.parametrize(
+    ("options", "watch", "message"),
+    [
+        pytest.param(
+            {"logger": False},
+            {},
+            r"needs a logger to write to, but the Trainer has none .*require_logger=False",
+            id="no-logger",
+        ),
+        pytest.param(
+            {"barebones": True, "logger": False, "log_every_n_steps": None},
+            {},
+            r"needs a logger to write to, but the Trainer has none .*require_logger=False",
+            id="barebones",
+        ),
+        pytest.param(
+            {}, {"blocks": ["blocks.7"]}, r"Block 'blocks.7' does not exist", id="missing-block"
+        ),
+    ],
+)
+def test_misuse_is_a_clear_error_before_any_step(
+    options: dict[str, Any], watch: dict[str, Any], message: str, tmp_path: Path
+) -> None:
+    """The configurations that cannot work (no logger while one is required, as under
+    ``barebones=True``; a named block that does not exist) raise at fit start, naming the fix,
+    before any step, and leave nothing attached."""
+    torch.manual_seed(0)
+    model = MatrixNet()
+    before = hooks(model)
+    reference = TotalNormReference(None)
+    fit = trainer(tmp_path, [GradientFlowCallback(**watch), reference], **options)
+    with pytest.raises(ValueError, match=message):
+        fit.fit(model)
+    assert reference.records == [] and hooks(model) == before
