@@ -194,8 +194,8 @@ class Record:
 
 
 class TotalNormReference(Callback):
-    """After ``gradwatch`` in the callback list: at every optimizer step, the float64 L2 norm of the
-    stepping optimizer's parameter gradients and the total ``gradwatch`` measured at that step (its
+    """After ``gradwatch`` in the callback list: at every optimizer step, the float64 norm (of the
+    callback's ``norm_type``; L2 without it) of the stepping optimizer's parameter gradients and the total ``gradwatch`` measured at that step (its
     ``last`` when it is new), and each fit's probe (to check it is inert after the fit)."""
 
     def __init__(self, gradwatch: Optional[GradientFlowCallback]) -> None:
@@ -222,8 +222,11 @@ class TotalNormReference(Callback):
         record = Record(self.fits, trainer.global_step, None, None)
         if grads:
             flat = torch.cat([g.double() for g in grads])
-            record.reference = torch.linalg.vector_norm(flat).item()
-            record.dtype = grads[0].dtype
+            kind = self.gradwatch.norm_type if self.gradwatch is not None else "l2"
+            norm = (
+                flat.abs().mean() if kind == "mean" else torch.linalg.vector_norm(flat, ORD[kind])
+            )
+            record.reference, record.dtype = norm.item(), grads[0].dtype
         last = self.gradwatch.last if self.gradwatch is not None else None
         if last is not None and last is not self._seen:
             self._seen = last
@@ -232,14 +235,19 @@ class TotalNormReference(Callback):
         self.records.append(record)
 
 
+#: ``torch.linalg.vector_norm``'s ``ord`` of each norm type (``"mean"``: the mean absolute value).
+ORD = {"l2": 2.0, "l1": 1.0, "linf": float("inf")}
+
+
 def tolerance(dtype: Optional[torch.dtype]) -> float:
     """Relative tolerance of the callback's total norm against the float64 reference.
 
-    The callback takes norms of float64 gradients in float64 and of every narrower type in float32
-    (the elements themselves are exact in both); a sum of n squares accumulated in that precision
-    carries a relative error of about log2(n) units of its epsilon, the square root halves it, and
-    combining the per-tensor partials adds a few more: 64 epsilons bounds it for the few hundred
-    elements here. TensorBoard's float32 storage (half an epsilon of float32) is below that too."""
+    The callback must take norms of float64 gradients in float64 and of every narrower type in
+    float32 (the elements themselves are exact in both); a sum of n squares (or absolute values)
+    accumulated in that precision carries a relative error of about log2(n) units of its epsilon,
+    the square root halves it, combining the per-tensor partials adds a few more (a maximum is
+    exact): 64 epsilons bounds it for the few hundred elements here. TensorBoard's float32 storage
+    (half an epsilon of float32) is below that too."""
     return 64 * torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
 
 
@@ -635,6 +643,9 @@ CASES = [
         id="noise-scale-with-a-step-without-gradients",
     ),
     pytest.param(Case(watch={"log_every_n_steps": 3}), id="unmeasured-steps"),
+    pytest.param(Case(watch={"rules": []}), id="no-rules"),
+    pytest.param(Case(watch={"norm_type": "linf", "log_param_norms": True}), id="linf-norms"),
+    pytest.param(Case(watch={"norm_type": "mean", "log_param_norms": "*.bias"}), id="mean-norms"),
     pytest.param(
         Case(watch={"noise_scale": True}, warns=NOISE_NOT_MEASURED),
         id="noise-scale-unmeasurable-warns-once",
