@@ -239,12 +239,10 @@ class GradientFlowCallback(WatchOutcome, Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        measured = self._fit is not None and self._fit.steps.may_be_due(
-            step, self.log_every_n_steps
+        measured = self._fit is not None and self._fit.batch_starts(
+            step, trainer.current_epoch, self.log_every_n_steps
         )
         self._noise.on_batch_start(trainer, batch, measured)
-        if self._fit is not None:
-            self._fit.steps.track_trainable(trainer.current_epoch, force=measured)
         if self._probe is None or not measured:
             return
         # First micro-batch of a measured step: start from zero. Later micro-batches of the same

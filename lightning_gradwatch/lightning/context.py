@@ -71,6 +71,14 @@ class FitContext:
     def block_names(self) -> list[str]:
         return [name for name, _ in self.blocks]
 
+    def batch_starts(self, step: int, epoch: int, every: int) -> bool:
+        """A batch starts at global ``step`` of ``epoch``: whether it may hold a measured step (every
+        ``every`` steps). Which parameters train is re-read at each epoch's first batch and on
+        measured steps (:meth:`OptimizerSteps.track_trainable`)."""
+        measured = self.steps.may_be_due(step, every)
+        self.steps.track_trainable(epoch, force=measured)
+        return measured
+
     def measure(
         self,
         probe: GradientProbe,
