@@ -235,7 +235,9 @@ class GradientFlowCallback(WatchOutcome, Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         step, fit = trainer.global_step, self._fit
-        measured = fit is not None and fit.steps.may_be_due(step, self.log_every_n_steps)
+        measured = fit is not None and fit.batch_starts(
+            step, trainer.current_epoch, self.log_every_n_steps
+        )
         self._noise.on_batch_start(trainer, batch, measured)
         if fit is None or self._probe is None or not measured:
             return

@@ -17,6 +17,7 @@ import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI
 from models import BlockNet, unwrap
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor, nn
 
 NORM_TYPES = ("l2", "l1", "linf", "mean")
@@ -280,17 +281,38 @@ def hooks_of(module: nn.Module) -> int:
 
 
 def csv_metrics(log_dir: str) -> dict[int, dict[str, float]]:
-    """``metrics.csv`` of a CSVLogger as ``{step: {key: value}}`` (empty cells left out)."""
+    """``metrics.csv`` of a CSVLogger as ``{step: {key: value}}`` (empty cells left out); ``log_dir``
+    may be an fsspec URL (``memory://...``), read through its filesystem as Lightning writes it."""
     import csv
-    import os
+    import io
 
+    from lightning.fabric.utilities.cloud_io import get_filesystem
+
+    fs = get_filesystem(log_dir)
+    with fs.open(f"{log_dir.rstrip('/')}/metrics.csv", "r", newline="") as handle:
+        text = handle.read()
     rows: dict[int, dict[str, float]] = {}
-    with open(os.path.join(log_dir, "metrics.csv"), newline="") as handle:
-        for row in csv.DictReader(handle):
-            step = int(row.pop("step"))
-            values = {key: float(value) for key, value in row.items() if value != ""}
-            rows.setdefault(step, {}).update(values)
+    for row in csv.DictReader(io.StringIO(text)):
+        step = int(row.pop("step"))
+        values = {key: float(value) for key, value in row.items() if value != ""}
+        rows.setdefault(step, {}).update(values)
     return rows
+
+
+def tensorboard_events(log_dir: str, **size_guidance: int) -> EventAccumulator:
+    """The event files of a TensorBoardLogger's ``log_dir``, loaded (every scalar kept)."""
+    accumulator = EventAccumulator(log_dir, size_guidance={"scalars": 0, **size_guidance})
+    accumulator.Reload()
+    return accumulator
+
+
+def tensorboard_scalars(accumulator: EventAccumulator) -> dict[int, dict[str, float]]:
+    """Every scalar of ``accumulator`` as ``{step: {tag: value}}`` (TensorBoard stores float32)."""
+    steps: dict[int, dict[str, float]] = {}
+    for tag in accumulator.Tags()["scalars"]:
+        for event in accumulator.Scalars(tag):
+            steps.setdefault(event.step, {})[tag] = event.value
+    return steps
 
 
 def lightning_cli(*args: Any, **kwargs: Any) -> LightningCLI:

@@ -9,8 +9,14 @@ import pytest
 import torch
 from expected_warnings import RULE_TRIPS, WIRING_REPORT
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from reference import RefNet, assert_metrics_equal, csv_metrics, trainer
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from reference import (
+    RefNet,
+    assert_metrics_equal,
+    csv_metrics,
+    tensorboard_events,
+    tensorboard_scalars,
+    trainer,
+)
 
 from lightning_gradwatch import GradientFlowCallback
 from lightning_gradwatch.keys import HIST_BLOCK_PREFIX, HIST_PARAM_PREFIX
@@ -33,20 +39,6 @@ def _ours(metrics: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if k.startswith(TABLE_PREFIXES) or k in TABLE_KEYS}
 
 
-def _events(log_dir: str, **size_guidance: int) -> EventAccumulator:
-    accumulator = EventAccumulator(log_dir, size_guidance={"scalars": 0, **size_guidance})
-    accumulator.Reload()
-    return accumulator
-
-
-def _tensorboard_metrics(accumulator: EventAccumulator) -> dict[int, dict[str, float]]:
-    steps: dict[int, dict[str, float]] = {}
-    for tag in accumulator.Tags()["scalars"]:
-        for event in accumulator.Scalars(tag):
-            steps.setdefault(event.step, {})[tag] = event.value
-    return steps
-
-
 @pytest.mark.filterwarnings("ignore:The number of training batches")
 def test_tensorboard_and_csv_hold_the_reference_values_at_the_interval(tmp_path: Any) -> None:
     torch.manual_seed(0)
@@ -66,7 +58,8 @@ def test_tensorboard_and_csv_hold_the_reference_values_at_the_interval(tmp_path:
     assert_metrics_equal(callback.last.metrics, expected[9])
 
     from_tb = {
-        step: _ours(values) for step, values in _tensorboard_metrics(_events(tb.log_dir)).items()
+        step: _ours(values)
+        for step, values in tensorboard_scalars(tensorboard_events(tb.log_dir)).items()
     }
     from_csv = {step: _ours(values) for step, values in csv_metrics(csv.log_dir).items()}
     from_tb = {step: values for step, values in from_tb.items() if values}
@@ -87,7 +80,7 @@ def test_histograms_are_written_to_tensorboard(tmp_path: Any) -> None:
     callback = GradientFlowCallback(log_every_n_steps=2, log_histograms=True)
     trainer(tmp_path, [callback], logger=tb, max_steps=3).fit(model)
 
-    accumulator = _events(tb.log_dir, histograms=0)
+    accumulator = tensorboard_events(tb.log_dir, histograms=0)
     tags = set(accumulator.Tags()["histograms"])
     block_tags = {f"{HIST_BLOCK_PREFIX}blocks.{i}": i for i in range(3)}
     param_tags = {f"{HIST_PARAM_PREFIX}{name}": name for name, _ in model.named_parameters()}
@@ -117,6 +110,6 @@ def test_no_histograms_by_default(tmp_path: Any) -> None:
     trainer(tmp_path, [GradientFlowCallback(log_every_n_steps=1)], logger=tb, max_steps=1).fit(
         RefNet(depth=2)
     )
-    accumulator = _events(tb.log_dir, histograms=0)
+    accumulator = tensorboard_events(tb.log_dir, histograms=0)
     assert accumulator.Tags()["histograms"] == []
     assert "grad_norm/blocks.1" in accumulator.Tags()["scalars"]

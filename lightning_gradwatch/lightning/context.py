@@ -48,7 +48,9 @@ class FitContext:
             is not the gradient).
         plan: how figures combine across ranks.
         support: what the strategy lets the callback measure, and why not the rest.
-        params: the measured ``(name, parameter)`` pairs (trainable; none where not measurable).
+        params: the measurable ``(name, parameter)`` pairs (none where ``p.grad`` is not the
+            gradient), frozen ones included: which of them train is re-read during the fit
+            (:meth:`~lightning_gradwatch.lightning.optimizers.OptimizerSteps.track_trainable`).
         steps: the optimizers: names, the parameters and blocks each owns, when each is measured.
         loggers: the Trainer's loggers.
         files: where the run's files go (alert trail, model facts, halt checkpoint), paths or URLs.
@@ -69,6 +71,14 @@ class FitContext:
     def block_names(self) -> list[str]:
         return [name for name, _ in self.blocks]
 
+    def batch_starts(self, step: int, epoch: int, every: int) -> bool:
+        """A batch starts at global ``step`` of ``epoch``: whether it may hold a measured step (every
+        ``every`` steps). Which parameters train is re-read at each epoch's first batch and on
+        measured steps (:meth:`OptimizerSteps.track_trainable`)."""
+        measured = self.steps.may_be_due(step, every)
+        self.steps.track_trainable(epoch, force=measured)
+        return measured
+
     def measure(
         self,
         probe: GradientProbe,
@@ -87,9 +97,14 @@ class FitContext:
         steps = self.steps
         if not steps.measures(k, step, every):
             return None
+        params = steps.params[k]
+        if params and all(p.grad is None for _, p in params):
+            # training_step returned None: Lightning skipped the backward, there is nothing to
+            # measure (figures of no gradient would read as NaN). Under FSDP1 `params` is empty.
+            return None
         measurement = measure_record(
             steps.rows(probe.buffer, k),
-            [(name, p.grad) for name, p in steps.params[k] if p.grad is not None],
+            [(name, p.grad) for name, p in params if p.grad is not None],
             self.spec,
             self.plan,
             step=step,
@@ -121,11 +136,8 @@ def build_fit_context(
     plan = plan_reduction(trainer)
     support = check_strategy(trainer, plan)
     spec = dataclasses.replace(spec, measure_params=support.params)
-    params = [
-        (eager_name(name), p)
-        for name, p in pl_module.named_parameters()
-        if p.requires_grad and spec.measure_params
-    ]
+    params = [(eager_name(name), p) for name, p in pl_module.named_parameters()]
+    params = params if spec.measure_params else []
     return FitContext(
         blocks=list(blocks),
         spec=spec,

@@ -220,6 +220,7 @@ class NoiseScaleMonitor:
                 norm = torch.linalg.vector_norm(values.detach(), dtype=torch.float32)
                 self._micro[-1] += norm.double().square()
 
+        self.remove()  # a step armed but never measured (no gradient at all) left its hooks
         self._handles = [p.register_hook(hook) for p in module.parameters() if p.requires_grad]
 
     def _ddp_small(self, inv_sq: Any) -> tuple[float, float, float]:

@@ -165,7 +165,8 @@ class OptimizerSteps:
         names: their names (:func:`optimizer_names`; ``[None]`` for a single optimizer, which owns
             every measured parameter and every block).
         blocks: the watched ``(name, module)`` blocks.
-        named_params: the measured ``(name, parameter)`` pairs.
+        named_params: the measurable ``(name, parameter)`` pairs, frozen ones included
+            (:attr:`params` holds those that train, see :meth:`track_trainable`).
         device: where the probe buffer lives.
     """
 
@@ -184,9 +185,12 @@ class OptimizerSteps:
         else:
             self.ownership = block_owners(blocks, named_params, optimizers)
         owner = self.ownership.param_owner
-        self.params = [
+        self._owned = [
             [(n, p) for n, p in named_params if owner.get(n) == k] for k in range(len(self.names))
         ]
+        self.params: list[list[tuple[str, nn.Parameter]]] = []
+        self._epoch: Optional[int] = None
+        self.track_trainable(None, force=True)
         self.blocks = [self.ownership.blocks_of(k) for k in range(len(optimizers))]
         self.block_names = [[blocks[i][0] for i in indices] for indices in self.blocks]
         self._rows = [
@@ -200,6 +204,15 @@ class OptimizerSteps:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def track_trainable(self, epoch: Optional[int], force: bool = False) -> None:
+        """Re-read which of each optimizer's parameters train (``requires_grad``) at the first
+        batch of each ``epoch``, or now with ``force`` (measured steps): a finetuning callback
+        (``BackboneFinetuning``) unfreezes modules at an epoch start, before or after the
+        gradient-flow callback's hooks. A host-side walk over the parameters, no tensor work."""
+        if force or epoch != self._epoch:
+            self._epoch = epoch
+            self.params = [[(n, p) for n, p in owned if p.requires_grad] for owned in self._owned]
 
     def begin(self, step: int) -> None:
         """Training starts (or resumes) at global step ``step``: every optimizer counts as having
