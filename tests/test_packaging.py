@@ -26,6 +26,7 @@ TEST_TOOLS = {
     "pytest-timeout",
     "ruff",
     "mypy",
+    "import-linter",  # the layers contract (pyproject.toml, make lint)
     "jsonargparse",  # LightningCLI (tests/test_cli_config.py, examples/ex06_lightning_cli.py)
     "setuptools",  # the editable install of this package (--no-build-isolation)
 }
