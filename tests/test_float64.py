@@ -24,6 +24,7 @@ from reference import csv_metrics, ref_grad_stats, ref_norm, trainer
 from torch import Tensor, nn
 
 from lightning_gradwatch import GradientFlowCallback, GradientGainMonitor, Rule
+from lightning_gradwatch.governance.notices import holds_stale_gradients
 from lightning_gradwatch.keys import NOISE_GRAD_SQ_KEY, NOISE_TRACE_KEY
 from lightning_gradwatch.numerics.grad_stats import finalize_grad_stats, grad_stat_partials
 from lightning_gradwatch.numerics.norms import (
@@ -123,6 +124,13 @@ def test_float32_accumulation_would_fail_these_tolerances() -> None:
     rounded, exact = ref_grad_stats([g.float() for g in grads]), ref_grad_stats(grads)
     for key in ("std", "large_fraction"):
         assert rounded[key] != pytest.approx(exact[key], rel=REL64), key
+
+
+def test_stale_gradient_check_sees_float64_values_below_float32_range() -> None:
+    # 1e-300 is a float64 gradient that float32 rounds to 0: a stale gradient all the same.
+    tiny = torch.full((3,), 1e-300, dtype=torch.float64)
+    assert holds_stale_gradients([torch.zeros(2), tiny])
+    assert not holds_stale_gradients([torch.zeros(2), torch.zeros(3, dtype=torch.float64)])
 
 
 # --------------------------------------------------------------------------------------------------
