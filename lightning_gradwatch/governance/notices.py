@@ -33,7 +33,8 @@ def holds_stale_gradients(grads: Sequence[Tensor]) -> bool:
     if not grads:
         return False
     norms = foreach_norm([local_tensor(g) for g in grads], math.inf)
-    return bool(torch.stack([n.float() for n in norms]).max() > 0)
+    # Compared in each norm's own dtype: a float64 1e-300 is non-zero, its float32 cast is not.
+    return bool(torch.stack([norm > 0 for norm in norms]).any())
 
 
 #: Manual optimization: how many first steps always get the missing-``zero_grad()`` check.

@@ -18,7 +18,12 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_gradwatch.measure.blocks import BlockList, ForwardOrderCheck, primary_tensor
-from lightning_gradwatch.numerics.norms import NormType, combines_by_max, partial_norm
+from lightning_gradwatch.numerics.norms import (
+    NormType,
+    accumulation_dtype,
+    combines_by_max,
+    partial_norm,
+)
 
 #: DTensor, where torch has distributed support (``isinstance`` against it: no graph break).
 _DTENSOR: tuple[type, ...] = ()
@@ -70,7 +75,7 @@ class GradientProbe:
         self.keep_grads = keep_grads
         self.armed = False
         self.buffer = torch.zeros(
-            len(blocks), 3, dtype=torch.float32, device=_device_of(self.modules, device)
+            len(blocks), 3, dtype=_dtype_of(self.modules), device=_device_of(self.modules, device)
         )
         self.grads: list[Optional[Tensor]] = [None] * len(blocks)
         #: Whether block i's input was block i-1's output tensor itself in the armed forward (eager
@@ -207,6 +212,19 @@ def _local_values(grad: Tensor) -> Tensor:
         target = [Replicate() if p.is_partial() else p for p in placements]
         grad = grad.redistribute(grad.device_mesh, target)  # type: ignore[attr-defined]
     return grad.to_local()  # type: ignore[attr-defined]
+
+
+def _dtype_of(modules: list[nn.Module]) -> torch.dtype:
+    """The buffer's dtype: :func:`~lightning_gradwatch.numerics.norms.accumulation_dtype` of every
+    floating parameter and buffer of the blocks (float64 where any is float64, e.g. under
+    ``precision="64-true"``: the block outputs' gradients are then float64 and their partials too)."""
+    dtypes = {
+        tensor.dtype
+        for module in modules
+        for tensor in (*module.parameters(), *module.buffers())
+        if tensor.is_floating_point()
+    }
+    return accumulation_dtype(*dtypes)
 
 
 def _device_of(modules: list[nn.Module], default: Optional[torch.device]) -> torch.device:
