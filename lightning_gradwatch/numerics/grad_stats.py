@@ -37,7 +37,7 @@ def grad_stat_partials(
 ) -> Tensor:
     """Combinable partial statistics over all elements of ``grads`` as a float64 vector.
 
-    Layout: ``[sum, sum_of_squares, min, max, zero_count, large_count, nonfinite_count, numel]``.
+    Order: ``[sum, sum_of_squares, min, max, zero_count, large_count, nonfinite_count, numel]``.
     One flattened copy per (device, dtype) group; the result lives on the first tensor's device.
 
     ``assume_finite=True`` takes about a third fewer passes over the gradients: it counts no
