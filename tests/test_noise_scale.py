@@ -21,6 +21,7 @@ from parallel import global_batch_reference, run_worker
 from reference import RefNet, csv_metrics, trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
+from torch_features import needs_model_parallel_strategy
 
 from lightning_gradwatch import GradientFlowCallback
 from lightning_gradwatch.keys import (
@@ -202,6 +203,7 @@ def test_noise_scale_needs_two_batch_sizes(tmp_path: Path) -> None:
     assert not any(key.startswith("grad_noise/") for key in callback.last.metrics)
 
 
+@needs_model_parallel_strategy
 def test_sharded_strategies_say_not_measured() -> None:
     from lightning.pytorch.strategies import ModelParallelStrategy
 

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_gradwatch._compat import loss_scale
+from lightning_gradwatch._compat import loss_scale, set_user_ddp_comm_hook, user_ddp_comm_hook
 from lightning_gradwatch.measure.record import GradientMeasurement
 from lightning_gradwatch.measure.reduction import ReductionPlan
 from lightning_gradwatch.numerics.noise_scale import NoiseScaleEstimator
@@ -83,13 +83,13 @@ class NoiseScaleMonitor:
         """Wrap a user's ``ddp_comm_hook`` before the strategy registers it (Lightning does so on
         CUDA only, during strategy setup, which comes after ``Callback.setup``)."""
         strategy = trainer.strategy
-        user_hook = getattr(strategy, "_ddp_comm_hook", None)  # DDPStrategy's, private
+        user_hook = user_ddp_comm_hook(strategy)
         if not self.enabled or not isinstance(strategy, DDPStrategy) or user_hook is None:
             return
         if getattr(user_hook, "_gradwatch_composed", False):
             self._composed = True
             return
-        strategy._ddp_comm_hook = self._compose(user_hook)
+        set_user_ddp_comm_hook(strategy, self._compose(user_hook))
         self._composed = True
 
     def start(

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_gradwatch._compat import DTENSOR_TYPES, replicate_placement
 from lightning_gradwatch.measure.blocks import BlockList, ForwardOrderCheck, primary_tensor
 from lightning_gradwatch.numerics.norms import (
     NormType,
@@ -24,13 +25,6 @@ from lightning_gradwatch.numerics.norms import (
     combines_by_max,
     partial_norm,
 )
-
-#: DTensor, where torch has distributed support (``isinstance`` against it: no graph break).
-_DTENSOR: tuple[type, ...] = ()
-if torch.distributed.is_available():
-    from torch.distributed.tensor import DTensor
-
-    _DTENSOR = (DTensor,)
 
 #: Columns of the probe buffer.
 PARTIAL, NUMEL, CALLS = 0, 1, 2
@@ -167,7 +161,7 @@ class GradientProbe:
                         "strict_single_backward=False (e.g. for gradient accumulation)."
                     )
                 self._fired[index] = True
-            if isinstance(grad, _DTENSOR):
+            if isinstance(grad, DTENSOR_TYPES):
                 grad = _local_values(grad)
             partial = partial_norm(grad, self.norm_type)
             if partial.device != row.device:
@@ -199,8 +193,6 @@ def _local_values(grad: Tensor) -> Tensor:
     A pending sum (``Partial``) has no local norm: it is redistributed to ``Replicate`` first, one
     collective per such block and backward, with a warning.
     """
-    from torch.distributed.tensor import Replicate
-
     placements = grad.placements  # type: ignore[attr-defined]
     if any(p.is_partial() for p in placements):
         warnings.warn(
@@ -209,7 +201,7 @@ def _local_values(grad: Tensor) -> Tensor:
             "exactly (one collective per such block and backward).",
             stacklevel=2,
         )
-        target = [Replicate() if p.is_partial() else p for p in placements]
+        target = [replicate_placement() if p.is_partial() else p for p in placements]
         grad = grad.redistribute(grad.device_mesh, target)  # type: ignore[attr-defined]
     return grad.to_local()  # type: ignore[attr-defined]
 

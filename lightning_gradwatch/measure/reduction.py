@@ -59,6 +59,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
+from lightning_gradwatch._compat import replicate_placement
 from lightning_gradwatch.measure.probe import PARTIAL
 from lightning_gradwatch.numerics.grad_stats import combine_stat_partials, grad_stat_partials
 from lightning_gradwatch.numerics.norms import NormType, combine_partials, foreach_partial_norms
@@ -323,17 +324,15 @@ def _split_over(grad: Tensor) -> tuple[Tensor, Groups]:
 def _placement(grad: Any) -> _Placement:
     """Ask torch, once per placement, where the norm of such a DTensor is partial: its sharding rules
     (``Shard``, ``_StridedShard``, ... -> ``_NormPartial``) rather than a copy of them here."""
-    from torch.distributed.tensor import Replicate
-
     mesh, placements = grad.device_mesh, tuple(grad.placements)
     # A pending sum has no local norm: make it a copy first (a collective, on every rank alike).
-    target = tuple(Replicate() if p.is_partial() else p for p in placements)
+    target = tuple(replicate_placement() if p.is_partial() else p for p in placements)
     probe = grad if target == placements else grad.redistribute(mesh, target)
     norm = torch.linalg.vector_norm(probe.detach())
     dims = [i for i, p in enumerate(norm.placements) if p.is_partial()]
     # Split, yet torch gathered it to take the norm: the local values alone are not enough either.
     target = tuple(
-        p if p.is_replicate() or i in dims else Replicate() for i, p in enumerate(target)
+        p if p.is_replicate() or i in dims else replicate_placement() for i, p in enumerate(target)
     )
     groups = tuple(mesh.get_group(dim) for dim in dims if mesh.size(dim) > 1)
     placement = _Placement(mesh, groups, None if target == placements else target)
