@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -123,7 +125,6 @@ def test_package_layout_and_two_command_setup() -> None:
     assert "pytest" in makefile and "examples/demo.py" in makefile
     assert re.search(r"^torch==", (ROOT / "requirements" / "test.txt").read_text(), re.MULTILINE)
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.strip()]
-    assert ci[-1].strip() == "make test"
     assert not any(line.strip().startswith(("pytest", "python", "pip")) for line in ci)
     first_block = (ROOT / "README.md").read_text().split("```")[1]
     commands = [line.split("#")[0].strip() for line in first_block.splitlines()[1:] if line]
@@ -166,7 +167,7 @@ def package_modules() -> list[str]:
 
 @pytest.mark.parametrize("module", package_modules())
 def test_every_module_imports(module: str) -> None:
-    """Run by CI on the oldest supported versions too (``make test-oldest-fast``), where a module that
+    """Run by CI on the oldest supported versions too (``make test-oldest``), where a module that
     imports a path newer than the floor fails here, naming itself."""
     importlib.import_module(module)
 
@@ -247,3 +248,31 @@ def test_the_scan_sees_imports_and_attribute_paths() -> None:
         (6, "torch.distributed._tensor"),
         (6, "torch.distributed._tensor.DTensor"),
     ]
+
+
+def run_ci(tmp_path: Path, failing: str) -> tuple[int, list[str]]:
+    """``.ci/run`` with a ``make`` that only records its target and fails for ``failing``."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    fake = bin_dir / "make"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n[ "$*" != "{failing}" ]\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    process = subprocess.run(["bash", str(ROOT / ".ci" / "run")], env=env, timeout=60)
+    return process.returncode, calls.read_text().split("\n")[:-1]
+
+
+@pytest.mark.parametrize("failing", ["", "test", "test-oldest"])
+def test_ci_checks_the_pinned_set_and_the_floor_and_fails_if_either_fails(
+    tmp_path: Path, failing: str
+) -> None:
+    """CI runs lint + the suite (``make test``) and the floor (``make test-oldest``: a fresh venv of
+    requirements/oldest.txt, the import, the suite), both whatever the first gives."""
+    returncode, targets = run_ci(tmp_path, failing)
+    assert targets == ["test", "test-oldest"]
+    assert (returncode != 0) == bool(failing), (failing, returncode)
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = re.search(r"^test-oldest: (.*)\n((?:\t.*\n)+)", makefile, re.MULTILINE)
+    assert recipe and recipe.group(1) == "$(OLDEST_STAMP)", "the floor's venv is a prerequisite"
+    assert "import lightning_gradwatch" in recipe.group(2) and "pytest" in makefile
+    assert re.search(r"^\$\(OLDEST_STAMP\): requirements/oldest.txt", makefile, re.MULTILINE)
