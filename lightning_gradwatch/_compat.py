@@ -54,10 +54,10 @@ def _dtensor_api() -> Optional[ModuleType]:
     """The module that holds ``DTensor`` and its placements, ``None`` where torch was built without
     distributed support.
 
-    Why a shim: ``DTensor`` became public as ``torch.distributed.tensor`` in torch 2.5; torch 2.3 and
-    2.4 (the floor is 2.3.1) have it only in the private ``torch.distributed._tensor``, and there
+    Why a shim: ``DTensor`` is public as ``torch.distributed.tensor`` from torch 2.5; the floor,
+    torch 2.3.1, has it only in the private ``torch.distributed._tensor``, and there
     ``torch.distributed.tensor`` is a package (``.parallel``) without ``DTensor``. The public module is
-    tried first: newer torch keeps ``_tensor`` only as a deprecated alias.
+    tried first: newer torch keeps ``_tensor`` only as an alias of it.
     """
     if not torch.distributed.is_available():
         return None

@@ -175,8 +175,8 @@ def test_every_module_imports(module: str) -> None:
 #: Import paths whose contents differ across the supported torch versions (pyproject.toml's floor to
 #: today's): only ``lightning_gradwatch/_compat.py`` imports them, with the fallback for older torch.
 VERSION_GATED = (
-    "torch.distributed.tensor",  # DTensor and placements: public from torch 2.5 (2.3/2.4: _tensor)
-    "torch.distributed.fsdp",  # fully_shard: here from torch 2.6 (before: _composable.fsdp)
+    "torch.distributed.tensor",  # DTensor, placements: torch 2.3.1 has them in ._tensor only
+    "torch.distributed.fsdp",  # fully_shard: torch 2.3.1 has it in ._composable.fsdp only
     "torch.distributed.device_mesh",
     "torch.distributed.checkpoint",
 )
