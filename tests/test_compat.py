@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import inspect
 import math
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -223,3 +224,23 @@ def test_ddp_strategy_registers_the_comm_hook_it_holds() -> None:
     assert "ddp_comm_hook=self._ddp_comm_hook" in source, broken(
         "DDPStrategy._ddp_comm_hook", "is no longer what _register_ddp_hooks registers"
     )
+
+
+def test_append_line_creates_a_missing_file_on_this_fsspec() -> None:
+    """``files.append_line`` on fsspec's memory filesystem (the alert trail of a ``memory://`` run):
+    a missing file is created, then appended to. fsspec 2025.12.0 and older refuse mode ``"a"`` on
+    a missing file there; ``files._open_to_append`` creates it instead."""
+    import fsspec
+
+    from lightning_gradwatch import files
+
+    folder = f"memory://gradwatch-compat-{uuid.uuid4().hex}"
+    try:
+        files.append_line(f"{folder}/trail.jsonl", "one")
+        files.append_line(f"{folder}/trail.jsonl", "two")
+        fs, inner = files.filesystem(f"{folder}/trail.jsonl")
+        assert fs.cat_file(inner) == b"one\ntwo\n", broken(
+            f"fsspec {fsspec.__version__} memory filesystem", f"holds {fs.cat_file(inner)!r}"
+        )
+    finally:
+        fsspec.filesystem("memory").rm(folder.split("://")[1], recursive=True)
