@@ -1,5 +1,5 @@
-"""What governance tells the user about the wiring rather than about a step: the first measured
-step's report, rules that can never trip, a missing ``zero_grad()`` in manual optimization."""
+"""What governance tells the user about the wiring rather than about a step: rules that can never
+trip, and a missing ``zero_grad()`` in manual optimization."""
 
 from __future__ import annotations
 
