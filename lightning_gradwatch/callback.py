@@ -18,6 +18,7 @@ from lightning_gradwatch.governance import Rule, validate_rules
 from lightning_gradwatch.governance.enforcer import RuleEnforcer
 from lightning_gradwatch.keys import DEFAULT_EPS
 from lightning_gradwatch.lightning.context import FitContext, build_fit_context, require_a_logger
+from lightning_gradwatch.lightning.curvature import CurvatureMonitor
 from lightning_gradwatch.lightning.diagnosis import RunDiagnosis
 from lightning_gradwatch.lightning.noise_monitor import NoiseScaleMonitor
 from lightning_gradwatch.lightning.outcome import WatchOutcome
@@ -28,6 +29,7 @@ from lightning_gradwatch.measure.probe import GradientProbe
 from lightning_gradwatch.measure.record import GradientMeasurement, MeasurementSpec
 from lightning_gradwatch.numerics.norms import validate_norm_type
 from lightning_gradwatch.validation import (
+    check_optional_positive_int,
     check_param_filter,
     check_path,
     check_positive,
@@ -41,18 +43,18 @@ class GradientFlowCallback(WatchOutcome, Callback):
     r"""Measure and log gradient flow through a model's blocks while it trains.
 
     Every ``log_every_n_steps`` optimizer steps (``trainer.global_step`` 0, n, 2n, ...) it measures
-    the gradient at each block's output (tensor hooks, combined over the step's micro-batches) and
-    every parameter gradient (after accumulation and AMP unscaling, before clipping), batched on
-    the device with one host copy, and writes it in one ``log_metrics`` call per logger. On
-    unmeasured steps the hooks return at once; only rules checked every step cost anything there.
+    the gradient at each block's output (tensor hooks, over the step's micro-batches) and every
+    parameter gradient (after accumulation and AMP unscaling, before clipping), with one host copy,
+    and writes it in one ``log_metrics`` call per logger. On unmeasured steps the hooks return at
+    once; only rules checked every step cost anything there.
 
     Logged keys (``grad_norm/<block>``, ``grad_gain/<block>``, ``grad_log_gain/<block>``,
     ``grad_norm_total``, ``grad_param_norm/<param>``, ``grad_flow/<stat>``, ``grad_stats/<stat>``,
     ``grad_noise/<stat>``): the README's table, spelled once in :mod:`lightning_gradwatch.keys`.
 
-    With several optimizers (manual optimization) each ``optimizer.step()`` is measured over that
-    optimizer's parameters and blocks, and its total is logged as ``grad_norm_total/<name>`` (the
-    name ``LearningRateMonitor`` gives it: ``Adam``, ``Adam-1``, ...).
+    With several optimizers (manual optimization) each ``optimizer.step()`` is measured over what it
+    owns; its total is logged as ``grad_norm_total/<name>`` (``LearningRateMonitor``'s name:
+    ``Adam``, ``Adam-1``, ...).
 
     Args:
         blocks: ``"auto"`` (default: the longest ``ModuleList``/``Sequential`` of same-class
@@ -86,6 +88,7 @@ class GradientFlowCallback(WatchOutcome, Callback):
             a local spool copied to the URL at checkpoints and at the end.
         noise_scale: estimate the gradient noise scale on measured steps (default ``False``: one
             more norm pass, and one tiny all-reduce under DDP; see docs/noise-scale.md).
+        log_curvature, curvature_*: the Hessian and the edge of stability (docs/curvature.md).
 
     Example::
 
@@ -116,6 +119,10 @@ class GradientFlowCallback(WatchOutcome, Callback):
         check_every_n_steps: int = 1,
         alerts_path: Optional[Union[str, os.PathLike[str]]] = None,
         noise_scale: bool = False,
+        log_curvature: bool = False,
+        curvature_every_n_steps: int = 500,
+        curvature_iterations: int = 20,
+        curvature_probes: int = 10,
     ) -> None:
         super().__init__()
         self.blocks = validate_blocks_spec(blocks)
@@ -139,18 +146,19 @@ class GradientFlowCallback(WatchOutcome, Callback):
             None if alerts_path is None else check_path(alerts_path, "alerts_path"),
         )
         every = figure_every_n_steps
-        checked = None if every is None else check_positive_int(every, "figure_every_n_steps")
-        self.figure_every_n_steps = checked
+        self.figure_every_n_steps = check_optional_positive_int(every, "figure_every_n_steps")
         self._tensorboard = TensorBoardWriter(self.figure_every_n_steps)
         self.last: Optional[GradientMeasurement] = None  #: the latest measured step's figures
         self.block_names: list[str] = []  #: the watched blocks, once fit has started
         self._probe: Optional[GradientProbe] = None
-        #: Everything decided about the Trainer at fit start (``None`` outside a fit).
-        self._fit: Optional[FitContext] = None
+        self._fit: Optional[FitContext] = None  #: what fit start decided (``None`` outside a fit)
         self._armed_step = -1
         self._diagnosis = RunDiagnosis()
         self.noise_scale = check_type(noise_scale, bool, "noise_scale")
         self._noise = NoiseScaleMonitor(self.noise_scale)
+        self._curvature = CurvatureMonitor(
+            log_curvature, curvature_every_n_steps, curvature_iterations, curvature_probes
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -239,6 +247,7 @@ class GradientFlowCallback(WatchOutcome, Callback):
             step, trainer.current_epoch, self.log_every_n_steps
         )
         self._noise.on_batch_start(trainer, batch, measured)
+        self._curvature.on_batch_start(trainer, pl_module, batch, batch_idx)
         if fit is None or self._probe is None or not measured:
             return
         # First micro-batch of a measured step: start from zero. Later micro-batches of the same
@@ -271,10 +280,11 @@ class GradientFlowCallback(WatchOutcome, Callback):
         k = steps.index(optimizer)
         params = steps.params[k]
         measurement = self._measure(trainer, k)
+        curv = self._curvature.step(trainer, optimizer, steps.names[k], self._probe, measurement)
         steps.stepped(k, trainer.global_step)
         # Rules see the pre-clip figures; they may clip, drop the gradients or stop training.
         verdict = self._enforcer.decide(trainer, pl_module, k, steps.names[k], params, measurement)
-        extra = self._enforcer.act(trainer, optimizer, params, verdict)
+        extra = {**self._enforcer.act(trainer, optimizer, params, verdict), **curv}
         if measurement is not None and measurement.skipped_by_scaler:
             # The AMP scaler skips this step (inf/NaN gradients) and lowers its scale: its job, not
             # a measurement. Rules have seen it; nothing is logged unless they halted training.
@@ -284,8 +294,9 @@ class GradientFlowCallback(WatchOutcome, Callback):
         if trainer.is_global_zero:
             histograms = self._probe if self.log_histograms else None
             log_step(trainer, measurement, extra, self._tensorboard, histograms, params)
-        if measurement is not None:
-            self._observe(trainer, measurement, params)
+        if measurement is not None:  # keep it and feed the run's diagnosis
+            self.last = measurement
+            self._diagnosis.observe(trainer, measurement, params)
 
     def on_train_batch_end(
         self,
@@ -316,16 +327,6 @@ class GradientFlowCallback(WatchOutcome, Callback):
             update = self._noise.update(trainer, measurement, fit.steps.params[k])
             measurement.metrics.update(update)
         return measurement
-
-    def _observe(
-        self,
-        trainer: pl.Trainer,
-        measurement: GradientMeasurement,
-        params: Sequence[tuple[str, nn.Parameter]],
-    ) -> None:
-        """Keep the measurement and feed the run's diagnosis."""
-        self.last = measurement
-        self._diagnosis.observe(trainer, measurement, params)
 
     # -- state -----------------------------------------------------------------------------------
 

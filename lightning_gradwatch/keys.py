@@ -19,6 +19,11 @@ __all__ = [
     "FLOW_PREFIX",
     "GAIN_PREFIX",
     "GRAD_STAT_KEYS",
+    "CURVATURE_KEYS",
+    "CURVATURE_PREFIX",
+    "HESSIAN_MAX_EIG_KEY",
+    "HESSIAN_TRACE_KEY",
+    "HESSIAN_TRACE_SE_KEY",
     "HIST_BLOCK_PREFIX",
     "HIST_PARAM_PREFIX",
     "KEY_PREFIXES",
@@ -35,6 +40,9 @@ __all__ = [
     "NONFINITE",
     "NORM_PREFIX",
     "PARAM_NORM_PREFIX",
+    "PRECONDITIONED_MAX_EIG_KEY",
+    "SHARPNESS_RATIO_KEY",
+    "SHARPNESS_THRESHOLD_KEY",
     "STATS_PREFIX",
     "SUMMARY_KEYS",
     "TOTAL_NORM_KEY",
@@ -130,9 +138,30 @@ NOISE_KEYS: tuple[str, ...] = (
     NOISE_BATCH_KEY,
 )
 
+CURVATURE_PREFIX = "curvature/"
+#: The top eigenvalue of the Hessian of the step's training loss (all trainable parameters).
+HESSIAN_MAX_EIG_KEY = CURVATURE_PREFIX + "hessian_max_eig"
+#: Hutchinson's estimate of that Hessian's trace, and its standard error.
+HESSIAN_TRACE_KEY = CURVATURE_PREFIX + "hessian_trace"
+HESSIAN_TRACE_SE_KEY = CURVATURE_PREFIX + "hessian_trace_stderr"
+#: Adam/AdamW: the top eigenvalue of diag(sqrt(v_hat) + eps)^-1 H (Cohen et al. 2022).
+PRECONDITIONED_MAX_EIG_KEY = CURVATURE_PREFIX + "preconditioned_max_eig"
+#: The optimizer's stability threshold on that sharpness (2/lr for SGD, 38/lr for Adam(0.9), ...).
+SHARPNESS_THRESHOLD_KEY = CURVATURE_PREFIX + "sharpness_threshold"
+#: The sharpness over its threshold: 1 is the edge of stability.
+SHARPNESS_RATIO_KEY = CURVATURE_PREFIX + "sharpness_ratio"
+CURVATURE_KEYS: tuple[str, ...] = (
+    HESSIAN_MAX_EIG_KEY,
+    HESSIAN_TRACE_KEY,
+    HESSIAN_TRACE_SE_KEY,
+    PRECONDITIONED_MAX_EIG_KEY,
+    SHARPNESS_THRESHOLD_KEY,
+    SHARPNESS_RATIO_KEY,
+)
+
 #: Every logged key a rule may name exactly.
 KNOWN_KEYS: frozenset[str] = frozenset(
-    [TOTAL_NORM_KEY, CLIPPED_KEY, *NOISE_KEYS]
+    [TOTAL_NORM_KEY, CLIPPED_KEY, *NOISE_KEYS, *CURVATURE_KEYS]
     + [FLOW_PREFIX + key for key in (*SUMMARY_KEYS, END_TO_END_KEY)]
     + [STATS_PREFIX + key for key in GRAD_STAT_KEYS]
 )

@@ -12,6 +12,7 @@ __all__ = [
     "check_choice",
     "check_int_at_least",
     "check_open_unit",
+    "check_optional_positive_int",
     "check_optional_number",
     "check_path",
     "check_positive",
@@ -39,6 +40,11 @@ def check_positive_int(value: Any, name: str) -> int:
     if value < 1:
         raise ValueError(f"`{name}` must be a positive integer (>= 1), got {value!r}.")
     return int(value)
+
+
+def check_optional_positive_int(value: Any, name: str) -> Optional[int]:
+    """``value`` if it is ``None`` or an ``int >= 1``."""
+    return None if value is None else check_positive_int(value, name)
 
 
 def check_positive(value: Any, name: str) -> float:
