@@ -1,0 +1,187 @@
+"""Curvature (``log_curvature=True``): the figures against the exact Hessian of a small model, the
+sharpness ratios against their formulas, and do-no-harm (bit-identical runs, dropout and BatchNorm
+included, and ``self.log`` not counting the re-run)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gradwatch import GradientFlowCallback
+from lightning_gradwatch.numerics.curvature import stability_constant, top_eigenpair
+from tests.curvature_models import TanhNet, exact_hessian, hutchinson_stderr
+from tests.reference import csv_metrics, trainer
+
+EVERY, PROBES = 2, 10
+
+
+def _fit(tmp_path: Any, module: pl.LightningModule, steps: int = 6, **kwargs: Any) -> dict:
+    callback = GradientFlowCallback(
+        log_curvature=True,
+        curvature_every_n_steps=EVERY,
+        curvature_probes=PROBES,
+        log_every_n_steps=EVERY,
+        **kwargs,
+    )
+    run = trainer(tmp_path, [callback], max_steps=steps)
+    run.fit(module)
+    return csv_metrics(run.logger.log_dir)
+
+
+def test_eigenvalue_and_trace_match_the_exact_hessian(tmp_path: Any) -> None:
+    module = TanhNet(lambda p: torch.optim.SGD(p, lr=0.1))
+    rows = _fit(tmp_path, module)
+    steps = [s for s in range(6) if s % EVERY == 0]
+    for step in steps:
+        hessian, _, _ = exact_hessian(module, step)
+        eigs = torch.linalg.eigvalsh(hessian)
+        row = rows[step]
+        assert row["curvature/hessian_max_eig"] == pytest.approx(float(eigs[-1]), rel=0.01)
+        error = abs(row["curvature/hessian_trace"] - float(torch.trace(hessian)))
+        assert error <= 3 * hutchinson_stderr(hessian, PROBES)
+        assert row["curvature/sharpness_ratio"] == pytest.approx(
+            float(eigs[-1]) * 0.1 / 2, rel=0.01
+        )
+        assert row["curvature/sharpness_threshold"] == pytest.approx(2 / 0.1)
+        assert module.calls[step] == 2  # the curvature step's batch was re-run once
+    assert all(module.calls[s] == 1 for s in range(6) if s % EVERY)  # nothing on other steps
+    assert all("curvature/hessian_max_eig" not in rows.get(s, {}) for s in range(6) if s % EVERY)
+
+
+@pytest.mark.parametrize(
+    ("make", "constant"),
+    [
+        (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), 3.8),
+        (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True), 3.8 / 2.8),
+    ],
+    ids=["momentum", "nesterov"],
+)
+def test_sgd_momentum_ratio_follows_the_formula(tmp_path: Any, make: Any, constant: float) -> None:
+    module = TanhNet(make)
+    rows = _fit(tmp_path, module, steps=3)
+    top = float(torch.linalg.eigvalsh(exact_hessian(module, 2)[0])[-1])
+    assert rows[2]["curvature/sharpness_ratio"] == pytest.approx(top * 0.05 / constant, rel=0.01)
+
+
+def test_adamw_ratio_is_the_preconditioned_sharpness_over_38_per_lr(tmp_path: Any) -> None:
+    lr, betas, eps = 0.01, (0.9, 0.99), 1e-8
+    module = TanhNet(lambda p: torch.optim.AdamW(p, lr=lr, betas=betas, eps=eps))
+    rows = _fit(tmp_path, module, steps=5)
+    for step in (2, 4):
+        hessian, names, _ = exact_hessian(module, step)
+        state = module.states[step]
+        t = float(state[names[0]]["step"])
+        v_hat = torch.cat([state[n]["exp_avg_sq"].reshape(-1) for n in names]).double()
+        d = (v_hat / (1 - betas[1] ** t)).sqrt() + eps  # P = diag(sqrt(v_hat) + eps) / lr
+        s = d.rsqrt()
+        top = float(torch.linalg.eigvalsh(s[:, None] * hessian * s[None, :])[-1])
+        threshold = (2 + 2 * betas[0]) / (1 - betas[0]) / lr
+        row = rows[step]
+        assert row["curvature/preconditioned_max_eig"] == pytest.approx(top, rel=0.01)
+        assert row["curvature/sharpness_threshold"] == pytest.approx(threshold)
+        assert row["curvature/sharpness_ratio"] == pytest.approx(top / threshold, rel=0.01)
+    assert "curvature/sharpness_ratio" not in rows[0]  # no v yet at the first step
+    assert "curvature/hessian_max_eig" in rows[0]
+
+
+class DropoutBatchNormNet(pl.LightningModule):
+    """Dropout and BatchNorm, logging an epoch mean from training_step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(
+            nn.Linear(6, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Dropout(0.3), nn.Linear(12, 1)
+        )
+        gen = torch.Generator().manual_seed(1)
+        self.data = TensorDataset(
+            torch.randn(48, 6, generator=gen), torch.randn(48, 1, generator=gen)
+        )
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = nn.functional.mse_loss(self.net(batch[0]), batch[1])
+        self.log("epoch_loss", loss, on_step=False, on_epoch=True)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=8, shuffle=True)
+
+
+def _final_state(tmp_path: Any, curvature: bool) -> tuple[dict[str, Tensor], dict]:
+    pl.seed_everything(3)
+    module = DropoutBatchNormNet()
+    callback = GradientFlowCallback(log_curvature=curvature, curvature_every_n_steps=2)
+    run = trainer(tmp_path, [callback], max_steps=12)
+    run.fit(module)
+    return module.state_dict(), csv_metrics(run.logger.log_dir)
+
+
+def test_final_weights_and_buffers_are_bit_identical(tmp_path: Any) -> None:
+    with_it, rows_with = _final_state(tmp_path / "on", True)
+    without, rows_without = _final_state(tmp_path / "off", False)
+    assert any("curvature/hessian_max_eig" in row for row in rows_with.values())
+    assert with_it.keys() == without.keys()
+    for key in without:
+        assert torch.equal(with_it[key], without[key]), key
+    # self.log in the re-run is a no-op: the epoch means are those of the run without curvature.
+    means_with = {s: r["epoch_loss"] for s, r in rows_with.items() if "epoch_loss" in r}
+    means_without = {s: r["epoch_loss"] for s, r in rows_without.items() if "epoch_loss" in r}
+    assert means_with == means_without and means_with
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "name"),
+    [
+        ({"log_curvature": 1}, TypeError, "log_curvature"),
+        ({"curvature_every_n_steps": 0}, ValueError, "curvature_every_n_steps"),
+        ({"curvature_iterations": 0}, ValueError, "curvature_iterations"),
+        ({"curvature_iterations": 2.5}, TypeError, "curvature_iterations"),
+        ({"curvature_probes": -1}, ValueError, "curvature_probes"),
+    ],
+)
+def test_invalid_arguments_raise_naming_them(kwargs: dict, error: type, name: str) -> None:
+    with pytest.raises(error, match=name):
+        GradientFlowCallback(**kwargs)
+
+
+def test_power_iteration_finds_the_top_eigenvalue_when_a_negative_one_dominates() -> None:
+    q, _ = torch.linalg.qr(
+        torch.randn(6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    )
+    eigs = torch.tensor([-5.0, 3.0, 1.0, 0.5, -1.0, 0.1], dtype=torch.float64)
+    matrix = q @ torch.diag(eigs) @ q.T
+    start = [torch.ones(6, dtype=torch.float64) / math.sqrt(6)]
+    top, _, _ = top_eigenpair(lambda v: [matrix @ v[0]], start, 200)
+    assert top == pytest.approx(3.0, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("beta", "nesterov"), [(0.0, False), (0.9, False), (0.5, False), (0.9, True)]
+)
+def test_sgd_threshold_is_where_the_quadratic_recurrence_turns_unstable(
+    beta: float, nesterov: bool
+) -> None:
+    """Run PyTorch's own SGD on f(x) = lam x^2 / 2 just below and just above lr * lam = c."""
+    c = stability_constant("sgd", beta, 0.0, nesterov)
+    assert c is not None
+
+    def final(ratio: float) -> float:
+        x = torch.ones(1, requires_grad=True)
+        opt = torch.optim.SGD([x], lr=1.0, momentum=beta, nesterov=nesterov)
+        for _ in range(400):
+            opt.zero_grad()
+            (0.5 * c * ratio * x**2).sum().backward()
+            opt.step()
+        return float(x.detach().abs())
+
+    below, above = final(0.97), final(1.03)
+    assert below < 1.0 and not above < 1.0  # a diverged run may reach inf or nan
