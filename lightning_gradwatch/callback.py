@@ -121,7 +121,7 @@ class GradientFlowCallback(WatchOutcome, Callback):
         noise_scale: bool = False,
         log_curvature: bool = False,
         curvature_every_n_steps: int = 500,
-        curvature_iterations: int = 20,
+        curvature_iterations: int = 30,
         curvature_probes: int = 10,
     ) -> None:
         super().__init__()

@@ -5,18 +5,19 @@ included, and ``self.log`` not counting the re-run)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from curvature_models import TanhNet, exact_hessian, hutchinson_stderr
+from reference import csv_metrics, trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradwatch import GradientFlowCallback
 from lightning_gradwatch.numerics.curvature import stability_constant, top_eigenpair
-from tests.curvature_models import TanhNet, exact_hessian, hutchinson_stderr
-from tests.reference import csv_metrics, trainer
 
 EVERY, PROBES = 2, 10
 
@@ -185,3 +186,32 @@ def test_sgd_threshold_is_where_the_quadratic_recurrence_turns_unstable(
 
     below, above = final(0.97), final(1.03)
     assert below < 1.0 and not above < 1.0  # a diverged run may reach inf or nan
+
+
+@pytest.mark.slow
+def test_ddp_figures_are_those_of_the_global_batch(tmp_path: Any) -> None:
+    """Two ranks on different data: the figures equal one process's on the concatenated batch."""
+    from curvature_worker import EVERY as DDP_EVERY
+    from curvature_worker import PROBES as DDP_PROBES
+    from curvature_worker import STEPS, RankDataNet
+    from parallel import run_worker
+
+    rank0, rank1 = run_worker(
+        "ddp", tmp_path, script=Path(__file__).with_name("curvature_worker.py")
+    )
+    rows = csv_metrics(str(tmp_path / "csv" / "version_0"))
+    for name, value in rank0["final"].items():  # DDP kept the replicas in step
+        assert torch.equal(value, rank1["final"][name]), name
+    reference = RankDataNet(lambda p: torch.optim.SGD(p, lr=0.1))
+    for step in range(0, STEPS, DDP_EVERY):
+        (x0, y0), weights = rank0["seen"][step]
+        (x1, y1), _ = rank1["seen"][step]
+        assert not torch.equal(x0, x1)  # the ranks saw different samples
+        reference.seen[step] = ([torch.cat([x0, x1]), torch.cat([y0, y1])], weights)
+        hessian, _, _ = exact_hessian(reference, step)
+        top = float(torch.linalg.eigvalsh(hessian)[-1])
+        row = rows[step]
+        assert row["curvature/hessian_max_eig"] == pytest.approx(top, rel=0.01)
+        error = abs(row["curvature/hessian_trace"] - float(torch.trace(hessian)))
+        assert error <= 3 * hutchinson_stderr(hessian, DDP_PROBES)
+        assert rank0["calls"][step] == rank1["calls"][step] == 2
