@@ -11,12 +11,13 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from curvature_models import TanhNet, exact_hessian, hutchinson_stderr
+from curvature_models import SharpeningNet, TanhNet, exact_hessian, hutchinson_stderr
+from expected_warnings import RULE_TRIPS
 from reference import csv_metrics, trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gradwatch import GradientFlowCallback
+from lightning_gradwatch import GradientFlowCallback, Rule
 from lightning_gradwatch.numerics.curvature import stability_constant, top_eigenpair
 
 EVERY, PROBES = 2, 10
@@ -215,3 +216,35 @@ def test_ddp_figures_are_those_of_the_global_batch(tmp_path: Any) -> None:
         error = abs(row["curvature/hessian_trace"] - float(torch.trace(hessian)))
         assert error <= 3 * hutchinson_stderr(hessian, DDP_PROBES)
         assert rank0["calls"][step] == rank1["calls"][step] == 2
+
+
+@RULE_TRIPS
+def test_progressive_sharpening_trips_the_rule_before_the_loss_oscillates(tmp_path: Any) -> None:
+    """Full-batch GD: the sharpness ratio rises to 1 (2/lr) and stays near it; a warn rule at 0.8 on
+    it trips before the loss first goes up."""
+    module = SharpeningNet()
+    rule = Rule("curvature/sharpness_ratio", max=0.8, action="warn")
+    callback = GradientFlowCallback(
+        log_curvature=True,
+        curvature_every_n_steps=10,
+        log_every_n_steps=10,
+        curvature_probes=2,
+        rules=[rule],
+    )
+    run = trainer(tmp_path, [callback], max_steps=350, max_epochs=-1)
+    run.fit(module)
+    rows = csv_metrics(run.logger.log_dir)
+    ratio = {
+        s: r["curvature/sharpness_ratio"]
+        for s, r in rows.items()
+        if "curvature/sharpness_ratio" in r
+    }
+    assert sorted(ratio) == list(range(0, 350, 10))
+    assert ratio[0] < 0.3  # far from the edge at first
+    late = [ratio[s] for s in ratio if 230 <= s <= 310]
+    assert min(late) > 0.9 and max(late) < 1.4  # at the edge, and held there
+    losses = [module.losses[s] for s in range(350)]
+    first_rise = next(s for s in range(1, 350) if losses[s] > losses[s - 1])
+    trips = [a.step for a in callback.alerts if a.metric == "curvature/sharpness_ratio"]
+    assert trips and trips[0] < first_rise
+    assert ratio[trips[0]] > 0.8 and all(ratio[s] <= 0.8 for s in ratio if s < trips[0])
