@@ -112,7 +112,9 @@ class SharpeningNet(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss = nn.functional.mse_loss(self.net(batch[0]), batch[1])
-        self.losses.setdefault(self.global_step, float(loss.detach()))  # the first call, not the re-run
+        self.losses.setdefault(
+            self.global_step, float(loss.detach())
+        )  # the first call, not the re-run
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -4,6 +4,7 @@ included, and ``self.log`` not counting the re-run)."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradwatch import GradientFlowCallback, Rule
+from lightning_gradwatch.diagnosis.checks import edge_of_stability
+from lightning_gradwatch.diagnosis.findings import summarize
+from lightning_gradwatch.diagnosis.run_history import RunHistory
 from lightning_gradwatch.numerics.curvature import stability_constant, top_eigenpair
+from lightning_gradwatch.report.cli import main
 
 EVERY, PROBES = 2, 10
 
@@ -219,7 +224,9 @@ def test_ddp_figures_are_those_of_the_global_batch(tmp_path: Any) -> None:
 
 
 @RULE_TRIPS
-def test_progressive_sharpening_trips_the_rule_before_the_loss_oscillates(tmp_path: Any) -> None:
+def test_progressive_sharpening_trips_the_rule_before_the_loss_oscillates(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Full-batch GD: the sharpness ratio rises to 1 (2/lr) and stays near it; a warn rule at 0.8 on
     it trips before the loss first goes up."""
     module = SharpeningNet()
@@ -248,3 +255,28 @@ def test_progressive_sharpening_trips_the_rule_before_the_loss_oscillates(tmp_pa
     trips = [a.step for a in callback.alerts if a.metric == "curvature/sharpness_ratio"]
     assert trips and trips[0] < first_rise
     assert ratio[trips[0]] > 0.8 and all(ratio[s] <= 0.8 for s in ratio if s < trips[0])
+    # The diagnosis names it, in the run and from the logs alone (`gradwatch report`).
+    (edge,) = [f for f in callback.findings if f.name == "edge_of_stability"]
+    recent = [ratio[s] for s in sorted(ratio)[-5:]]
+    assert edge.figures["max_ratio"] == pytest.approx(max(recent))
+    assert any("lower the learning rate" in line for line in edge.suggestions)
+    assert main(["report", run.logger.log_dir, "--format", "json"]) == 0
+    (logged,) = json.loads(capsys.readouterr().out)["runs"]
+    names = [f["name"] for f in logged["diagnosis"]["findings"]]
+    assert "edge_of_stability" in names
+
+
+def test_edge_of_stability_needs_most_recent_ratios_at_the_edge() -> None:
+    def history(ratios: list[float]) -> RunHistory:
+        h = RunHistory(["a"])
+        for i, r in enumerate(ratios):
+            h.add(10 * i, [1.0], total_norm=1.0, sharpness_ratio=r)
+        return h
+
+    assert _edge(history([0.5, 0.95, 0.97, 1.0])) is not None
+    assert _edge(history([0.95, 0.97, 1.0, 0.5, 0.6, 0.7, 0.95])) is None  # not the recent ones
+    assert _edge(history([0.2, 0.3, 0.4])) is None
+
+
+def _edge(history: RunHistory) -> Any:
+    return edge_of_stability(history, summarize(history))

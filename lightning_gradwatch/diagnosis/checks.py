@@ -44,6 +44,11 @@ NOISE_FACTOR = 10.0
 #: Measured steps with a noise scale before its average is trusted beyond "low" confidence.
 NOISE_SETTLED = 5
 
+#: A sharpness ratio at or above this is at the edge of stability (1: the optimizer's threshold).
+EDGE_RATIO = 0.9
+#: The most recent curvature steps the edge-of-stability check reads.
+EDGE_RECENT = 5
+
 #: A check: the run's history and its summary in, a finding (or ``None``: nothing found) out.
 FindingCheck = Callable[[RunHistory, FlowSummary], Optional[Finding]]
 
@@ -202,6 +207,35 @@ def batch_vs_noise_scale(history: RunHistory, s: FlowSummary) -> Optional[Findin
     )
 
 
+def edge_of_stability(history: RunHistory, s: FlowSummary) -> Optional[Finding]:
+    """The sharpness sits at the optimizer's stability threshold on most recent curvature steps
+    (Cohen et al. 2021): the loss will oscillate or spike."""
+    recent = [r for r in history.steps if r.sharpness_ratio is not None][-EDGE_RECENT:]
+    ratios = [r.sharpness_ratio for r in recent if r.sharpness_ratio is not None]
+    at_edge = [x for x in ratios if x >= EDGE_RATIO]
+    if len(ratios) < 2 or 2 * len(at_edge) <= len(ratios):
+        return None
+    evidence = [
+        f"sharpness ratio (top Hessian eigenvalue over the optimizer's stability threshold) >= "
+        f"{fmt(EDGE_RATIO)} on {len(at_edge)} of the last {len(ratios)} curvature steps "
+        f"(steps {recent[0].step}..{recent[-1].step}; latest {fmt(ratios[-1])}, highest "
+        f"{fmt(max(ratios))})"
+    ]
+    return Finding(
+        "edge_of_stability",
+        "At the edge of stability: the sharpness has reached what the learning rate tolerates",
+        "high" if len(at_edge) == len(ratios) and len(ratios) >= 3 else "medium",
+        evidence,
+        [
+            f"lower the learning rate (by ~{fmt(max(ratios))}x or more brings the ratio back "
+            "under 1), or decay it from here",
+            "add or lengthen learning-rate warm-up, so that the sharpness is not driven to the "
+            "edge early; a larger batch also lowers the noise that spikes there",
+        ],
+        figures={"latest_ratio": ratios[-1], "max_ratio": max(ratios), "at_edge": len(at_edge)},
+    )
+
+
 #: Every check, in the order findings are listed.
 CHECKS: tuple[FindingCheck, ...] = (
     disconnected_parameters,
@@ -212,6 +246,7 @@ CHECKS: tuple[FindingCheck, ...] = (
     dead_units,
     clipping_always,
     batch_vs_noise_scale,
+    edge_of_stability,
 )
 
 

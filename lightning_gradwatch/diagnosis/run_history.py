@@ -87,7 +87,8 @@ class Wiring:
 class StepRecord:
     """One measured step in a :class:`RunHistory`: block-output norms (``None``: no gradient, or non-finite as logged as
     NaN), the total parameter-gradient norm, ``grad_stats/zero_fraction``, the gradient noise
-    scale ``grad_noise/b_simple`` and the batch it was measured at (``None``: not measured)."""
+    scale ``grad_noise/b_simple`` and the batch it was measured at, and the sharpness ratio
+    ``curvature/sharpness_ratio`` (``None``: not measured)."""
 
     step: int
     block_norms: list[Optional[float]]
@@ -95,6 +96,7 @@ class StepRecord:
     zero_fraction: Optional[float] = None
     noise_scale: Optional[float] = None
     batch_size: Optional[float] = None
+    sharpness_ratio: Optional[float] = None
 
 
 @dataclass
@@ -138,10 +140,12 @@ class RunHistory:
         zero_fraction: Optional[float] = None,
         noise_scale: Optional[float] = None,
         batch_size: Optional[float] = None,
+        sharpness_ratio: Optional[float] = None,
     ) -> None:
         """Record one measured step (non-finite NaN norms count as missing, as in the logs)."""
         norms = [None if v is None or math.isnan(v) else float(v) for v in block_norms]
-        scalars = [_number(v) for v in (total_norm, zero_fraction, noise_scale, batch_size)]
+        figures = (total_norm, zero_fraction, noise_scale, batch_size, sharpness_ratio)
+        scalars = [_number(v) for v in figures]
         row = StepRecord(step, norms, *scalars)
         if self._seen < FIRST_KEPT:
             self.first.append(row)

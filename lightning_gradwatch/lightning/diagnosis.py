@@ -30,7 +30,12 @@ from lightning_gradwatch.diagnosis.run_history import (
 from lightning_gradwatch.diagnosis.structure import StructureCapture
 from lightning_gradwatch.files import write_text
 from lightning_gradwatch.governance import Rule, rule_labels
-from lightning_gradwatch.keys import NOISE_B_SIMPLE_KEY, NOISE_BATCH_KEY, TOTAL_NORM_KEY
+from lightning_gradwatch.keys import (
+    NOISE_B_SIMPLE_KEY,
+    NOISE_BATCH_KEY,
+    SHARPNESS_RATIO_KEY,
+    TOTAL_NORM_KEY,
+)
 from lightning_gradwatch.lightning import tensorboard
 from lightning_gradwatch.lightning.run_files import RunFiles
 from lightning_gradwatch.measure.record import GradientMeasurement, MeasurementSpec
@@ -196,4 +201,5 @@ def _add(history: RunHistory, measurement: GradientMeasurement) -> None:
         measurement.grad_stats.get("zero_fraction"),
         measurement.metrics.get(NOISE_B_SIMPLE_KEY),
         measurement.metrics.get(NOISE_BATCH_KEY),
+        measurement.metrics.get(SHARPNESS_RATIO_KEY),
     )

@@ -23,7 +23,12 @@ from lightning_gradwatch.diagnosis.run_history import (
     RunHistory,
     Settings,
 )
-from lightning_gradwatch.keys import NOISE_B_SIMPLE_KEY, NOISE_BATCH_KEY, stats_key
+from lightning_gradwatch.keys import (
+    NOISE_B_SIMPLE_KEY,
+    NOISE_BATCH_KEY,
+    SHARPNESS_RATIO_KEY,
+    stats_key,
+)
 from lightning_gradwatch.report.reader import NORM_PREFIX, TOTAL_NORM_TAG, RunLog, Series
 
 __all__ = ["RunDiagnosisReport", "block_norms", "diagnose_run", "run_history"]
@@ -79,7 +84,13 @@ def run_history(
         clip_bounds=history.settings.clip_bounds if run.facts else _alert_bounds(run.alerts),
     )
     steps, norms = block_norms(run)
-    keys = (TOTAL_NORM_TAG, stats_key("zero_fraction"), NOISE_B_SIMPLE_KEY, NOISE_BATCH_KEY)
+    keys = (
+        TOTAL_NORM_TAG,
+        stats_key("zero_fraction"),
+        NOISE_B_SIMPLE_KEY,
+        NOISE_BATCH_KEY,
+        SHARPNESS_RATIO_KEY,
+    )
     columns = [_aligned(run.scalars.get(key), steps) for key in keys]
     for row, step in enumerate(steps.tolist()):
         if not history.needs(row, len(steps)):

@@ -30,6 +30,7 @@ from lightning_gradwatch.files import filesystem, join
 from lightning_gradwatch.governance.alerts import ALERTS_FILENAME as ALERTS_FILE
 from lightning_gradwatch.governance.trail import parse_alerts
 from lightning_gradwatch.keys import (
+    CURVATURE_PREFIX,
     FLOW_PREFIX,
     GAIN_PREFIX,
     LOG_GAIN_PREFIX,
@@ -55,6 +56,7 @@ GRADWATCH_PREFIXES = (
     STATS_PREFIX,
     PARAM_NORM_PREFIX,
     NOISE_PREFIX,
+    CURVATURE_PREFIX,
 )
 #: Tags that make a run a gradwatch run: block norms, or the total (a run without blocks).
 MEASURED_PREFIXES = (NORM_PREFIX, TOTAL_NORM_TAG)
