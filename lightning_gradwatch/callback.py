@@ -205,7 +205,7 @@ class GradientFlowCallback(WatchOutcome, Callback):
             f"every {self.log_every_n_steps} optimizer steps{choice.reason}."
         )
         if fit.is_global_zero:
-            self._tensorboard.start(fit.loggers, fit.block_names, fit.spec)
+            self._tensorboard.start(fit.loggers, fit.block_names, fit.spec, self._curvature.enabled)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._fit is not None:  # after a checkpoint restored the step: keep its grid

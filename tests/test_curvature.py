@@ -280,3 +280,20 @@ def test_edge_of_stability_needs_most_recent_ratios_at_the_edge() -> None:
 
 def _edge(history: RunHistory) -> Any:
     return edge_of_stability(history, summarize(history))
+
+
+def test_tensorboard_layout_shows_sharpness_against_its_threshold() -> None:
+    import re
+
+    from lightning_gradwatch.report.pictures import CURVATURE_CATEGORY, custom_scalars_layout
+
+    assert CURVATURE_CATEGORY not in custom_scalars_layout(["a", "b"])
+    charts = custom_scalars_layout(["a", "b"], curvature=True)[CURVATURE_CATEGORY]
+    tags = {title: chart[1] for title, chart in charts.items()}
+    (sharpness,) = [t for title, t in tags.items() if "threshold" in title]
+    (ratio,) = [t for title, t in tags.items() if "ratio" in title]
+    for key in ("curvature/hessian_max_eig", "curvature/sharpness_threshold"):
+        assert any(re.match(pattern, key) for pattern in sharpness)
+        assert any(re.match(pattern, key + "/Adam") for pattern in sharpness)
+    assert any(re.match(p, "curvature/sharpness_ratio") for p in ratio)
+    assert not any(re.match(p, "curvature/sharpness_ratio_x") for p in ratio)

@@ -110,9 +110,11 @@ class TensorBoardWriter:
         loggers: Iterable[Logger],
         block_names: Sequence[str],
         spec: Optional[MeasurementSpec] = None,
+        curvature: bool = False,
     ) -> None:
-        """Find the TensorBoard writers, write the layout and, given the callback's ``spec``, its
-        measuring settings as text (``gradwatch report`` reads them). Call on global rank zero."""
+        """Find the TensorBoard writers, write the layout (with the curvature charts when
+        ``curvature``) and, given the callback's ``spec``, its measuring settings as text
+        (``gradwatch report`` reads them). Call on global rank zero."""
         loggers = list(loggers)
         self._writers = tensorboard_writers(loggers)
         self._measured = 0
@@ -128,7 +130,7 @@ class TensorBoardWriter:
             return
         if self.figure_every_n_steps is not None:
             import_matplotlib()  # fail at fit start, not at the first picture
-        layout = custom_scalars_layout(block_names)
+        layout = custom_scalars_layout(block_names, curvature=curvature)
         config = None if spec is None else json.dumps(run_config(spec, block_names))
         for writer in self._writers:
             writer.add_custom_scalars(layout)

@@ -16,6 +16,10 @@ import numpy as np
 from lightning_gradwatch.diagnosis.flow_arrays import log_gains_array
 from lightning_gradwatch.keys import (
     DEFAULT_EPS,
+    HESSIAN_MAX_EIG_KEY,
+    PRECONDITIONED_MAX_EIG_KEY,
+    SHARPNESS_RATIO_KEY,
+    SHARPNESS_THRESHOLD_KEY,
     TOTAL_NORM_KEY,
     flow_key,
     gain_key,
@@ -41,6 +45,10 @@ GAINS_CHART = "backward gains"
 LOG_GAINS_CHART = "backward log-gains"
 TOTAL_CHART = "total gradient norm"
 CATEGORIES_CHART = "transition categories"
+#: The curvature charts (category ``gradwatch curvature``, with ``log_curvature=True``).
+CURVATURE_CATEGORY = "gradwatch curvature"
+SHARPNESS_CHART = "sharpness against its stability threshold"
+RATIO_CHART = "sharpness ratio (1 = edge of stability)"
 
 
 def import_matplotlib() -> tuple[Any, Any]:
@@ -194,17 +202,22 @@ def _label_rows(axes: Any, labels: Sequence[str]) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def custom_scalars_layout(block_names: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
+def custom_scalars_layout(
+    block_names: Sequence[str], curvature: bool = False
+) -> dict[str, dict[str, list[Any]]]:
     """The layout for ``SummaryWriter.add_custom_scalars``: every block's norm in one multi-line
     chart, every gain in another, log-gains, the total norm and the category counts (the total
-    alone when there are no blocks).
+    alone when there are no blocks); with ``curvature``, a second category: the sharpness (the top
+    Hessian eigenvalue, Adam's preconditioned one) with its threshold, and their ratio.
 
     Each tag is listed by its full name (TensorBoard reads them as regular expressions; a ``.`` in a
     name matches itself among others, and every match is one of our tags)."""
     names = list(block_names)
+    extra = {CURVATURE_CATEGORY: _curvature_charts()} if curvature else {}
     if not names:
-        return {LAYOUT_CATEGORY: {TOTAL_CHART: ["Multiline", [TOTAL_NORM_KEY]]}}
+        return {LAYOUT_CATEGORY: {TOTAL_CHART: ["Multiline", [TOTAL_NORM_KEY]]}, **extra}
     return {
+        **extra,
         LAYOUT_CATEGORY: {
             NORMS_CHART: ["Multiline", [norm_key(name) for name in names]],
             GAINS_CHART: ["Multiline", [gain_key(name) for name in names[1:]]],
@@ -217,7 +230,16 @@ def custom_scalars_layout(block_names: Sequence[str]) -> dict[str, dict[str, lis
                     for c in ("amplifying", "damping", "healthy", "vanishing", "missing")
                 ],
             ],
-        }
+        },
+    }
+
+
+def _curvature_charts() -> dict[str, list[Any]]:
+    # Each tag as a regular expression that also matches its per-optimizer form (`<key>/<name>`).
+    sharpness = (HESSIAN_MAX_EIG_KEY, PRECONDITIONED_MAX_EIG_KEY, SHARPNESS_THRESHOLD_KEY)
+    return {
+        SHARPNESS_CHART: ["Multiline", [f"{key}(/.*)?$" for key in sharpness]],
+        RATIO_CHART: ["Multiline", [f"{SHARPNESS_RATIO_KEY}(/.*)?$"]],
     }
 
 
