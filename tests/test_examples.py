@@ -120,3 +120,12 @@ def test_ex08_gan(tmp_path: Path) -> None:
     }
     assert all(step % 2 == 1 for step in steps["grad_norm/gen.0"])  # the generator's steps
     assert all(step % 2 == 0 for step in steps["grad_norm/disc.0"])
+
+
+def test_ex10_edge_of_stability(tmp_path: Path) -> None:
+    out = _run("ex10_edge_of_stability.py", tmp_path)
+    assert "[ex10] threshold 2/lr = 40" in out
+    assert re.search(r"first tripped at step: (None|\d+)", out)
+    assert (tmp_path / "ex10_edge_of_stability" / "report" / "report.html").is_file()
+    events = list((tmp_path / "ex10_edge_of_stability" / "full_batch_gd").glob("events.*"))
+    assert events
