@@ -17,6 +17,7 @@ be differentiated twice (the error is named).
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Mapping
 from typing import Any, Optional
@@ -65,6 +66,16 @@ def _set_rng_state(state: tuple[Any, ...]) -> None:
     if cuda is not None:
         torch.cuda.set_rng_state_all(cuda)
     random.setstate(python)
+
+
+def _twice_differentiable() -> Any:
+    """Scaled-dot-product attention by its math kernel: the fused (flash, memory-efficient) kernels
+    have no double backward; the math one computes the same function and has."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch without torch.nn.attention
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _no_log(*args: Any, **kwargs: Any) -> None:
@@ -258,12 +269,13 @@ class CurvatureMonitor:
         pl_module.log, pl_module.log_dict = _no_log, _no_log  # type: ignore[method-assign]
         try:
             _set_rng_state(rng)
-            with torch.enable_grad(), trainer.strategy.precision_plugin.train_step_context():
+            precision = trainer.strategy.precision_plugin.train_step_context()
+            with torch.enable_grad(), precision, _twice_differentiable():
                 loss = _loss_of(pl_module.training_step(batch, batch_idx))
-            if loss is None:
-                return {}
-            op = _hvp_operator(loss, params, trainer.world_size)
-            return self._figures(op, optimizer, k, params, trainer.global_step)
+                if loss is None:
+                    return {}
+                op = _hvp_operator(loss, params, trainer.world_size)
+                return self._figures(op, optimizer, k, params, trainer.global_step)
         finally:
             del pl_module.log, pl_module.log_dict
             _set_rng_state(after)
