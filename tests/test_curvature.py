@@ -297,3 +297,14 @@ def test_tensorboard_layout_shows_sharpness_against_its_threshold() -> None:
         assert any(re.match(pattern, key + "/Adam") for pattern in sharpness)
     assert any(re.match(p, "curvature/sharpness_ratio") for p in ratio)
     assert not any(re.match(p, "curvature/sharpness_ratio_x") for p in ratio)
+
+
+def test_a_curvature_rule_without_curvature_says_why_it_cannot_trip(tmp_path: Any) -> None:
+    rule = Rule("curvature/sharpness_ratio", max=0.8, action="warn")
+    callback = GradientFlowCallback(rules=[rule])
+    with pytest.warns(
+        UserWarning, match="cannot trip. Curvature keys are logged with log_curvature"
+    ):
+        trainer(tmp_path, [callback], max_steps=1).fit(
+            TanhNet(lambda p: torch.optim.SGD(p, lr=0.1))
+        )

@@ -14,7 +14,7 @@ from torch import Tensor
 from lightning_gradwatch._compat import foreach_norm
 from lightning_gradwatch.governance.actions import NamedParams
 from lightning_gradwatch.governance.engine import Check, RuleEngine
-from lightning_gradwatch.keys import LOSS, PARAM_NORM_PREFIX
+from lightning_gradwatch.keys import CURVATURE_PREFIX, LOSS, PARAM_NORM_PREFIX
 from lightning_gradwatch.measure.reduction import local_tensor
 
 __all__ = [
@@ -57,6 +57,11 @@ def warn_unmatched(
             hint = (
                 "Rules see the logged keys: per-parameter norms are logged for the parameters "
                 "that `log_param_norms` selects (default: none)."
+            )
+        elif rule.metric.startswith(CURVATURE_PREFIX):
+            hint = (
+                "Curvature keys are logged with log_curvature=True, on curvature steps that are "
+                "also measured steps (Adam's ratio from its second step: no v_hat before)."
             )
         elif not block_names:
             hint = "This run watches no blocks: no 'grad_norm/<block>' keys are logged."
