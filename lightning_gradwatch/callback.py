@@ -122,7 +122,7 @@ class GradientFlowCallback(WatchOutcome, Callback):
         log_curvature: bool = False,
         curvature_every_n_steps: int = 500,
         curvature_iterations: int = 30,
-        curvature_probes: int = 10,
+        curvature_probes: int = 2,
     ) -> None:
         super().__init__()
         self.blocks = validate_blocks_spec(blocks)

@@ -219,3 +219,28 @@ def test_measured_step_quick_times_the_real_measure_and_gets_the_reference_norm(
     squares = sum(g.double().square().sum() for _, g in setup.named_grads)
     reference = float(torch.sqrt(squares))
     assert measurement.total_norm == pytest.approx(reference, rel=1e-5)
+
+
+def test_curvature_benchmark_quick_mode_writes_its_table(tmp_path: Any) -> None:
+    out = tmp_path / "curvature.md"
+    script = os.path.join(ROOT, "benchmarks", "curvature.py")
+    env = {**os.environ, "PYTHONPATH": ROOT, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        [sys.executable, script, "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [
+        line
+        for line in out.read_text().splitlines()
+        if line.startswith("| MLP") or line.startswith("| GPT")
+    ]
+    assert len(rows) == 2
+    for row in rows:
+        # a curvature step costs more than a plain one, cold and warm
+        cold, warm = (float(x) for x in re.findall(r"\| x([0-9.]+) ", row))
+        assert cold > 1.0 and warm > 1.0

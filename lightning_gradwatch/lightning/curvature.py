@@ -233,7 +233,6 @@ class CurvatureMonitor:
         held, self._batch = self._batch, None
         if held is None or self._off is not None:
             return {}
-        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer
         params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         if not params:
             return {}
