@@ -54,7 +54,7 @@ class StepClock(pl.Callback):
         return [b - a for a, b in zip(self.starts, self.starts[1:])]
 
 
-def measure(build: Any, steps: int) -> dict[str, Any]:
+def measure(build: Any, steps: int, probes: int) -> dict[str, Any]:
     module = build()
     watch = GradientFlowCallback(
         rules=[],
@@ -63,6 +63,7 @@ def measure(build: Any, steps: int) -> dict[str, Any]:
         log_grad_stats=False,
         log_curvature=True,
         curvature_every_n_steps=EVERY,
+        curvature_probes=probes,
     )
     clock = StepClock(watch)
     trainer = pl.Trainer(
@@ -95,6 +96,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small models, under a minute")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown table here")
+    parser.add_argument("--probes", type=int, default=2, help="curvature_probes (default 2)")
+    parser.add_argument("--models", nargs="+", default=["mlp", "gpt"], choices=["mlp", "gpt"])
     args = parser.parse_args()
     quiet()
     torch.set_num_threads(1)
@@ -113,7 +116,8 @@ def main() -> int:
                 2 * EVERY + 1,
             ),
         ]
-    command = "python benchmarks/curvature.py" + (" --quick" if args.quick else "")
+    models = [m for m, key in zip(models, ("mlp", "gpt")) if key in args.models]
+    command = " ".join(["python benchmarks/curvature.py", *sys.argv[1:]])
     lines = [
         "# The cost of curvature",
         "",
@@ -123,8 +127,8 @@ def main() -> int:
         "Multiple = a curvature step's wall time over the median plain step (forward, backward, "
         "SGD step). Cold: power iteration from a random vector (the first curvature step); warm: "
         f"from the previous eigenvector ({EVERY} steps earlier). Share of a run at the defaults "
-        f"(every {DEFAULT_EVERY} steps, cold) = (cold - 1) / {DEFAULT_EVERY}. Defaults otherwise: "
-        "`curvature_iterations=30`, `curvature_probes=2` (Hessian-vector products per step = "
+        f"(every {DEFAULT_EVERY} steps, cold) = (cold - 1) / {DEFAULT_EVERY}. Settings: "
+        f"`curvature_iterations=30`, `curvature_probes={args.probes}` (Hessian-vector products per step = "
         "power iterations + probes).",
         "",
         "| model | parameters | plain step ms | curvature step, cold | warm | share at defaults "
@@ -132,7 +136,7 @@ def main() -> int:
         "|---|---|---|---|---|---|---|",
     ]
     for label, build, steps in models:
-        r = measure(build, steps)
+        r = measure(build, steps, args.probes)
         lines.append(
             f"| {label} | {r['params']:,} | {r['step_ms']:.1f} | x{r['cold']:.1f} | "
             f"x{r['warm']:.1f} | {100 * r['share']:.2f} % | {r['iterations']} |"

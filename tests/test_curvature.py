@@ -167,8 +167,11 @@ def test_power_iteration_finds_the_top_eigenvalue_when_a_negative_one_dominates(
     eigs = torch.tensor([-5.0, 3.0, 1.0, 0.5, -1.0, 0.1], dtype=torch.float64)
     matrix = q @ torch.diag(eigs) @ q.T
     start = [torch.ones(6, dtype=torch.float64) / math.sqrt(6)]
-    top, _, _ = top_eigenpair(lambda v: [matrix @ v[0]], start, 200)
-    assert top == pytest.approx(3.0, rel=1e-3)
+    top, vector, _, shift = top_eigenpair(lambda v: [matrix @ v[0]], start, 200)
+    assert top == pytest.approx(3.0, rel=1e-3) and shift == pytest.approx(-5.0, rel=1e-3)
+    # Warm: from that vector with the remembered shift, at once.
+    again, _, used, _ = top_eigenpair(lambda v: [matrix @ v[0]], vector, 200, shift)
+    assert again == pytest.approx(3.0, rel=1e-3) and used < 10
 
 
 @pytest.mark.parametrize(

@@ -180,6 +180,8 @@ class CurvatureMonitor:
         self._batch: Optional[tuple[Any, int, tuple[Any, ...]]] = None
         self._vectors: dict[tuple[Optional[str], str], list[Tensor]] = {}
         self._said: set[str] = set()
+        #: Per eigenvalue: the shift of the last negative-dominated iteration (see top_eigenpair).
+        self._shifts: dict[tuple[Optional[str], str], float] = {}
         self._off: Optional[str] = None
         self._trainer: Optional[pl.Trainer] = None
         #: Power iterations used at the latest curvature step, by eigenvalue (for benchmarks).
@@ -192,7 +194,7 @@ class CurvatureMonitor:
 
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Once per fit: whether this run can be measured, and why not."""
-        self._trainer, self._vectors, self._off = trainer, {}, None
+        self._trainer, self._vectors, self._shifts, self._off = trainer, {}, {}, None
         strategy = trainer.strategy
         name = type(strategy).__name__
         sharded = any(type(p).__name__ == "DTensor" for p in pl_module.parameters())
@@ -332,7 +334,11 @@ class CurvatureMonitor:
         start = self._vectors.get(slot)
         if start is None or any(a.shape != p.shape for a, p in zip(start, params)):
             start = random_unit(params, generator)
-        eig, vector, used = top_eigenpair(op, start, self.iterations)
+        eig, vector, used, shift = top_eigenpair(op, start, self.iterations, self._shifts.get(slot))
         self._vectors[slot] = [v.detach() for v in vector]
+        if shift is None:
+            self._shifts.pop(slot, None)
+        else:
+            self._shifts[slot] = shift
         self.last_iterations[slot[1]] = used
         return eig

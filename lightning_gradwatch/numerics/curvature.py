@@ -86,25 +86,31 @@ def _power(op: Operator, v: list[Tensor], iterations: int) -> tuple[float, list[
 
 
 def top_eigenpair(
-    op: Operator, start: list[Tensor], iterations: int
-) -> tuple[float, list[Tensor], int]:
-    """The largest eigenvalue of the symmetric operator ``op``, its unit eigenvector and the number
-    of operator applications, by at most ``iterations`` power iterations from ``start`` (a unit
-    vector: the previous eigenvector, or :func:`random_unit`).
+    op: Operator, start: list[Tensor], iterations: int, shift: Optional[float] = None
+) -> tuple[float, list[Tensor], int, Optional[float]]:
+    """The largest eigenvalue of the symmetric operator ``op``, its unit eigenvector, the number
+    of operator applications and the shift used (``None``: none), by at most ``iterations`` power
+    iterations from ``start`` (a unit vector: the previous eigenvector, or :func:`random_unit`).
 
     Power iteration finds the eigenvalue largest in magnitude; when that one is negative, the
     operator shifted by it (``op - eig I``, positive semi-definite) is iterated again, whose dominant
-    eigenvalue is ``lambda_max - eig``."""
-    eig, v, used = _power(op, start, iterations)
-    if eig >= 0:
-        return eig, v, used
-    shift = eig
+    eigenvalue is ``lambda_max - eig``. ``shift``: a previous call's, to iterate on the shifted
+    operator at once (twice that shift, a margin for the lowest eigenvalue having moved down)."""
+    used = 0
+    if shift is None:
+        eig, v, used = _power(op, start, iterations)
+        if eig >= 0:
+            return eig, v, used, None
+        shift = eig
+    else:
+        shift = 2.0 * shift
+    sigma = shift
 
     def shifted(u: list[Tensor]) -> list[Tensor]:
-        return [a - shift * b for a, b in zip(op(u), u)]
+        return [a - sigma * b for a, b in zip(op(u), u)]
 
     top, w, more = _power(shifted, start, iterations)
-    return top + shift, w, used + more
+    return top + sigma, w, used + more, sigma
 
 
 def hutchinson_trace(
