@@ -311,3 +311,28 @@ def test_a_curvature_rule_without_curvature_says_why_it_cannot_trip(tmp_path: An
         trainer(tmp_path, [callback], max_steps=1).fit(
             TanhNet(lambda p: torch.optim.SGD(p, lr=0.1))
         )
+
+
+class ManualNet(TanhNet):
+    def __init__(self) -> None:
+        super().__init__(lambda p: torch.optim.SGD(p, lr=0.1))
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        opt = self.optimizers()
+        opt.zero_grad()  # type: ignore[union-attr]
+        loss = nn.functional.mse_loss(self(batch[0]), batch[1])
+        self.manual_backward(loss)
+        opt.step()  # type: ignore[union-attr]
+        return loss
+
+
+def test_manual_optimization_warns_once_and_keeps_every_other_figure(tmp_path: Any) -> None:
+    net = ManualNet()
+    with pytest.warns(
+        UserWarning, match="curvature is not measured under manual optimization"
+    ) as caught:
+        rows = _fit(tmp_path, net, steps=5)
+    assert sum("curvature is not measured" in str(w.message) for w in caught) == 1
+    assert all(not any(k.startswith("curvature/") for k in row) for row in rows.values())
+    assert all("grad_norm_total" in rows[s] for s in (0, 2, 4))  # every other figure kept
