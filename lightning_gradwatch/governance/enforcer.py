@@ -7,10 +7,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -18,21 +18,26 @@ from lightning_gradwatch._compat import scaler_enabled
 from lightning_gradwatch.governance.actions import (
     GradientActions,
     NamedParams,
-    clip_gradients,
+    clip_by_decisions,
     save_halt_checkpoint,
 )
-from lightning_gradwatch.governance.agreement import Agreement, agree
-from lightning_gradwatch.governance.alerts import Alert, build_alert
-from lightning_gradwatch.governance.engine import Check, Decision, RuleEngine, strongest
+from lightning_gradwatch.governance.agreement import agree
+from lightning_gradwatch.governance.alerts import Alert
+from lightning_gradwatch.governance.engine import Decision, RuleEngine, strongest
+from lightning_gradwatch.governance.forensics import LocalEvidence, pack_evidence, unpack_evidence
+from lightning_gradwatch.governance.incidents import IncidentRecorder
 from lightning_gradwatch.governance.intervals import IntervalAggregates, governance_keys
 from lightning_gradwatch.governance.notices import StaleGradientWatch, warn_unmatched
-from lightning_gradwatch.governance.readings import has_nonfinite, nonfinite_report, rule_values
+from lightning_gradwatch.governance.readings import has_nonfinite, rule_values
 from lightning_gradwatch.governance.rules import NO_ACTION, Rule
+from lightning_gradwatch.governance.skip_list import StepMatch
 from lightning_gradwatch.governance.step_loss import StepLoss
-from lightning_gradwatch.governance.trail import JsonlAlertSink
 from lightning_gradwatch.governance.verdict import Verdict
 from lightning_gradwatch.keys import CLIPPED_KEY, for_optimizer, total_norm_key
 from lightning_gradwatch.measure.record import GradientMeasurement, MeasurementSpec, measure_params
+
+#: Called on every rank, only when a rule tripped on some rank: this rank's forensic evidence.
+EvidenceSource = Callable[[], LocalEvidence]
 
 __all__ = ["RuleEnforcer"]
 
@@ -55,11 +60,10 @@ class RuleEnforcer:
         self.check_every_n_steps = check_every_n_steps
         self.alerts_path = alerts_path
         self.spec = MeasurementSpec()
-        self.alerts: list[Alert] = []
         self.halted = False
         self.halt_reason: Optional[str] = None
         self.block_names: list[str] = []
-        self._sink: Optional[JsonlAlertSink] = None
+        self.incidents = IncidentRecorder()
         self._halt_dir = ""
         self._actions = GradientActions()
         self._loss = StepLoss(combine=self.engine.reads_loss)
@@ -71,6 +75,10 @@ class RuleEnforcer:
         self._stale = StaleGradientWatch()
         self._matches_checked = False
 
+    @property
+    def alerts(self) -> list[Alert]:
+        return self.incidents.alerts
+
     # -- lifecycle -------------------------------------------------------------------------------
 
     def setup(
@@ -81,9 +89,10 @@ class RuleEnforcer:
         *,
         alerts_path: str,
         halt_dir: str,
+        skip_list_path: Optional[str] = None,
     ) -> None:
         """Start a fit: the watched blocks, what is measured, the audit trail (a local path or a
-        URL) and the folder of halt checkpoints, both resolved once for the fit."""
+        URL), the folder of halt checkpoints and the skip list, resolved once for the fit."""
         self.block_names = list(block_names)
         self.spec = spec
         self._stopping = False
@@ -91,9 +100,7 @@ class RuleEnforcer:
         self._matches_checked = False
         self._stale = StaleGradientWatch()
         self._halt_dir = halt_dir
-        self._sink = JsonlAlertSink(alerts_path) if trainer.is_global_zero else None
-        if self._sink is not None and self._sink.spool_notice and self.engine.rules:
-            rank_zero_info(self._sink.spool_notice)
+        self.incidents.setup(trainer, alerts_path, skip_list_path, bool(self.engine.rules))
 
     def end_step(self, trainer: pl.Trainer) -> None:
         """After the optimizer step: undo what a skipped step paused."""
@@ -101,8 +108,7 @@ class RuleEnforcer:
 
     def upload_trail(self) -> None:
         """Copy a spooled trail to its URL: at checkpoints and when the run ends (rank 0)."""
-        if self._sink is not None:
-            self._sink.upload()
+        self.incidents.upload()
 
     # -- backward --------------------------------------------------------------------------------
 
@@ -125,6 +131,10 @@ class RuleEnforcer:
         (``None`` without rules). Call it on every rank at the same steps (it may average)."""
         return self._loss.take(trainer) if self.engine.rules else None
 
+    def local_loss(self, trainer: pl.Trainer) -> Optional[Tensor]:
+        """This rank's own loss of the step (a device scalar, before any mean over ranks)."""
+        return self._loss.local(trainer)
+
     # -- optimizer step: decide, then act ----------------------------------------------------------
 
     def decide(
@@ -135,12 +145,14 @@ class RuleEnforcer:
         optimizer_name: Optional[str],
         params: NamedParams,
         measurement: Optional[GradientMeasurement],
+        evidence: Optional[EvidenceSource] = None,
     ) -> Verdict:
         """Check the rules at this step: the same decisions on every rank.
 
         ``params`` are the stepping optimizer's (rules act on them only); ``optimizer_name`` is
         ``None`` with a single optimizer, else its keys end in the name. Without a measurement, the
-        rules that run every step are checked on a parameter-only one (when due).
+        rules that run every step are checked on a parameter-only one (when due). ``evidence``
+        is taken only when a rule tripped on some rank; it rides in the agreement's gather.
         """
         step = trainer.global_step
         self._optimizer = optimizer_name
@@ -156,8 +168,7 @@ class RuleEnforcer:
         self._checked_step = step
         if measurement is None:
             measurement = self._measure_params(trainer, params, step)
-        checks, agreement, decisions = self._decide(trainer, measurement, measured)
-        return Verdict(measurement, measured, checks, agreement, decisions)
+        return self._decide(trainer, measurement, measured, evidence)
 
     def act(
         self, trainer: pl.Trainer, optimizer: Optimizer, params: NamedParams, verdict: Verdict
@@ -170,9 +181,7 @@ class RuleEnforcer:
             return {}
         if measurement is None or verdict.agreement is None:
             return {}
-        extra = self._act(
-            trainer, optimizer, params, verdict.decisions, measurement, verdict.agreement
-        )
+        extra = self._act(trainer, optimizer, params, verdict)
         if not verdict.measured and for_optimizer(CLIPPED_KEY, self._optimizer) in extra:
             # Log the pre-clip total next to the clipped one (measured steps log it anyway).
             extra[total_norm_key(self._optimizer)] = measurement.total_norm
@@ -208,16 +217,29 @@ class RuleEnforcer:
         return measure_params(named_grads, self.spec, step=step, loss=loss)  # type: ignore[arg-type]
 
     def _decide(
-        self, trainer: pl.Trainer, measurement: GradientMeasurement, measured: bool
-    ) -> tuple[list[Check], Agreement, list[Decision]]:
-        """Evaluate, agree across ranks, commit: the same decisions on every rank."""
+        self,
+        trainer: pl.Trainer,
+        measurement: GradientMeasurement,
+        measured: bool,
+        evidence: Optional[EvidenceSource],
+    ) -> Verdict:
+        """Evaluate, agree across ranks (with each rank's evidence when something tripped),
+        commit: the same decisions on every rank."""
         values = rule_values(measurement, measured, total_norm_key(self._optimizer))
         nonfinite = has_nonfinite(measurement, measured, self.spec.measure_params)
         checks = self.engine.evaluate(values, nonfinite=nonfinite, measured=measured)
         if measured and not self._matches_checked:
             self._matches_checked = True
             warn_unmatched(self.engine, checks, self.block_names, measurement.step)
-        agreement = agree(trainer, checks, len(self.engine))
+        taken: list[LocalEvidence] = []
+
+        def extra() -> Tensor:
+            local = evidence()  # type: ignore[misc]
+            local.loss = self._loss.local(trainer)
+            taken.append(local)
+            return pack_evidence(local, trainer.strategy.root_device)
+
+        agreement = agree(trainer, checks, len(self.engine), extra if evidence else None)
         decisions = self.engine.commit(
             checks,
             agreement.tripped,
@@ -225,21 +247,21 @@ class RuleEnforcer:
             scaler_active=scaler_enabled(trainer),
             ranks=agreement.ranks,
         )
-        return checks, agreement, decisions
+        verdict = Verdict(measurement, measured, checks, agreement, decisions)
+        if taken and agreement.extras is not None:
+            names, norm_type = taken[0].block_names, self.spec.norm_type
+            verdict.evidence = taken[0]
+            verdict.ranks_evidence = [unpack_evidence(v, names, norm_type) for v in agreement.extras]
+        return verdict
 
     # -- acting ----------------------------------------------------------------------------------
 
     def _act(
-        self,
-        trainer: pl.Trainer,
-        optimizer: Optimizer,
-        params: NamedParams,
-        decisions: list[Decision],
-        measurement: GradientMeasurement,
-        agreement: Agreement,
+        self, trainer: pl.Trainer, optimizer: Optimizer, params: NamedParams, verdict: Verdict
     ) -> dict[str, float]:
         """Apply the strongest action of this step's decisions and record every decision."""
-        if not decisions:
+        measurement = verdict.measurement
+        if not verdict.decisions or measurement is None:
             return {}
         total = measurement.total_norm
         # clip_grad_norm_ with an Inf total turns every gradient into NaN: never clip then.
@@ -247,68 +269,53 @@ class RuleEnforcer:
             dataclasses.replace(d, action=NO_ACTION)
             if d.action == "clip" and not math.isfinite(total)
             else d
-            for d in decisions
+            for d in verdict.decisions
         ]
         action = strongest(d.action for d in decisions)
         extra: dict[str, float] = {}
         checkpoint = None
         if action == "clip":
-            extra[for_optimizer(CLIPPED_KEY, self._optimizer)] = self._clip(
-                params, decisions, total
+            extra[for_optimizer(CLIPPED_KEY, self._optimizer)] = clip_by_decisions(
+                params, decisions, total, self.spec
             )
         elif action in ("skip", "halt"):
             if action == "halt":
                 checkpoint = save_halt_checkpoint(trainer, self._halt_dir, measurement.step)
             self._actions.skip(trainer, optimizer, params)
-        self._record(trainer, decisions, measurement, agreement, action, checkpoint)
+        self._record(trainer, decisions, verdict, action, checkpoint)
         return extra
 
-    def _clip(self, params: NamedParams, decisions: list[Decision], total: float) -> float:
-        """Clip by the tightest acting target per mode; the total norm after it."""
-        acting = [d for d in decisions if d.action == "clip" and d.clip_to is not None]
-        by_norm = [d.clip_to for d in acting if d.rule.clip_mode == "norm"]
-        by_value = [d.clip_to for d in acting if d.rule.clip_mode == "value"]
-        return clip_gradients(
-            params,
-            by_norm=min(by_norm, default=None),  # type: ignore[type-var]
-            by_value=min(by_value, default=None),  # type: ignore[type-var]
-            total=total,
-            measure_total=lambda: self._total_norm(params),
-        )
-
-    def _total_norm(self, params: NamedParams) -> float:
-        """The total norm of the gradients as they are now (combined across ranks)."""
-        named_grads = [(name, p.grad) for name, p in params if p.grad is not None]
-        return measure_params(named_grads, self.spec, step=-1).total_norm  # type: ignore[arg-type]
+    def skip_from_list(
+        self,
+        trainer: pl.Trainer,
+        optimizer: Optimizer,
+        params: NamedParams,
+        replay: tuple[LocalEvidence, Sequence[Optional[str]], StepMatch, str],
+    ) -> Alert:
+        """Skip this step's update because the skip list names its batch (``replay``: this
+        rank's evidence, every rank's fingerprints, the match and the list's path); recorded."""
+        self._actions.skip(trainer, optimizer, params)
+        return self.incidents.record_replay(trainer, *replay)
 
     def _record(
         self,
         trainer: pl.Trainer,
         decisions: list[Decision],
-        measurement: GradientMeasurement,
-        agreement: Agreement,
+        verdict: Verdict,
         action: Optional[str],
         checkpoint: Optional[str],
     ) -> None:
         """One alert per decision: kept, written to the audit trail, warned about (rate-limited)."""
-        report = nonfinite_report(self.block_names, measurement)
-        scaler = scaler_enabled(trainer)
-        for decision in decisions:
-            alert = build_alert(
-                decision,
-                label=self.engine.labels[decision.check.index],
-                epoch=trainer.current_epoch,
-                rank=trainer.global_rank,
-                block_names=self.block_names,
-                report=report,
-                scaler=scaler,
-                step_action=action,
-                checkpoint=checkpoint,
-                peer_value=agreement.peer_values.get(decision.check.index, math.nan),
-            )
-            self.alerts.append(alert)
-            if self._sink is not None:
-                self._sink.write(alert)
+        alerts = self.incidents.record(
+            trainer,
+            decisions,
+            verdict,
+            action=action,
+            checkpoint=checkpoint,
+            labels=self.engine.labels,
+            block_names=self.block_names,
+        )
+        for decision, alert in zip(decisions, alerts):
             if decision.action == "halt":
                 rank_zero_warn(alert.message)
                 trainer.should_stop = True

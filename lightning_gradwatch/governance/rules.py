@@ -28,6 +28,7 @@ from lightning_gradwatch.validation import (
     check_int_at_least,
     check_open_unit,
     check_optional_number,
+    check_type,
 )
 
 __all__ = [
@@ -108,6 +109,11 @@ class Rule:
             ``metric``, then ``<metric>#2``, ... for further unnamed rules on the same metric).
         ema: weight of the old mean in exponential moving averages, in (0, 1), used instead of a
             window (default ``None``: a window; ZClip uses 0.97).
+        rerun: on a trip, re-execute the step's forward and backward on every rank from the RNG
+            state of the batch's start, into temporary buffers, before acting, and record whether
+            the figures came back the same (``"reproducible"``: the data or the model state) or
+            not (``"transient"``: hardware or non-determinism) in the alert's ``rerun`` (default
+            ``False``; see docs/forensics.md for what it costs and where it is unavailable).
 
     Example::
 
@@ -133,6 +139,7 @@ class Rule:
     clip_mode: str = "norm"
     name: Optional[str] = None
     ema: Optional[float] = None
+    rerun: bool = False
 
     def __post_init__(self) -> None:
         _check_metric(self.metric)
@@ -150,6 +157,7 @@ class Rule:
         self.max = check_optional_number(self.max, "max")
         self.zscore = check_optional_number(self.zscore, "zscore")
         self.clip_to = check_optional_number(self.clip_to, "clip_to")
+        self.rerun = check_type(self.rerun, bool, "rerun")
         if self.ema is not None:
             self.ema = check_open_unit(self.ema, "ema")
             if self.window is not None:
