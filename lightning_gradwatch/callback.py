@@ -19,6 +19,7 @@ from lightning_gradwatch.governance.enforcer import RuleEnforcer
 from lightning_gradwatch.keys import DEFAULT_EPS
 from lightning_gradwatch.lightning.context import FitContext, build_fit_context, require_a_logger
 from lightning_gradwatch.lightning.diagnosis import RunDiagnosis
+from lightning_gradwatch.lightning.forensics import StepForensics
 from lightning_gradwatch.lightning.noise_monitor import NoiseScaleMonitor
 from lightning_gradwatch.lightning.outcome import WatchOutcome
 from lightning_gradwatch.lightning.sinks import log_step
@@ -86,6 +87,10 @@ class GradientFlowCallback(WatchOutcome, Callback):
             a local spool copied to the URL at checkpoints and at the end.
         noise_scale: estimate the gradient noise scale on measured steps (default ``False``: one
             more norm pass, and one tiny all-reduce under DDP; see docs/noise-scale.md).
+        skip_batches: skip the optimizer step of the batches a skip list names (matched by
+            fingerprint, see docs/forensics.md): its path or URL, or ``"auto"``: when resuming,
+            the ``gradwatch_skipped_batches.json`` that ``skip``/``halt`` decisions wrote beside
+            the alert trail (default ``None``: none).
 
     Example::
 
@@ -116,6 +121,7 @@ class GradientFlowCallback(WatchOutcome, Callback):
         check_every_n_steps: int = 1,
         alerts_path: Optional[Union[str, os.PathLike[str]]] = None,
         noise_scale: bool = False,
+        skip_batches: Optional[Union[str, os.PathLike[str]]] = None,
     ) -> None:
         super().__init__()
         self.blocks = validate_blocks_spec(blocks)
@@ -151,6 +157,7 @@ class GradientFlowCallback(WatchOutcome, Callback):
         self._diagnosis = RunDiagnosis()
         self.noise_scale = check_type(noise_scale, bool, "noise_scale")
         self._noise = NoiseScaleMonitor(self.noise_scale)
+        self._forensics = StepForensics(skip_batches, self._enforcer)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -189,7 +196,9 @@ class GradientFlowCallback(WatchOutcome, Callback):
             fit.spec,
             alerts_path=fit.files.alerts_path,
             halt_dir=fit.files.halt_dir,
+            skip_list_path=fit.files.skip_list_path,
         )
+        self._forensics.start(trainer, pl_module, fit, self.rules)
         self._diagnosis.start(trainer, pl_module, fit.blocks, fit.spec, self.rules, fit.files)
         self._noise.start(trainer, pl_module, fit.plan)
         rank_zero_info(
@@ -239,6 +248,7 @@ class GradientFlowCallback(WatchOutcome, Callback):
             step, trainer.current_epoch, self.log_every_n_steps
         )
         self._noise.on_batch_start(trainer, batch, measured)
+        self._forensics.batch_start(trainer, batch, batch_idx)  # a reference, no copy
         if fit is None or self._probe is None or not measured:
             return
         # First micro-batch of a measured step: start from zero. Later micro-batches of the same
@@ -273,8 +283,13 @@ class GradientFlowCallback(WatchOutcome, Callback):
         measurement = self._measure(trainer, k)
         steps.stepped(k, trainer.global_step)
         # Rules see the pre-clip figures; they may clip, drop the gradients or stop training.
-        verdict = self._enforcer.decide(trainer, pl_module, k, steps.names[k], params, measurement)
+        evidence = self._forensics.evidence(trainer, steps.block_names[k])
+        verdict = self._enforcer.decide(
+            trainer, pl_module, k, steps.names[k], params, measurement, evidence
+        )
+        self._forensics.decided(trainer, pl_module, verdict, self._probe, params)
         extra = self._enforcer.act(trainer, optimizer, params, verdict)
+        self._forensics.acted(trainer, optimizer, params, self._tensorboard)
         if measurement is not None and measurement.skipped_by_scaler:
             # The AMP scaler skips this step (inf/NaN gradients) and lowers its scale: its job, not
             # a measurement. Rules have seen it; nothing is logged unless they halted training.
@@ -284,8 +299,9 @@ class GradientFlowCallback(WatchOutcome, Callback):
         if trainer.is_global_zero:
             histograms = self._probe if self.log_histograms else None
             log_step(trainer, measurement, extra, self._tensorboard, histograms, params)
-        if measurement is not None:
-            self._observe(trainer, measurement, params)
+        if measurement is not None:  # keep it, and feed the run's diagnosis
+            self.last = measurement
+            self._diagnosis.observe(trainer, measurement, params)
 
     def on_train_batch_end(
         self,
@@ -296,6 +312,7 @@ class GradientFlowCallback(WatchOutcome, Callback):
         batch_idx: int,
     ) -> None:
         self._enforcer.end_step(trainer)
+        self._forensics.batch_end()
         if self._probe is not None:
             self._probe.disarm()
 
@@ -304,6 +321,7 @@ class GradientFlowCallback(WatchOutcome, Callback):
         fit, probe = self._fit, self._probe
         if fit is None or probe is None or not probe.armed:
             return None
+        self._forensics.keep_rows(trainer, fit.steps.rows(probe.buffer, k))  # before the reduction
         measurement = fit.measure(
             probe,
             k,
@@ -316,16 +334,6 @@ class GradientFlowCallback(WatchOutcome, Callback):
             update = self._noise.update(trainer, measurement, fit.steps.params[k])
             measurement.metrics.update(update)
         return measurement
-
-    def _observe(
-        self,
-        trainer: pl.Trainer,
-        measurement: GradientMeasurement,
-        params: Sequence[tuple[str, nn.Parameter]],
-    ) -> None:
-        """Keep the measurement and feed the run's diagnosis."""
-        self.last = measurement
-        self._diagnosis.observe(trainer, measurement, params)
 
     # -- state -----------------------------------------------------------------------------------
 

@@ -251,7 +251,9 @@ class RuleEnforcer:
         if taken and agreement.extras is not None:
             names, norm_type = taken[0].block_names, self.spec.norm_type
             verdict.evidence = taken[0]
-            verdict.ranks_evidence = [unpack_evidence(v, names, norm_type) for v in agreement.extras]
+            verdict.ranks_evidence = [
+                unpack_evidence(v, names, norm_type) for v in agreement.extras
+            ]
         return verdict
 
     # -- acting ----------------------------------------------------------------------------------

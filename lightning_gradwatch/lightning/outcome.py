@@ -10,6 +10,7 @@ from lightning_gradwatch.diagnosis.first_step import FirstStepReport
 from lightning_gradwatch.governance.alerts import Alert
 from lightning_gradwatch.governance.enforcer import RuleEnforcer
 from lightning_gradwatch.lightning.diagnosis import RunDiagnosis
+from lightning_gradwatch.lightning.forensics import StepForensics
 from lightning_gradwatch.lightning.noise_monitor import NoiseScaleMonitor
 from lightning_gradwatch.measure.record import MeasurementSpec
 
@@ -28,6 +29,7 @@ class WatchOutcome:
     _enforcer: RuleEnforcer
     _diagnosis: RunDiagnosis
     _noise: NoiseScaleMonitor
+    _forensics: StepForensics
 
     @property
     def norm_type(self) -> str:
@@ -63,6 +65,7 @@ class WatchOutcome:
             "version": STATE_VERSION,
             "governance": self._enforcer.state_dict(),
             "noise_scale": self._noise.estimator.state_dict(),
+            "forensics": self._forensics.state_dict(),  # where this run's skip list goes
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -70,3 +73,4 @@ class WatchOutcome:
         # measuring grid now follows the restored global step (`on_train_start`), so it is dropped.
         self._enforcer.load_state_dict(state_dict.get("governance", {}))
         self._noise.estimator.load_state_dict(state_dict.get("noise_scale", {}))
+        self._forensics.load_state_dict(state_dict.get("forensics", {}))

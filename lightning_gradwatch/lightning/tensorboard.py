@@ -1,6 +1,6 @@
 """The one module that writes to TensorBoard: every scalar of a step in one event, histograms, the
 custom-scalars layout and the run's settings at fit start, the heatmap image on its interval and
-text (the diagnosis). Other loggers get the generic ``log_metrics`` (:mod:`.sinks`)."""
+text (the diagnosis, and each incident at its step). Other loggers get the generic ``log_metrics`` (:mod:`.sinks`)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_gradwatch._compat import summary_file_writer, tensorboard_prefixed
+from lightning_gradwatch.governance.alerts import Alert
+from lightning_gradwatch.governance.forensics import batch_text
 from lightning_gradwatch.keys import DEFAULT_EPS, HIST_BLOCK_PREFIX, HIST_PARAM_PREFIX
 from lightning_gradwatch.measure.record import GradientMeasurement, MeasurementSpec
 from lightning_gradwatch.measure.reduction import local_tensor
@@ -104,6 +106,24 @@ class FlowHistory:
 HEATMAP_TAG = "gradwatch/flow_heatmap"
 #: Tag of the run's measuring settings (JSON text; TensorBoard stores it as ``<tag>/text_summary``).
 CONFIG_TAG = "gradwatch/config"
+#: Tag of the incidents (one TEXT entry per alert, at its step).
+INCIDENT_TAG = "gradwatch/incidents"
+
+
+def incident_markdown(alert: Alert) -> str:
+    """One alert as TensorBoard TEXT (markdown): what happened, the batch, the rank, the rerun."""
+    rerun = alert.rerun or {}
+    rows = [
+        ("rule", alert.rule),
+        ("action", alert.action),
+        ("batch", batch_text(alert.epoch, alert.batch_idx)),
+        ("rank", alert.rank if alert.origin_rank is None else alert.origin_rank),
+        ("fingerprints", ", ".join(str(f) for f in alert.fingerprints) or "n/a"),
+        ("rerun", rerun.get("verdict", "not asked")),
+        ("skip list", alert.skip_list or "n/a"),
+    ]
+    table = "\n".join(f"| {key} | {value} |" for key, value in rows)
+    return f"**step {alert.step}**\n\n| | |\n|---|---|\n{table}\n\n{alert.message}"
 
 
 def run_config(spec: MeasurementSpec, block_names: Sequence[str]) -> dict[str, Any]:
@@ -172,6 +192,12 @@ class TensorBoardWriter:
             writer.add_custom_scalars(layout)
             if config is not None:
                 writer.add_text(CONFIG_TAG, config, 0)
+
+    def incidents(self, alerts: Sequence[Alert]) -> None:
+        """Each alert as TEXT at its step (:data:`INCIDENT_TAG`); flushed with the rest."""
+        for writer in self._writers:
+            for alert in alerts:
+                writer.add_text(INCIDENT_TAG, incident_markdown(alert), alert.step)
 
     def update(self, measurement: GradientMeasurement) -> None:
         """Record one measured step; log the heatmap when it is due (never without blocks)."""
