@@ -167,7 +167,9 @@ class PoisonNet(FaultNet):
         epoch = lambda: self.trainer.current_epoch  # noqa: E731
         data = EpochData(self.n_samples, self.batch_size, poison, seed=rank, epoch=epoch)
         generator = torch.Generator().manual_seed(1234) if self.shuffle else None
-        return DataLoader(data, batch_size=self.batch_size, shuffle=self.shuffle, generator=generator)
+        return DataLoader(
+            data, batch_size=self.batch_size, shuffle=self.shuffle, generator=generator
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         out = super().forward(x)
@@ -208,8 +210,11 @@ class RankFault(Callback):
             grad[0, 0] = float("inf")
 
 
-def ddp_trainer(out_dir: str, callbacks: list[Callback], max_steps: int) -> pl.Trainer:
-    """A 2-process CPU DDP Trainer (gloo) logging to CSV under ``out_dir``."""
+def ddp_trainer(
+    out_dir: str, callbacks: list[Callback], max_steps: int, **options: Any
+) -> pl.Trainer:
+    """A 2-process CPU DDP Trainer (gloo) logging to CSV under ``out_dir`` (``options``: more
+    Trainer arguments)."""
     from lightning.pytorch.loggers import CSVLogger
 
     return pl.Trainer(
@@ -223,6 +228,7 @@ def ddp_trainer(out_dir: str, callbacks: list[Callback], max_steps: int) -> pl.T
         enable_model_summary=False,
         enable_checkpointing=False,
         default_root_dir=out_dir,
+        **options,
     )
 
 

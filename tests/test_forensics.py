@@ -186,7 +186,7 @@ def test_skip_batches_and_rerun_are_checked_at_construction(tmp_path: Path) -> N
         GradientFlowCallback(skip_batches=3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="skip_batches"):
         GradientFlowCallback(skip_batches="")
-    with pytest.raises(ValueError, match="skip_batches.*no such file"):
+    with pytest.raises(ValueError, match=r"skip_batches.*no such file"):
         GradientFlowCallback(skip_batches=str(tmp_path / "missing.json"))
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
@@ -194,7 +194,7 @@ def test_skip_batches_and_rerun_are_checked_at_construction(tmp_path: Path) -> N
         GradientFlowCallback(skip_batches=broken)
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps([{"epoch": 0}]))
-    with pytest.raises(ValueError, match="skip_batches.*entry 0"):
+    with pytest.raises(ValueError, match=r"skip_batches.*entry 0"):
         GradientFlowCallback(skip_batches=wrong)
     held = tmp_path / "held.json"
     held.write_text(json.dumps({"batches": [{"epoch": 0, "batch_idx": 3, "fingerprints": None}]}))
