@@ -14,14 +14,16 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from expected_warnings import NEW_CHECKPOINT_DIR, RULE_TRIPS, WIRING_REPORT
-from faults import EpochData, PoisonNet, same_weights, snapshot
+from faults import EpochData, PoisonNet, fit_csv, same_weights, snapshot
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_gradwatch import GradientFlowCallback, Rule
 from lightning_gradwatch.governance.fingerprints import fingerprint
 from lightning_gradwatch.governance.skip_list import SKIP_LIST_FILENAME
 from lightning_gradwatch.governance.trail import read_alerts
+from lightning_gradwatch.report.cli import main
 
 pytestmark = [
     RULE_TRIPS,
@@ -215,3 +217,45 @@ def test_fingerprints_hash_content_in_structures() -> None:
     assert fingerprint([x, y])[0] != fingerprint((x, y))[0]
     _, skipped = fingerprint({"x": x, "handle": object()})
     assert skipped == ["object"]
+
+
+def test_report_and_tensorboard_show_the_incident(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    torch.manual_seed(0)
+    model = PoisonNet(poison=(POISON,), n_samples=SAMPLES, batch_size=BATCH)
+    callback = GradientFlowCallback(log_every_n_steps=2, rules=[bad_batch_rule(rerun=True)])
+    logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
+    fit_csv(tmp_path, model, [callback], logger=logger, max_steps=12)
+    folder = Path(logger.log_dir)
+    listed = str(folder / SKIP_LIST_FILENAME)
+    (alert,) = callback.alerts
+
+    assert main(["report", str(folder), "--format", "json"]) == 0
+    (run_report,) = json.loads(capsys.readouterr().out)["runs"]
+    (row,) = run_report["incidents"]
+    assert {k: row[k] for k in ("step", "rule", "action", "epoch", "batch_idx", "rank")} == {
+        "step": STEP,
+        "rule": "bad_batch",
+        "action": "skip",
+        "epoch": 1,
+        "batch_idx": 2,
+        "rank": 0,
+    }
+    assert row["verdict"] == "reproducible" and row["fingerprints"] == alert.fingerprints
+    assert run_report["skip_list"] == listed
+    out = tmp_path / "report"
+    assert main(["report", str(folder), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"Incidents (skip list: {listed}):" in text
+    line = f"step {STEP}: SKIP rule=bad_batch batch (epoch 1, batch 2) rank 0 rerun=reproducible"
+    assert line in text
+    page = (out / "report.html").read_text()
+    assert '<section class="incidents">' in page and "epoch 1, batch 2" in page
+    # TensorBoard's TEXT tab holds the incident at its step.
+    events = EventAccumulator(str(folder), size_guidance={"tensors": 0}).Reload()
+    (event,) = events.Tensors("gradwatch/incidents/text_summary")
+    markdown = event.tensor_proto.string_val[0].decode()
+    assert event.step == STEP
+    assert "| batch | epoch 1, batch 2 |" in markdown and "| rerun | reproducible |" in markdown
+    assert alert.message in markdown

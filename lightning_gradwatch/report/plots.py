@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from lightning_gradwatch.report.incidents import incidents_html
 from lightning_gradwatch.report.pictures import import_matplotlib, render_flow_heatmap
 from lightning_gradwatch.report.reader import NORM_PREFIX, TOTAL_NORM_TAG, RunLog
 from lightning_gradwatch.report.summary import RunReport
@@ -78,9 +79,10 @@ def write_html(
             if report.diagnosis is not None
             else ""
         )
+        incidents = incidents_html(report.incidents, report.skip_list)
         columns.append(
-            f'<section class="run"><h2>{html.escape(report.name)}</h2>\n{diagnosis}{images}\n'
-            f"<pre>{html.escape(format_text(report, diagnosis=False))}</pre></section>"
+            f'<section class="run"><h2>{html.escape(report.name)}</h2>\n{diagnosis}{incidents}'
+            f"{images}\n<pre>{html.escape(format_text(report, diagnosis=False))}</pre></section>"
         )
     compare = f"<pre>{html.escape(comparison)}</pre>" if comparison else ""
     page = f"""<!DOCTYPE html>
@@ -92,6 +94,8 @@ body {{ font-family: sans-serif; margin: 1em; }}
 img {{ max-width: 100%; }}
 pre {{ font-size: 11px; background: #f6f6f6; padding: 0.5em; overflow-x: auto; }}
 .diagnosis pre {{ background: #fff6e0; white-space: pre-wrap; }}
+.incidents table {{ border-collapse: collapse; font-size: 11px; }}
+.incidents td, .incidents th {{ border: 1px solid #ccc; padding: 2px 6px; }}
 </style></head>
 <body><h1>gradwatch report</h1>
 {compare}
