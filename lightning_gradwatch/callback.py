@@ -227,6 +227,12 @@ class GradientFlowCallback(WatchOutcome, Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         self._enforcer.upload_trail()  # the trail as far as this checkpoint
+        self._forensics.save_to(checkpoint)  # where this run lists skipped batches ("auto")
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._forensics.load_from(checkpoint)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._diagnosis.finish(trainer)  # findings to TensorBoard's TEXT tab, facts file
@@ -282,12 +288,9 @@ class GradientFlowCallback(WatchOutcome, Callback):
         params = steps.params[k]
         measurement = self._measure(trainer, k)
         steps.stepped(k, trainer.global_step)
-        # Rules see the pre-clip figures; they may clip, drop the gradients or stop training.
-        evidence = self._forensics.evidence(trainer, steps.block_names[k])
-        verdict = self._enforcer.decide(
-            trainer, pl_module, k, steps.names[k], params, measurement, evidence
-        )
-        self._forensics.decided(trainer, pl_module, verdict, self._probe, params)
+        # Rules see the pre-clip figures (a trip names its batch and rank, and may be rerun); they
+        # may clip, drop the gradients or stop training.
+        verdict = self._forensics.decide(trainer, pl_module, k, measurement, self._probe)
         extra = self._enforcer.act(trainer, optimizer, params, verdict)
         self._forensics.acted(trainer, optimizer, params, self._tensorboard)
         if measurement is not None and measurement.skipped_by_scaler:
@@ -334,14 +337,3 @@ class GradientFlowCallback(WatchOutcome, Callback):
             update = self._noise.update(trainer, measurement, fit.steps.params[k])
             measurement.metrics.update(update)
         return measurement
-
-    # -- state -----------------------------------------------------------------------------------
-
-    @property
-    def state_key(self) -> str:
-        # Unique per configuration, so several instances (e.g. one per norm type) can share a
-        # Trainer and a checkpoint.
-        blocks = self.blocks if isinstance(self.blocks, (str, list)) else "callable"
-        return self._generate_state_key(
-            blocks=blocks, norm_type=self.spec.norm_type, log_every_n_steps=self.log_every_n_steps
-        )

@@ -24,9 +24,13 @@ from lightning_gradwatch.lightning.rerun import StepRerun, first_execution
 from lightning_gradwatch.lightning.skip_replay import SkipReplay, check_skip_batches
 from lightning_gradwatch.lightning.tensorboard import TensorBoardWriter
 from lightning_gradwatch.measure.probe import GradientProbe
+from lightning_gradwatch.measure.record import GradientMeasurement
 from lightning_gradwatch.numerics.norms import NormType
 
-__all__ = ["StepForensics"]
+__all__ = ["CHECKPOINT_KEY", "StepForensics"]
+
+#: The checkpoint key naming the skip list of the run that saved it.
+CHECKPOINT_KEY = "gradwatch_skip_list"
 
 
 class StepForensics:
@@ -52,6 +56,7 @@ class StepForensics:
         self.restored_skip_list: Optional[str] = None
         self._blocks: list[tuple[str, nn.Module]] = []
         self._rows: Optional[Tensor] = None
+        self._fit: Optional[FitContext] = None
         self._rows_step = -1
 
     def start(
@@ -66,6 +71,7 @@ class StepForensics:
         reruns = any(rule.rerun for rule in rules)
         self.active = bool(rules) or self.skip_batches is not None
         self.norm_type = fit.spec.norm_type
+        self._fit = fit
         self._blocks = list(fit.blocks)
         self.batches.start(trainer, keep_rng=reruns)
         if reruns:
@@ -104,7 +110,30 @@ class StepForensics:
 
         return take
 
-    def decided(
+    def decide(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        k: int,
+        measurement: Optional[GradientMeasurement],
+        probe: Optional[GradientProbe],
+    ) -> Verdict:
+        """Optimizer ``k``'s step: the enforcer's verdict (with this rank's evidence when a rule
+        tripped), then, before anything acts, the rerun a tripped rule asks for (every rank takes
+        the same decisions, so every rank reruns)."""
+        assert self._fit is not None
+        steps = self._fit.steps
+        evidence = self.evidence(trainer, steps.block_names[k])
+        params = steps.params[k]
+        verdict = self.enforcer.decide(
+            trainer, pl_module, k, steps.names[k], params, measurement, evidence
+        )
+        self.batches.stepped()
+        if verdict.wants_rerun:
+            self._rerun(trainer, pl_module, verdict, probe, params)
+        return verdict
+
+    def _rerun(
         self,
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
@@ -112,11 +141,7 @@ class StepForensics:
         probe: Optional[GradientProbe],
         params: Sequence[tuple[str, nn.Parameter]],
     ) -> None:
-        """After deciding, before acting: rerun the step if a tripped rule asks for it (every
-        rank takes the same decisions, so every rank reruns)."""
-        self.batches.stepped()
-        if not verdict.wants_rerun:
-            return
+        """Rerun the step and keep the record in ``verdict.rerun``."""
         rank = trainer.global_rank
         mine = verdict.ranks_evidence[rank] if rank < len(verdict.ranks_evidence) else None
         measurement = verdict.measurement
@@ -146,9 +171,12 @@ class StepForensics:
     def batch_end(self) -> None:
         self.batches.batch_end()
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"skip_list": self.skip_list_path}
+    def save_to(self, checkpoint: dict[str, Any]) -> None:
+        """Name this run's skip list in a checkpoint (beside the callback's state, which stays
+        free of paths), so ``skip_batches="auto"`` finds it when a run resumes from it."""
+        if self.skip_list_path:
+            checkpoint[CHECKPOINT_KEY] = self.skip_list_path
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        path = state.get("skip_list")
+    def load_from(self, checkpoint: dict[str, Any]) -> None:
+        path = checkpoint.get(CHECKPOINT_KEY)
         self.restored_skip_list = path if isinstance(path, str) and path else None

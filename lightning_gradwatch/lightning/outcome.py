@@ -10,7 +10,6 @@ from lightning_gradwatch.diagnosis.first_step import FirstStepReport
 from lightning_gradwatch.governance.alerts import Alert
 from lightning_gradwatch.governance.enforcer import RuleEnforcer
 from lightning_gradwatch.lightning.diagnosis import RunDiagnosis
-from lightning_gradwatch.lightning.forensics import StepForensics
 from lightning_gradwatch.lightning.noise_monitor import NoiseScaleMonitor
 from lightning_gradwatch.measure.record import MeasurementSpec
 
@@ -26,10 +25,11 @@ class WatchOutcome:
     attributes in its ``__init__``)."""
 
     spec: MeasurementSpec
+    blocks: Any
+    log_every_n_steps: int
     _enforcer: RuleEnforcer
     _diagnosis: RunDiagnosis
     _noise: NoiseScaleMonitor
-    _forensics: StepForensics
 
     @property
     def norm_type(self) -> str:
@@ -60,12 +60,20 @@ class WatchOutcome:
         measured step."""
         return self._diagnosis.first_step_report
 
+    @property
+    def state_key(self) -> str:
+        # Unique per configuration, so several instances (e.g. one per norm type) can share a
+        # Trainer and a checkpoint.
+        blocks = self.blocks if isinstance(self.blocks, (str, list)) else "callable"
+        return self._generate_state_key(  # type: ignore[attr-defined]  # Callback's
+            blocks=blocks, norm_type=self.spec.norm_type, log_every_n_steps=self.log_every_n_steps
+        )
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
             "governance": self._enforcer.state_dict(),
             "noise_scale": self._noise.estimator.state_dict(),
-            "forensics": self._forensics.state_dict(),  # where this run's skip list goes
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -73,4 +81,3 @@ class WatchOutcome:
         # measuring grid now follows the restored global step (`on_train_start`), so it is dropped.
         self._enforcer.load_state_dict(state_dict.get("governance", {}))
         self._noise.estimator.load_state_dict(state_dict.get("noise_scale", {}))
-        self._forensics.load_state_dict(state_dict.get("forensics", {}))
