@@ -37,19 +37,17 @@ def agree(
     something tripped somewhere, one ``all_gather`` of a (rules x 2) vector. Every rank calls the
     same collectives in the same order.
 
-    ``extra`` (called on every rank, and only when something tripped somewhere) gives a float64
-    vector of the same length on every rank, e.g. the forensic evidence of
-    :mod:`~lightning_gradwatch.governance.forensics`: it rides in the same ``all_gather``.
+    With several ranks, ``extra`` (called on every rank, and only when something tripped
+    somewhere) gives a float64 vector of the same length on every rank, e.g. the forensic evidence
+    of :mod:`~lightning_gradwatch.governance.forensics`: it rides in the same ``all_gather``. In one
+    process there is nothing to gather and it is not called.
     """
     local = [check.tripped for check in checks]
     rank = trainer.global_rank
     anywhere = trainer.strategy.reduce_boolean_decision(any(local), all=False)
-    if not anywhere:
+    if trainer.world_size <= 1 or not anywhere:
         return Agreement(local, [[rank] if t else [] for t in local])
     payload = extra() if extra is not None else None
-    if trainer.world_size <= 1:
-        extras = None if payload is None else [payload.tolist()]
-        return Agreement(local, [[rank] if t else [] for t in local], extras=extras)
     device = trainer.strategy.root_device
     row = torch.zeros(num_rules, 2, dtype=torch.float64, device=device)
     for check in checks:

@@ -24,7 +24,7 @@ from lightning_gradwatch.governance.actions import (
 from lightning_gradwatch.governance.agreement import agree
 from lightning_gradwatch.governance.alerts import Alert
 from lightning_gradwatch.governance.engine import Decision, RuleEngine, strongest
-from lightning_gradwatch.governance.forensics import LocalEvidence, pack_evidence, unpack_evidence
+from lightning_gradwatch.governance.evidence import EvidenceRound, LocalEvidence
 from lightning_gradwatch.governance.incidents import IncidentRecorder
 from lightning_gradwatch.governance.intervals import IntervalAggregates, governance_keys
 from lightning_gradwatch.governance.notices import StaleGradientWatch, warn_unmatched
@@ -231,15 +231,12 @@ class RuleEnforcer:
         if measured and not self._matches_checked:
             self._matches_checked = True
             warn_unmatched(self.engine, checks, self.block_names, measurement.step)
-        taken: list[LocalEvidence] = []
-
-        def extra() -> Tensor:
-            local = evidence()  # type: ignore[misc]
-            local.loss = self._loss.local(trainer)
-            taken.append(local)
-            return pack_evidence(local, trainer.strategy.root_device)
-
-        agreement = agree(trainer, checks, len(self.engine), extra if evidence else None)
+        round_ = (
+            EvidenceRound(evidence, lambda: self._loss.local(trainer), trainer)
+            if evidence
+            else None
+        )
+        agreement = agree(trainer, checks, len(self.engine), round_.payload if round_ else None)
         decisions = self.engine.commit(
             checks,
             agreement.tripped,
@@ -248,12 +245,10 @@ class RuleEnforcer:
             ranks=agreement.ranks,
         )
         verdict = Verdict(measurement, measured, checks, agreement, decisions)
-        if taken and agreement.extras is not None:
-            names, norm_type = taken[0].block_names, self.spec.norm_type
-            verdict.evidence = taken[0]
-            verdict.ranks_evidence = [
-                unpack_evidence(v, names, norm_type) for v in agreement.extras
-            ]
+        if round_ is not None and any(agreement.tripped):
+            verdict.evidence, verdict.ranks_evidence = round_.settle(
+                agreement.extras, measurement, measured, self.spec.norm_type
+            )
         return verdict
 
     # -- acting ----------------------------------------------------------------------------------

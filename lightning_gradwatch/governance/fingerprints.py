@@ -19,6 +19,7 @@ any process, on any machine, in any run.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 from collections.abc import Mapping
@@ -96,9 +97,13 @@ def _feed_tensor(hasher: Any, tensor: Tensor, skipped: list[str]) -> None:
     if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_meta:
         skipped.append(f"Tensor({tensor.layout}, {tensor.dtype}, {tensor.device.type})")
         return
-    flat = tensor.resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
-    raw = flat.view(torch.uint8).numpy() if flat.numel() else np.zeros(0, dtype=np.uint8)
-    _feed_bytes(hasher, f"tensor:{tensor.dtype}:{tuple(tensor.shape)}", raw)
+    flat = tensor.resolve_conj().resolve_neg()
+    if flat.device.type != "cpu":
+        flat = flat.cpu()  # the one device-to-host copy (only when a fingerprint is asked for)
+    flat = flat.contiguous().reshape(-1)
+    _tag(hasher, f"tensor:{tensor.dtype}:{tuple(tensor.shape)}")
+    # The bytes of host memory as they are: no numpy round trip (bfloat16 and float8 have none).
+    hasher.update(ctypes.string_at(flat.data_ptr(), flat.numel() * flat.element_size()))
 
 
 def _feed_bytes(hasher: Any, tag: str, array: np.ndarray) -> None:

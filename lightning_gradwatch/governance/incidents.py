@@ -14,12 +14,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning_gradwatch._compat import scaler_enabled
 from lightning_gradwatch.governance.alerts import Alert, build_alert
 from lightning_gradwatch.governance.engine import Decision
-from lightning_gradwatch.governance.forensics import (
-    LocalEvidence,
-    batch_text,
-    incident_fields,
-    rerun_text,
-)
+from lightning_gradwatch.governance.evidence import LocalEvidence
+from lightning_gradwatch.governance.forensics import batch_text, incident_fields, rerun_text
 from lightning_gradwatch.governance.readings import nonfinite_report
 from lightning_gradwatch.governance.skip_list import SkipEntry, SkipListFile, StepMatch
 from lightning_gradwatch.governance.trail import JsonlAlertSink

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from lightning_gradwatch.governance.agreement import Agreement
 from lightning_gradwatch.governance.engine import Check, Decision
-from lightning_gradwatch.governance.forensics import LocalEvidence, RankEvidence
+from lightning_gradwatch.governance.evidence import LocalEvidence, RankEvidence
 from lightning_gradwatch.measure.record import GradientMeasurement
 
 __all__ = ["Verdict"]

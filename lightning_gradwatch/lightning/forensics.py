@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 
 from lightning_gradwatch._compat import loss_scale
 from lightning_gradwatch.governance.enforcer import RuleEnforcer
-from lightning_gradwatch.governance.forensics import LocalEvidence
+from lightning_gradwatch.governance.evidence import LocalEvidence
 from lightning_gradwatch.governance.rules import Rule
 from lightning_gradwatch.governance.verdict import Verdict
 from lightning_gradwatch.lightning.batches import StepBatches

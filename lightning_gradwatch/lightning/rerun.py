@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from lightning_gradwatch._compat import loss_scale
-from lightning_gradwatch.governance.forensics import RankEvidence, unpack_evidence
+from lightning_gradwatch.governance.evidence import RankEvidence, unpack_evidence
 from lightning_gradwatch.lightning.batches import StepBatches
 from lightning_gradwatch.lightning.rerun_exec import execute_again
 from lightning_gradwatch.measure.probe import GradientProbe

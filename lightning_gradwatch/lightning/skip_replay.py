@@ -22,8 +22,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from lightning_gradwatch.governance.evidence import LocalEvidence
 from lightning_gradwatch.governance.fingerprints import digest_from_halves, digest_halves
-from lightning_gradwatch.governance.forensics import LocalEvidence
 from lightning_gradwatch.governance.skip_list import (
     SkipEntry,
     StepMatch,
