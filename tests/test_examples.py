@@ -120,3 +120,18 @@ def test_ex08_gan(tmp_path: Path) -> None:
     }
     assert all(step % 2 == 1 for step in steps["grad_norm/gen.0"])  # the generator's steps
     assert all(step % 2 == 0 for step in steps["grad_norm/disc.0"])
+
+
+def test_ex09_forensics(tmp_path: Path) -> None:
+    out = _run("ex09_forensics.py", tmp_path)
+    lines = [x for x in out.splitlines() if x.startswith("[ex09] step")]
+    assert len(lines) == 3, out
+    assert "batch 2," in lines[0] and lines[0].endswith("rerun transient")  # the flaky device
+    assert "epoch 0, batch 5," in lines[1] and lines[1].endswith("rerun reproducible")
+    assert "epoch 1, batch 5," in lines[2] and lines[2].endswith("rerun reproducible")
+    # The bad batch has one fingerprint in both epochs.
+    assert lines[1].split("fingerprint ")[1][:16] == lines[2].split("fingerprint ")[1][:16]
+    assert "skipped from list" in out
+    assert "[ex09] the resumed run ends with the first run's weights: True" in out
+    assert "Incidents (skip list:" in out
+    assert (tmp_path / "ex09_forensics" / "report" / "report.html").is_file()

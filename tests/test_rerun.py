@@ -1,6 +1,7 @@
 """Rerun attribution (``Rule(..., rerun=True)``) in one process: a batch with out-of-range targets
 trips the rule again when rerun (``reproducible``, with the loss an independent forward gives); an
-output corrupted in the first execution only does not (``transient``, naming the rank); the step's
+output corrupted in the first execution only does not (``transient``, naming the rank, and its
+batch is not put on the skip list); the step's
 gradients, the final weights and BatchNorm's running statistics are bit-identical with and without
 ``rerun=True``, whether the rule trips or not (Dropout draws the same masks); manual optimization
 says the rerun is unavailable, and why."""
@@ -19,6 +20,7 @@ from reference import ref_norm
 from torch import Tensor, nn
 
 from lightning_gradwatch import GradientFlowCallback, Rule
+from lightning_gradwatch.governance.skip_list import SKIP_LIST_FILENAME
 from lightning_gradwatch.lightning.rerun import RTOL
 
 pytestmark = [RULE_TRIPS, WIRING_REPORT]
@@ -86,6 +88,10 @@ def test_a_fault_in_the_first_execution_only_is_transient(tmp_path: Path) -> Non
     assert alert.rerun["rerun"]["loss"] == [pytest.approx(clean, rel=1e-6)]
     assert alert.rerun["first"]["loss"][0] > 1000 * clean  # the corrupted output's loss
     assert "rerun: transient on rank 0" in alert.message
+    # The data is not to blame: the skip still applied, but the batch is not listed for replay.
+    assert same_weights(model.weights[4], model.weights[3])
+    assert alert.skip_list is None and "not added to the skip list" in alert.message
+    assert not list(tmp_path.rglob(SKIP_LIST_FILENAME))
 
 
 class NormBlock(nn.Module):

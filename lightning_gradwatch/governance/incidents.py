@@ -1,7 +1,8 @@
 """Recording what governance did: one :class:`~lightning_gradwatch.governance.alerts.Alert` per
 decision, with its forensic fields (the batch, the rank it came from, the rerun's verdict), kept,
 written to the JSONL audit trail (rank 0), and, for a step whose update was dropped, the batch
-added to the skip list beside the trail (:mod:`~lightning_gradwatch.governance.skip_list`)."""
+added to the skip list beside the trail (:mod:`~lightning_gradwatch.governance.skip_list`), unless
+a rerun found the trip transient (the data is then not to blame)."""
 
 from __future__ import annotations
 
@@ -71,8 +72,10 @@ class IncidentRecorder:
         alerts = []
         for decision in decisions:
             fields, notes = _forensics(decision, verdict)
-            if listed is not None and decision.action in _LISTED_ACTIONS:
+            if decision.action in _LISTED_ACTIONS and listed is not None:
                 fields["skip_list"] = listed
+            elif decision.action in _LISTED_ACTIONS and _transient(verdict):
+                notes.append("the batch is not added to the skip list (the rerun did not trip)")
             alert = build_alert(
                 decision,
                 label=labels[decision.check.index],
@@ -151,8 +154,8 @@ class IncidentRecorder:
         evidence = verdict.evidence
         if action not in _LISTED_ACTIONS or not acting or evidence is None:
             return None
-        if self.skip_list_path is None or evidence.batch_idx is None:
-            return None
+        if self.skip_list_path is None or evidence.batch_idx is None or _transient(verdict):
+            return None  # a transient trip is not the batch's fault: a replay would skip good data
         entry = SkipEntry(
             epoch=evidence.epoch,
             batch_idx=evidence.batch_idx,
@@ -185,6 +188,10 @@ def _forensics(decision: Decision, verdict: Verdict) -> tuple[dict[str, Any], li
         fields["rerun"] = verdict.rerun
         notes.append(rerun_text(verdict.rerun))
     return fields, notes
+
+
+def _transient(verdict: Verdict) -> bool:
+    return verdict.rerun is not None and verdict.rerun.get("verdict") == "transient"
 
 
 def _peer_value(verdict: Verdict, decision: Decision) -> float:

@@ -206,6 +206,6 @@ class SkipListFile:
         if any(entry.same_batch(known) for known in self._entries):
             return False
         self._entries.append(entry)
-        text = json.dumps([e.to_dict() for e in self._entries], indent=1)
-        write_text(self.path, text + "\n")
+        lines = ",\n".join(" " + json.dumps(e.to_dict()) for e in self._entries)
+        write_text(self.path, f"[\n{lines}\n]\n")  # one entry per line: easy to read and edit
         return True
