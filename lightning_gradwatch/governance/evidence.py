@@ -27,6 +27,7 @@ __all__ = [
     "EvidenceRound",
     "LocalEvidence",
     "RankEvidence",
+    "block_figures",
     "pack_evidence",
     "unpack_evidence",
 ]
@@ -105,27 +106,34 @@ def unpack_evidence(
 ) -> RankEvidence:
     """One rank's :class:`RankEvidence` from its packed floats."""
     has, high, low, loss, scale = values[:_HEAD]
-    digest = digest_from_halves(high, low) if has == 1.0 else None
+    norms, grad_norm = block_figures(values[_HEAD:], block_names, norm_type, scale)
+    return RankEvidence(
+        fingerprint=digest_from_halves(high, low) if has == 1.0 else None,
+        loss=None if math.isnan(loss) else loss,
+        block_norms=norms,
+        grad_norm=grad_norm,
+    )
+
+
+def block_figures(
+    rows: Sequence[float], block_names: Sequence[str], norm_type: NormType, scale: float = 1.0
+) -> tuple[dict[str, Optional[float]], Optional[float]]:
+    """Each block's norm from its flattened ``[partial, numel, calls]`` row (``None``: no
+    gradient reached it), and their norm together; ``scale`` undoes an AMP loss scale."""
     norms: dict[str, Optional[float]] = {}
     partials, numels = [], []
     for i, name in enumerate(block_names):
-        partial, numel, calls = values[_HEAD + 3 * i : _HEAD + 3 * i + 3]
+        partial, numel, calls = rows[3 * i : 3 * i + 3]
         if math.isnan(calls) or calls <= 0:
             norms[name] = None
             continue
         norms[name] = finalize_norm(partial, numel, norm_type, scale)
         partials.append(partial)
         numels.append(numel)
-    grad_norm = None
-    if partials:
-        combined = max(partials) if combines_by_max(norm_type) else math.fsum(partials)
-        grad_norm = finalize_norm(combined, float(sum(numels)), norm_type, scale)
-    return RankEvidence(
-        fingerprint=digest,
-        loss=None if math.isnan(loss) else loss,
-        block_norms=norms,
-        grad_norm=grad_norm,
-    )
+    if not partials:
+        return norms, None
+    combined = max(partials) if combines_by_max(norm_type) else math.fsum(partials)
+    return norms, finalize_norm(combined, float(sum(numels)), norm_type, scale)
 
 
 class EvidenceRound:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from lightning_gradwatch._compat import loss_scale
-from lightning_gradwatch.governance.evidence import RankEvidence, unpack_evidence
+from lightning_gradwatch.governance.evidence import RankEvidence, block_figures
 from lightning_gradwatch.lightning.batches import StepBatches
 from lightning_gradwatch.lightning.rerun_exec import execute_again
 from lightning_gradwatch.measure.probe import GradientProbe
@@ -142,14 +142,8 @@ class StepRerun:
         )
         names = [name for name, _ in blocks]
         scale_value = 1.0 if scale is None else float(scale)
-        packed = [math.nan, math.nan, math.nan, math.nan, scale_value, *rows.reshape(-1).tolist()]
-        local: RankEvidence = unpack_evidence(packed, names, norm_type)
-        return Execution(
-            loss=loss,
-            block_norms=local.block_norms,
-            grad_norm=local.grad_norm,
-            param_norm=param_norm,
-        )
+        norms, grad_norm = block_figures(rows.reshape(-1).tolist(), names, norm_type, scale_value)
+        return Execution(loss=loss, block_norms=norms, grad_norm=grad_norm, param_norm=param_norm)
 
     def _same(self, first: Execution, second: Execution) -> bool:
         pairs = [(first.loss, second.loss), (first.param_norm, second.param_norm)]
