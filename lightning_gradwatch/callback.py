@@ -23,6 +23,7 @@ from lightning_gradwatch.lightning.noise_monitor import NoiseScaleMonitor
 from lightning_gradwatch.lightning.outcome import WatchOutcome
 from lightning_gradwatch.lightning.sinks import log_step
 from lightning_gradwatch.lightning.tensorboard import TensorBoardWriter
+from lightning_gradwatch.lightning.updates import UpdateWatch
 from lightning_gradwatch.measure.blocks import choose_blocks, eager_name, validate_blocks_spec
 from lightning_gradwatch.measure.probe import GradientProbe
 from lightning_gradwatch.measure.record import GradientMeasurement, MeasurementSpec
@@ -45,10 +46,7 @@ class GradientFlowCallback(WatchOutcome, Callback):
     every parameter gradient (after accumulation and AMP unscaling, before clipping), batched on
     the device with one host copy, and writes it in one ``log_metrics`` call per logger. On
     unmeasured steps the hooks return at once; only rules checked every step cost anything there.
-
-    Logged keys (``grad_norm/<block>``, ``grad_gain/<block>``, ``grad_log_gain/<block>``,
-    ``grad_norm_total``, ``grad_param_norm/<param>``, ``grad_flow/<stat>``, ``grad_stats/<stat>``,
-    ``grad_noise/<stat>``): the README's table, spelled once in :mod:`lightning_gradwatch.keys`.
+    Logged keys: the README's table, spelled once in :mod:`lightning_gradwatch.keys`.
 
     With several optimizers (manual optimization) each ``optimizer.step()`` is measured over that
     optimizer's parameters and blocks, and its total is logged as ``grad_norm_total/<name>`` (the
@@ -86,6 +84,9 @@ class GradientFlowCallback(WatchOutcome, Callback):
             a local spool copied to the URL at checkpoints and at the end.
         noise_scale: estimate the gradient noise scale on measured steps (default ``False``: one
             more norm pass, and one tiny all-reduce under DDP; see docs/noise-scale.md).
+        log_updates: on measured steps, what ``optimizer.step()`` did: ``update_ratio/<block>``,
+            weight norms, Adam's state (default ``False``: one copy of the parameters then, nothing
+            on other steps; see docs/updates.md). Rules may then read them (warn or halt).
 
     Example::
 
@@ -116,6 +117,7 @@ class GradientFlowCallback(WatchOutcome, Callback):
         check_every_n_steps: int = 1,
         alerts_path: Optional[Union[str, os.PathLike[str]]] = None,
         noise_scale: bool = False,
+        log_updates: bool = False,
     ) -> None:
         super().__init__()
         self.blocks = validate_blocks_spec(blocks)
@@ -151,6 +153,8 @@ class GradientFlowCallback(WatchOutcome, Callback):
         self._diagnosis = RunDiagnosis()
         self.noise_scale = check_type(noise_scale, bool, "noise_scale")
         self._noise = NoiseScaleMonitor(self.noise_scale)
+        self.log_updates = check_type(log_updates, bool, "log_updates")
+        self._updates = UpdateWatch(self.log_updates, self.rules)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -192,12 +196,15 @@ class GradientFlowCallback(WatchOutcome, Callback):
         )
         self._diagnosis.start(trainer, pl_module, fit.blocks, fit.spec, self.rules, fit.files)
         self._noise.start(trainer, pl_module, fit.plan)
+        self._updates.start(trainer, fit, self._enforcer, self._diagnosis)
         rank_zero_info(
             f"GradientFlowCallback: watching {choice.describe(self.block_names)} "
             f"every {self.log_every_n_steps} optimizer steps{choice.reason}."
         )
         if fit.is_global_zero:
-            self._tensorboard.start(fit.loggers, fit.block_names, fit.spec)
+            self._tensorboard.start(
+                fit.loggers, fit.block_names, fit.spec, self._updates.total_keys(fit)
+            )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._fit is not None:  # after a checkpoint restored the step: keep its grid
@@ -225,6 +232,7 @@ class GradientFlowCallback(WatchOutcome, Callback):
     def _remove_hooks(self) -> None:
         self._diagnosis.remove()
         self._noise.remove()
+        self._updates.remove()
         if self._probe is not None:
             self._probe.remove()
             self._probe = None
@@ -275,6 +283,7 @@ class GradientFlowCallback(WatchOutcome, Callback):
         # Rules see the pre-clip figures; they may clip, drop the gradients or stop training.
         verdict = self._enforcer.decide(trainer, pl_module, k, steps.names[k], params, measurement)
         extra = self._enforcer.act(trainer, optimizer, params, verdict)
+        self._updates.before_step(k, measurement)  # on measured steps: the weights before the step
         if measurement is not None and measurement.skipped_by_scaler:
             # The AMP scaler skips this step (inf/NaN gradients) and lowers its scale: its job, not
             # a measurement. Rules have seen it; nothing is logged unless they halted training.
@@ -296,6 +305,7 @@ class GradientFlowCallback(WatchOutcome, Callback):
         batch_idx: int,
     ) -> None:
         self._enforcer.end_step(trainer)
+        self._updates.end_batch()
         if self._probe is not None:
             self._probe.disarm()
 

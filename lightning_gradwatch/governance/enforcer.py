@@ -1,13 +1,12 @@
-"""The glue between :class:`~lightning_gradwatch.callback.GradientFlowCallback` and governance:
-when the rules are checked (cadence) and on what, agreement across ranks, then the actions, the
-alerts and the logged keys; and the state that goes through checkpoints."""
+"""Governance inside a run: when the rules are checked and on what, agreement across ranks, the
+actions, the alerts, the logged keys, and the state that goes through checkpoints."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -18,9 +17,10 @@ from lightning_gradwatch._compat import scaler_enabled
 from lightning_gradwatch.governance.actions import (
     GradientActions,
     NamedParams,
-    clip_gradients,
+    clip_to_decisions,
     save_halt_checkpoint,
 )
+from lightning_gradwatch.governance.after_step import AfterStepRules
 from lightning_gradwatch.governance.agreement import Agreement, agree
 from lightning_gradwatch.governance.alerts import Alert, build_alert
 from lightning_gradwatch.governance.engine import Check, Decision, RuleEngine, strongest
@@ -52,6 +52,7 @@ class RuleEnforcer:
         self, rules: Sequence[Rule], check_every_n_steps: int, alerts_path: Optional[str]
     ) -> None:
         self.engine = RuleEngine(rules)
+        self.after_rules = AfterStepRules(self.engine)
         self.check_every_n_steps = check_every_n_steps
         self.alerts_path = alerts_path
         self.spec = MeasurementSpec()
@@ -88,7 +89,7 @@ class RuleEnforcer:
         self.spec = spec
         self._stopping = False
         self._checked_step = -1
-        self._matches_checked = False
+        self._matches_checked = self.after_rules.checked = False
         self._stale = StaleGradientWatch()
         self._halt_dir = halt_dir
         self._sink = JsonlAlertSink(alerts_path) if trainer.is_global_zero else None
@@ -190,10 +191,31 @@ class RuleEnforcer:
         )
         return {**extra, **keys}
 
+    def after_step(
+        self,
+        trainer: pl.Trainer,
+        values: dict[str, float],
+        measurement: GradientMeasurement,
+        restore: Callable[[], None],
+    ) -> dict[str, float]:
+        """The rules on the update figures ``values`` of ``measurement``'s step, once the optimizer
+        stepped: warn, or halt with the weights from before the update put back (``restore``)
+        before the halt checkpoint. Returns the alert counters to log when a rule tripped."""
+        decisions, agreement = self.after_rules.decide(
+            values, step=measurement.step, block_names=self.block_names
+        )
+        if not decisions:
+            return {}
+        action, checkpoint = strongest(d.action for d in decisions), None
+        if action == "halt":
+            restore()
+            checkpoint = save_halt_checkpoint(trainer, self._halt_dir, measurement.step)
+        self._record(trainer, decisions, measurement, agreement, action, checkpoint)
+        return self.engine.counters()
+
     def _due(self, step: int) -> bool:
-        """Whether an unmeasured step is checked: rules that run every step exist, this is their
-        step, and what they read is there (parameter figures, where ``p.grad`` is the gradient, or
-        the loss; under FSDP1/DeepSpeed only measured block figures count otherwise)."""
+        """Whether an unmeasured step is checked by the every-step rules: their step, and what they
+        read is there (parameter figures where ``p.grad`` is the gradient, or the loss)."""
         return (
             self.engine.needs_every_step
             and step % self.check_every_n_steps == 0
@@ -253,33 +275,14 @@ class RuleEnforcer:
         extra: dict[str, float] = {}
         checkpoint = None
         if action == "clip":
-            extra[for_optimizer(CLIPPED_KEY, self._optimizer)] = self._clip(
-                params, decisions, total
-            )
+            clipped = clip_to_decisions(params, decisions, total, self.spec)
+            extra[for_optimizer(CLIPPED_KEY, self._optimizer)] = clipped
         elif action in ("skip", "halt"):
             if action == "halt":
                 checkpoint = save_halt_checkpoint(trainer, self._halt_dir, measurement.step)
             self._actions.skip(trainer, optimizer, params)
         self._record(trainer, decisions, measurement, agreement, action, checkpoint)
         return extra
-
-    def _clip(self, params: NamedParams, decisions: list[Decision], total: float) -> float:
-        """Clip by the tightest acting target per mode; the total norm after it."""
-        acting = [d for d in decisions if d.action == "clip" and d.clip_to is not None]
-        by_norm = [d.clip_to for d in acting if d.rule.clip_mode == "norm"]
-        by_value = [d.clip_to for d in acting if d.rule.clip_mode == "value"]
-        return clip_gradients(
-            params,
-            by_norm=min(by_norm, default=None),  # type: ignore[type-var]
-            by_value=min(by_value, default=None),  # type: ignore[type-var]
-            total=total,
-            measure_total=lambda: self._total_norm(params),
-        )
-
-    def _total_norm(self, params: NamedParams) -> float:
-        """The total norm of the gradients as they are now (combined across ranks)."""
-        named_grads = [(name, p.grad) for name, p in params if p.grad is not None]
-        return measure_params(named_grads, self.spec, step=-1).total_norm  # type: ignore[arg-type]
 
     def _record(
         self,

@@ -116,16 +116,24 @@ class RuleEngine:
         return any(rule.metric == LOSS for rule in self.rules)
 
     def evaluate(
-        self, values: Mapping[str, float], *, nonfinite: Optional[bool], measured: bool = True
+        self,
+        values: Mapping[str, float],
+        *,
+        nonfinite: Optional[bool],
+        measured: bool = True,
+        after_step: bool = False,
     ) -> list[Check]:
         """Check every applicable rule against ``values`` (key -> value); no state changes.
 
         ``nonfinite`` is whether any gradient (or the loss) held a NaN/Inf (``None``: unknown,
         ``nonfinite`` rules are not checked). On an unmeasured step (``measured=False``) only rules
-        that run on every step are checked, whatever keys ``values`` holds.
+        that run on every step are checked, whatever keys ``values`` holds. ``after_step``: the
+        update figures, after the optimizer step (only the rules on them; else only the others).
         """
         checks = []
         for index, rule in enumerate(self.rules):
+            if rule.after_step != after_step:
+                continue
             if measured or rule.checks_every_step:
                 check = self._check(index, rule, values, nonfinite)
                 if check is not None:

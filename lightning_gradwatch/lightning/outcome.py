@@ -11,7 +11,9 @@ from lightning_gradwatch.governance.alerts import Alert
 from lightning_gradwatch.governance.enforcer import RuleEnforcer
 from lightning_gradwatch.lightning.diagnosis import RunDiagnosis
 from lightning_gradwatch.lightning.noise_monitor import NoiseScaleMonitor
+from lightning_gradwatch.lightning.updates import UpdateWatch
 from lightning_gradwatch.measure.record import MeasurementSpec
+from lightning_gradwatch.measure.updates import UpdateMeasurement
 
 __all__ = ["STATE_VERSION", "WatchOutcome"]
 
@@ -28,6 +30,7 @@ class WatchOutcome:
     _enforcer: RuleEnforcer
     _diagnosis: RunDiagnosis
     _noise: NoiseScaleMonitor
+    _updates: UpdateWatch
 
     @property
     def norm_type(self) -> str:
@@ -51,6 +54,12 @@ class WatchOutcome:
         """Diagnoses over the measured steps of this fit so far (the last 32 and the first 3)
         (:mod:`lightning_gradwatch.diagnosis.checks`); empty when nothing was found."""
         return self._diagnosis.findings
+
+    @property
+    def last_updates(self) -> Optional[UpdateMeasurement]:
+        """The latest measured step's update figures (``log_updates=True``; ``None`` before the
+        first): ``update_ratio``, ``update_ratios`` per block, ``cosine``, ..., and ``metrics``."""
+        return self._updates.last
 
     @property
     def first_step_report(self) -> Optional[FirstStepReport]:
