@@ -104,7 +104,9 @@ class UpdateRecording:
 
     update_refs: dict[int, dict[str, Any]]
 
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
+    ) -> None:
         if not hasattr(self, "update_refs"):
             self.update_refs = {}
         step = self.trainer.global_step  # type: ignore[attr-defined]
@@ -114,10 +116,14 @@ class UpdateRecording:
         self.update_refs[step] = {
             "before": before,
             "after": {n: p.detach().clone() for n, p in named.items()},
-            "grads": {n: None if p.grad is None else p.grad.detach().clone() for n, p in named.items()},
+            "grads": {
+                n: None if p.grad is None else p.grad.detach().clone() for n, p in named.items()
+            },
             "state": adam_state(optimizer, named),
         }
 
     def expected_updates(self, step: int, blocks: Sequence[str]) -> dict[str, float]:
         ref = self.update_refs[step]
-        return ref_update_metrics(ref["before"], ref["after"], ref["grads"], blocks, state=ref["state"])
+        return ref_update_metrics(
+            ref["before"], ref["after"], ref["grads"], blocks, state=ref["state"]
+        )
