@@ -4,15 +4,18 @@ or skip, so such a rule may ``warn`` or ``halt`` (:class:`~lightning_gradwatch.g
 refuses the rest). A halt puts the weights from before the update back first, so the halt
 checkpoint holds the last good weights (:meth:`RuleEnforcer.after_step`).
 
-The update figures are reduced across ranks before they get here: every rank holds the same values
-and takes the same decisions, with no agreement collective.
+The update figures are reduced across ranks before they get here, yet the ranks still agree on what
+tripped (as for every rule): copies of a parameter that tensor parallelism leaves replicated may
+differ in their last bits between ranks, so one rank alone could cross a bound.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from lightning_gradwatch.governance.agreement import Agreement
+import lightning.pytorch as pl
+
+from lightning_gradwatch.governance.agreement import Agreement, agree
 from lightning_gradwatch.governance.engine import Decision, RuleEngine
 from lightning_gradwatch.governance.notices import warn_unmatched
 
@@ -25,7 +28,7 @@ class AfterStepRules:
     Example::
 
         rules = AfterStepRules(engine)
-        decisions, agreement = rules.decide({"update_ratio_total": 2.0}, step=10, block_names=[])
+        decisions, agreement = rules.decide(trainer, {"update_ratio_total": 2.0}, step=10)
     """
 
     def __init__(self, engine: RuleEngine) -> None:
@@ -34,16 +37,21 @@ class AfterStepRules:
         self.checked = False  # the first check warns about rules that match nothing
 
     def decide(
-        self, values: Mapping[str, float], *, step: int, block_names: Sequence[str]
+        self,
+        trainer: pl.Trainer,
+        values: Mapping[str, float],
+        *,
+        step: int,
+        block_names: Sequence[str] = (),
     ) -> tuple[list[Decision], Agreement]:
-        """Evaluate the rules on ``values`` and commit: the decisions and their agreement (each
-        rank's own answer, the same on every rank)."""
+        """Evaluate the rules on ``values``, agree across ranks and commit: the decisions (the
+        same on every rank) and the agreement. Call on every rank at the same steps."""
         if not self.active:
             return [], Agreement([], [])
         checks = self.engine.evaluate(values, nonfinite=None, after_step=True)
         if not self.checked:
             self.checked = True
             warn_unmatched(self.engine, checks, block_names, step, after_step=True)
-        agreement = Agreement([check.tripped for check in checks], [[] for _ in checks])
+        agreement = agree(trainer, checks, len(self.engine))
         decisions = self.engine.commit(checks, agreement.tripped, step=step, ranks=agreement.ranks)
         return decisions, agreement

@@ -152,7 +152,8 @@ class RuleEnforcer:
         if self._stopping:
             return Verdict(stopping=True)
         measured = measurement is not None
-        if not self.engine.rules or step == self._checked_step or not (measured or self._due(step)):
+        before = self.engine.checks_before_step  # rules on update figures come after the step
+        if not before or step == self._checked_step or not (measured or self._due(step)):
             return Verdict()
         self._checked_step = step
         if measurement is None:
@@ -202,7 +203,7 @@ class RuleEnforcer:
         stepped: warn, or halt with the weights from before the update put back (``restore``)
         before the halt checkpoint. Returns the alert counters to log when a rule tripped."""
         decisions, agreement = self.after_rules.decide(
-            values, step=measurement.step, block_names=self.block_names
+            trainer, values, step=measurement.step, block_names=self.block_names
         )
         if not decisions:
             return {}

@@ -106,6 +106,11 @@ class RuleEngine:
         return len(self.rules)
 
     @property
+    def checks_before_step(self) -> bool:
+        """Whether any rule reads figures known before the update (not only update figures)."""
+        return any(not rule.after_step for rule in self.rules)
+
+    @property
     def needs_every_step(self) -> bool:
         """Whether any rule runs on every check step (not only on measured steps)."""
         return any(rule.checks_every_step for rule in self.rules)
