@@ -294,7 +294,8 @@ class GradientFlowCallback(WatchOutcome, Callback):
             histograms = self._probe if self.log_histograms else None
             log_step(trainer, measurement, extra, self._tensorboard, histograms, params)
         if measurement is not None:
-            self._observe(trainer, measurement, params)
+            self.last = measurement  # kept, and fed to the run's diagnosis
+            self._diagnosis.observe(trainer, measurement, params)
 
     def on_train_batch_end(
         self,
@@ -315,27 +316,13 @@ class GradientFlowCallback(WatchOutcome, Callback):
         if fit is None or probe is None or not probe.armed:
             return None
         measurement = fit.measure(
-            probe,
-            k,
-            trainer.global_step,
-            self.log_every_n_steps,
-            scale=loss_scale(trainer),
+            probe, k, trainer.global_step, self.log_every_n_steps, scale=loss_scale(trainer),
             take_loss=lambda: self._enforcer.step_loss(trainer),
-        )
+        )  # fmt: skip
         if measurement is not None:
             update = self._noise.update(trainer, measurement, fit.steps.params[k])
             measurement.metrics.update(update)
         return measurement
-
-    def _observe(
-        self,
-        trainer: pl.Trainer,
-        measurement: GradientMeasurement,
-        params: Sequence[tuple[str, nn.Parameter]],
-    ) -> None:
-        """Keep the measurement and feed the run's diagnosis."""
-        self.last = measurement
-        self._diagnosis.observe(trainer, measurement, params)
 
     # -- state -----------------------------------------------------------------------------------
 

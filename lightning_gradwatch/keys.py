@@ -41,6 +41,7 @@ __all__ = [
     "TOTAL_NORM_KEY",
     "UPDATE_FAMILIES",
     "UPDATE_GRAD_COSINE_KEY",
+    "UPDATE_KEY_PREFIXES",
     "UPDATE_NORM_TOTAL_KEY",
     "UPDATE_RATIO_PREFIX",
     "UPDATE_RATIO_TOTAL_KEY",
@@ -171,6 +172,8 @@ UPDATE_TOTAL_KEYS: tuple[str, ...] = (
     MOMENT_NORM_KEY,
     UPDATE_GRAD_COSINE_KEY,
 )
+#: Every update key starts with one of these.
+UPDATE_KEY_PREFIXES: tuple[str, ...] = (UPDATE_RATIO_PREFIX, WEIGHT_NORM_PREFIX, *UPDATE_TOTAL_KEYS)
 #: The stems of every update key: a rule whose metric starts with one is checked after the step.
 UPDATE_FAMILIES: tuple[str, ...] = (
     "update_ratio",

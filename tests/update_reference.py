@@ -15,7 +15,6 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
-import torch
 from torch import Tensor
 
 #: See the module docstring.

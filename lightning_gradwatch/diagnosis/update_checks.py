@@ -43,10 +43,15 @@ def _block_ratios(history: RunHistory) -> dict[str, list[float]]:
     return out
 
 
-def update_ratio_range(history: RunHistory, s: FlowSummary) -> Optional[Finding]:
-    """Blocks whose update ratio is above 1e-2, or below 1e-4, on most measured steps."""
-    high: list[tuple[str, float, int, int]] = []
-    low: list[tuple[str, float, int, int]] = []
+#: One block out of range: name, median ratio, steps out of range, steps measured.
+_Entry = tuple[str, float, int, int]
+
+
+def _out_of_range(history: RunHistory) -> tuple[list[_Entry], list[_Entry], list[str]]:
+    """The blocks above the range on most steps, those below it, and those of the first kind
+    whose ratios are largest early on (a warm-up would help)."""
+    high: list[_Entry] = []
+    low: list[_Entry] = []
     warmup: list[str] = []
     for name, values in _block_ratios(history).items():
         n, median = len(values), statistics.median(values)
@@ -60,33 +65,22 @@ def update_ratio_range(history: RunHistory, s: FlowSummary) -> Optional[Finding]
                 warmup.append(name)
         elif below > UPDATE_MOST * n:
             low.append((name, median, below, n))
-    if not high and not low:
-        return None
-    evidence = [
-        f"{name}: median update ratio {fmt(median)}, {side} {fmt(bound)} on {k} of {n} "
-        "measured step(s)"
-        for entries, side, bound in (
-            (high, "above", UPDATE_RATIO_HIGH),
-            (low, "below", UPDATE_RATIO_LOW),
-        )
-        for name, median, k, n in entries[:6]
-    ]
-    evidence.append(
-        "the usual range is about 1e-3 per step (between 1e-4 and 1e-2): the size of each step "
-        "relative to the weights it changes"
-    )
+    return high, low, warmup
+
+
+def _suggestions(high: list[_Entry], low: list[_Entry], warmup: list[str]) -> list[str]:
     suggestions = []
     if high:
         names = short_list([name for name, *_ in high], 4)
+        warm = (
+            f"; the ratios of {short_list(warmup, 4)} are largest early on: add a learning-rate "
+            "warm-up"
+            if warmup
+            else ""
+        )
         suggestions.append(
             f"lower the learning rate for {names} (a parameter group with its own lr), or use a "
-            "per-layer trust ratio (LAMB/LARS)"
-            + (
-                f"; the ratios of {short_list(warmup, 4)} are largest early on: add a "
-                "learning-rate warm-up"
-                if warmup
-                else ""
-            )
+            f"per-layer trust ratio (LAMB/LARS){warm}"
         )
     if low:
         names = short_list([name for name, *_ in low], 4)
@@ -94,6 +88,25 @@ def update_ratio_range(history: RunHistory, s: FlowSummary) -> Optional[Finding]
             f"raise the learning rate for {names}, or lower their weight decay (it holds large "
             "weights that small steps barely move); check that their gradient reaches them"
         )
+    return suggestions
+
+
+def update_ratio_range(history: RunHistory, s: FlowSummary) -> Optional[Finding]:
+    """Blocks whose update ratio is above 1e-2, or below 1e-4, on most measured steps."""
+    high, low, warmup = _out_of_range(history)
+    if not high and not low:
+        return None
+    sides = ((high, "above", UPDATE_RATIO_HIGH), (low, "below", UPDATE_RATIO_LOW))
+    evidence = [
+        f"{name}: median update ratio {fmt(median)}, {side} {fmt(bound)} on {k} of {n} "
+        "measured step(s)"
+        for entries, side, bound in sides
+        for name, median, k, n in entries[:6]
+    ]
+    evidence.append(
+        "the usual range is about 1e-3 per step (between 1e-4 and 1e-2): the size of each step "
+        "relative to the weights it changes"
+    )
     counts = [n for *_, n in high + low]
     shares = [k / n for *_, k, n in high + low]
     confidence = "high" if min(counts) >= 10 and min(shares) >= 0.9 else "medium"
@@ -110,7 +123,7 @@ def update_ratio_range(history: RunHistory, s: FlowSummary) -> Optional[Finding]
         title,
         confidence,
         evidence,
-        suggestions,
+        _suggestions(high, low, warmup),
         blocks=[name for name, *_ in high + low],
         figures={
             "low": UPDATE_RATIO_LOW,
