@@ -56,27 +56,6 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.dot(a.reshape(-1).to(dtype), b.reshape(-1).to(dtype))
 
 
-class _Scratch:
-    """One buffer per (device, dtype) as large as the largest of ``tensors``, lent out per tensor:
-    the per-tensor temporaries reuse it instead of allocating (and, for large tensors on CPU,
-    page-faulting) a fresh one each."""
-
-    def __init__(self, tensors: Sequence[Tensor], dtype: Optional[torch.dtype] = None) -> None:
-        self.dtype = dtype
-        self.sizes: dict[tuple[torch.device, torch.dtype], int] = {}
-        for t in tensors:
-            key = (t.device, dtype or t.dtype)
-            self.sizes[key] = max(self.sizes.get(key, 0), t.numel())
-        self.buffers: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-
-    def like(self, t: Tensor) -> Tensor:
-        key = (t.device, self.dtype or t.dtype)
-        buffer = self.buffers.get(key)
-        if buffer is None:
-            buffer = self.buffers[key] = torch.empty(self.sizes[key], dtype=key[1], device=key[0])
-        return buffer[: t.numel()].view(t.shape)
-
-
 def _sq_norms(tensors: Sequence[Optional[Tensor]], like: Tensor) -> list[Tensor]:
     """Per tensor its squared L2 norm (a batched pass over those present), 0 for ``None``."""
     zero = like.new_zeros((), dtype=torch.float64)
@@ -106,9 +85,8 @@ def update_rows(
     update_sq: list[Tensor] = [zero] * len(before)
     dot: list[Tensor] = [zero] * len(before)
     if after is not None:
-        scratch = _Scratch(before)
         for i, (b, a) in enumerate(zip(before, after)):
-            delta = torch.sub(b, a, out=scratch.like(b))
+            delta = torch.sub(b, a)  # one tensor's temporary, freed at the next iteration
             norm = torch.linalg.vector_norm(delta, dtype=_accumulation(delta.dtype))
             update_sq[i] = norm * norm
             grad = grads[i]
@@ -136,10 +114,8 @@ def adam_rows(
     zeros where the state is ``None`` (a tensor without Adam-style state)."""
     moments = _sq_norms(exp_avgs, like)
     zero = like.new_zeros((), dtype=torch.float64)
-    scratch = _Scratch([v for v in exp_avg_sqs if v is not None], torch.bool)
     counts = [
-        zero if v is None else torch.count_nonzero(torch.lt(v, t, out=scratch.like(v)))
-        for v, t in zip(exp_avg_sqs, thresholds)
+        zero if v is None else torch.count_nonzero(v < t) for v, t in zip(exp_avg_sqs, thresholds)
     ]
     if not counts:
         return torch.zeros(0, 2, dtype=torch.float64, device=like.device)
