@@ -46,7 +46,8 @@ class GradientFlowCallback(WatchOutcome, Callback):
     every parameter gradient (after accumulation and AMP unscaling, before clipping), batched on
     the device with one host copy, and writes it in one ``log_metrics`` call per logger. On
     unmeasured steps the hooks return at once; only rules checked every step cost anything there.
-    Logged keys: the README's table, spelled once in :mod:`lightning_gradwatch.keys`.
+    Logged keys (``grad_norm/<block>``, ``grad_gain/<block>``, ``grad_log_gain/<block>``, ...,
+    ``update_ratio/<block>``): the README's table, spelled once in :mod:`lightning_gradwatch.keys`.
 
     With several optimizers (manual optimization) each ``optimizer.step()`` is measured over that
     optimizer's parameters and blocks, and its total is logged as ``grad_norm_total/<name>`` (the
