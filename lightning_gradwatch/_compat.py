@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional
+from types import ModuleType
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +43,47 @@ def torch_feature_gaps(module: Optional[nn.Module]) -> list[str]:
             f"several graphs). Hooks that compile without graph breaks need torch >= {needed}."
         )
     return gaps
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.distributed: DTensor (version shim)
+# --------------------------------------------------------------------------------------------------
+
+
+def _dtensor_api() -> Optional[ModuleType]:
+    """The module that holds ``DTensor`` and its placements, ``None`` where torch was built without
+    distributed support.
+
+    Why a shim: ``DTensor`` is public as ``torch.distributed.tensor`` from torch 2.5; the floor,
+    torch 2.3.1, has it only in the private ``torch.distributed._tensor``, and there
+    ``torch.distributed.tensor`` is a package (``.parallel``) without ``DTensor``. The public module is
+    tried first: newer torch keeps ``_tensor`` only as an alias of it.
+    """
+    if not torch.distributed.is_available():
+        return None
+    import torch.distributed.tensor as public
+
+    if hasattr(public, "DTensor"):
+        return public
+    import torch.distributed._tensor as private  # torch < 2.5
+
+    return private
+
+
+_DTENSOR_API = _dtensor_api()
+
+#: ``(DTensor,)``, or ``()`` without distributed support: ``isinstance(x, DTENSOR_TYPES)`` is the
+#: test (a class check, which ``torch.compile`` traces without a graph break).
+DTENSOR_TYPES: tuple[type, ...] = () if _DTENSOR_API is None else (_DTENSOR_API.DTensor,)
+
+
+def replicate_placement() -> Any:
+    """A ``Replicate()`` DTensor placement (from :func:`_dtensor_api`'s module: see there why).
+
+    Only called on DTensor gradients, so distributed support is there.
+    """
+    assert _DTENSOR_API is not None, "a DTensor placement without torch.distributed"
+    return _DTENSOR_API.Replicate()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,6 +215,22 @@ def summary_file_writer(writer: Any) -> Any:
     ``file_writer`` attribute does not.
     """
     return writer._get_file_writer()
+
+
+def user_ddp_comm_hook(strategy: Any) -> Optional[Callable[..., Any]]:
+    """The communication hook a user passed as ``DDPStrategy(ddp_comm_hook=...)``
+    (``strategy._ddp_comm_hook``), ``None`` for none or another strategy.
+
+    Why private: Lightning keeps it only there until strategy setup registers it on the DDP model
+    (on CUDA); the noise-scale monitor replaces it before then with a hook that runs it and measures
+    too (:func:`set_user_ddp_comm_hook`), and Lightning has no public way to do either.
+    """
+    return getattr(strategy, "_ddp_comm_hook", None)
+
+
+def set_user_ddp_comm_hook(strategy: Any, hook: Callable[..., Any]) -> None:
+    """Make ``hook`` the one ``strategy`` registers at setup (see :func:`user_ddp_comm_hook`)."""
+    strategy._ddp_comm_hook = hook
 
 
 def loss_scale(trainer: Any) -> Optional[Tensor]:

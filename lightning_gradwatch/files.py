@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import posixpath
-from typing import Union
+from typing import Any, Union
 
 from fsspec import AbstractFileSystem
 from fsspec.core import url_to_fs
@@ -92,8 +92,18 @@ def append_line(path: PathLike, line: str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         return
-    with fs.open(inner, "a", encoding="utf-8") as handle:
+    with _open_to_append(fs, inner) as handle:
         handle.write(line + "\n")
+
+
+def _open_to_append(fs: AbstractFileSystem, inner: str) -> Any:
+    """``fs.open(inner, "a")``, which creates a missing file on every supported fsspec (a version
+    shim: fsspec's in-memory filesystem raises ``FileNotFoundError`` there up to 2025.12.0 at least;
+    2026.9.0 creates the file, as builtin ``open`` does)."""
+    try:
+        return fs.open(inner, "a", encoding="utf-8")
+    except FileNotFoundError:
+        return fs.open(inner, "w", encoding="utf-8")
 
 
 def copy_file(source: PathLike, target: PathLike) -> None:

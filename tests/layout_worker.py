@@ -109,6 +109,8 @@ class LayoutNet(BlockNet):
         return super().configure_optimizers()
 
     def configure_model(self) -> None:
+        if self.scenario not in ("tp", "hsdp"):  # "nodes": plain DDP, which any torch has
+            return
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor.parallel import (
@@ -122,10 +124,8 @@ class LayoutNet(BlockNet):
             for block in self.blocks:
                 parallelize_module(block, self.device_mesh["tensor_parallel"], plan)
             mesh = self.device_mesh["data_parallel"]
-        elif self.scenario == "hsdp":
-            mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
         else:
-            return
+            mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
         for block in self.blocks:
             fully_shard(block, mesh=mesh)
         fully_shard(self, mesh=mesh)

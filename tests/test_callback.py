@@ -19,7 +19,9 @@ from reference import (
     NORM_TYPES,
     STAT_KEYS,
     RefNet,
+    approx_stats,
     assert_metrics_equal,
+    close_to,
     csv_metrics,
     hooks_of,
     trainer,
@@ -64,12 +66,10 @@ def test_every_figure_matches_reference(norm_type: str, output: str, tmp_path: A
     # The structured fields agree with the flat dict.
     ref = expected(2)
     assert last.block_names == model.block_names()
-    assert last.block_norms == [pytest.approx(ref[f"grad_norm/{n}"]) for n in last.block_names]
+    assert last.block_norms == [close_to(ref[f"grad_norm/{n}"]) for n in last.block_names]
     assert last.total_norm == pytest.approx(ref["grad_norm_total"], rel=1e-5)
-    assert last.summary == {k: pytest.approx(ref[f"grad_flow/{k}"], rel=1e-5) for k in FLOW_KEYS}
-    assert last.grad_stats == {
-        k: pytest.approx(ref[f"grad_stats/{k}"], rel=1e-5) for k in STAT_KEYS
-    }
+    assert last.summary == {k: close_to(ref[f"grad_flow/{k}"], f"grad_flow/{k}") for k in FLOW_KEYS}
+    assert last.grad_stats == approx_stats({k: ref[f"grad_stats/{k}"] for k in STAT_KEYS})
     assert last.param_norms == {
         p: pytest.approx(ref[f"grad_param_norm/{p}"], rel=1e-5) for p in params
     }
@@ -107,7 +107,8 @@ def test_categories_and_gain_keys(tmp_path: Any) -> None:
         assert gain == pytest.approx(
             metrics[f"grad_norm/blocks.{i - 1}"] / metrics[f"grad_norm/blocks.{i}"], rel=1e-9
         )
-        assert metrics[f"grad_log_gain/blocks.{i}"] == pytest.approx(math.log(gain), rel=1e-9)
+        # log(a) - log(b) against log(a / b): float64 rounding, absolute (the value may be ~0).
+        assert metrics[f"grad_log_gain/blocks.{i}"] == pytest.approx(math.log(gain), abs=1e-12)
         assert last.categories[i - 1] is (Category.DAMPING if gain < 0.3 else Category.HEALTHY)
     assert metrics["grad_flow/num_damping"] + metrics["grad_flow/num_healthy"] == 4
     assert metrics["grad_flow/num_damping"] == sum(c is Category.DAMPING for c in last.categories)

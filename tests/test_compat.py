@@ -10,7 +10,9 @@ from __future__ import annotations
 import collections
 import inspect
 import math
+import uuid
 from pathlib import Path
+from typing import Any
 
 import lightning
 import lightning.pytorch as pl
@@ -165,3 +167,80 @@ def test_trainer_results_and_dynamo_counters_used_by_benchmark_and_tests() -> No
     assert isinstance(counters["graph_break"], collections.Counter), broken(
         "torch._dynamo.utils.counters", "['graph_break'] is no longer a Counter"
     )
+
+
+# torch 2.3.1's distribute_tensor warns about its random operators on a CPU mesh (none are used).
+@pytest.mark.filterwarnings("ignore:DTensor random operators may not have complete support")
+def test_dtensor_shim_is_torchs_dtensor_and_replicate(tmp_path: Path) -> None:
+    """``DTENSOR_TYPES`` holds the class of a real DTensor and ``replicate_placement()`` is a placement
+    it redistributes to; the private ``torch.distributed._tensor`` serves only torch < 2.5, which has
+    no public ``torch.distributed.tensor.DTensor`` (torch 2.3.1, the floor, imported it and failed)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    api = _compat._DTENSOR_API
+    assert api is not None, broken("torch.distributed", "not available")
+    assert api.__name__ == "torch.distributed.tensor" or (
+        api.__name__ == "torch.distributed._tensor" and _compat.torch_older_than("2.5")
+    ), broken("torch.distributed.tensor.DTensor", f"taken from {api.__name__}")
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        sharded = api.distribute_tensor(torch.arange(4.0), mesh, [api.Shard(0)])
+        assert isinstance(sharded, _compat.DTENSOR_TYPES), broken(
+            "DTensor", f"a distributed tensor is a {type(sharded)}"
+        )
+        assert not isinstance(torch.arange(4.0), _compat.DTENSOR_TYPES)
+        copy = sharded.redistribute(mesh, [_compat.replicate_placement()])
+        assert copy.placements[0].is_replicate() and not copy.placements[0].is_partial(), broken(
+            "Replicate", f"redistributing to it gave {copy.placements}"
+        )
+        assert torch.equal(copy.to_local(), torch.arange(4.0))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_strategy_registers_the_comm_hook_it_holds() -> None:
+    """The user's ``DDPStrategy(ddp_comm_hook=)`` is read from, and replaced in, the attribute that
+    strategy setup passes to ``register_comm_hook`` (on CUDA; tests/dist_worker.py does it on CPU)."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    def user(state: Any, bucket: Any) -> Any:
+        return bucket
+
+    def wrapped(state: Any, bucket: Any) -> Any:
+        return user(state, bucket)
+
+    strategy = DDPStrategy(ddp_comm_hook=user)
+    assert _compat.user_ddp_comm_hook(strategy) is user, broken(
+        "DDPStrategy._ddp_comm_hook", "does not hold ddp_comm_hook="
+    )
+    assert _compat.user_ddp_comm_hook(DDPStrategy()) is None
+    _compat.set_user_ddp_comm_hook(strategy, wrapped)
+    assert _compat.user_ddp_comm_hook(strategy) is wrapped
+    source = inspect.getsource(DDPStrategy._register_ddp_hooks)
+    assert "ddp_comm_hook=self._ddp_comm_hook" in source, broken(
+        "DDPStrategy._ddp_comm_hook", "is no longer what _register_ddp_hooks registers"
+    )
+
+
+def test_append_line_creates_a_missing_file_on_this_fsspec() -> None:
+    """``files.append_line`` on fsspec's memory filesystem (the alert trail of a ``memory://`` run):
+    a missing file is created, then appended to. fsspec 2025.12.0 and older refuse mode ``"a"`` on
+    a missing file there; ``files._open_to_append`` creates it instead."""
+    import fsspec
+
+    from lightning_gradwatch import files
+
+    folder = f"memory://gradwatch-compat-{uuid.uuid4().hex}"
+    try:
+        files.append_line(f"{folder}/trail.jsonl", "one")
+        files.append_line(f"{folder}/trail.jsonl", "two")
+        fs, inner = files.filesystem(f"{folder}/trail.jsonl")
+        assert fs.cat_file(inner) == b"one\ntwo\n", broken(
+            f"fsspec {fsspec.__version__} memory filesystem", f"holds {fs.cat_file(inner)!r}"
+        )
+    finally:
+        fsspec.filesystem("memory").rm(folder.split("://")[1], recursive=True)

@@ -26,7 +26,7 @@ from global_batch import logged_rows
 from lightning.pytorch.plugins import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from models import BlockNet
-from reference import trainer
+from reference import assert_metrics_equal, trainer
 from torch import Tensor, nn
 from torch._dynamo.utils import counters
 from torch_features import needs_compile_without_graph_breaks
@@ -115,9 +115,9 @@ def check_compiled_like_eager(
     assert with_callback["breaks"] == without_callback["breaks"] == {}
     assert sorted(compiled) == sorted(eager) == [0, 2]
     for step, metrics in eager.items():
-        assert sorted(compiled[step]) == sorted(metrics)
-        for key, value in metrics.items():
-            assert compiled[step][key] == pytest.approx(value, rel=1e-4, abs=1e-9), key
+        # Compiled kernels fuse and reorder float32 arithmetic: gradients within 1e-4 of eager's,
+        # log-gains and the gradient mean compared as assert_metrics_equal derives it per key.
+        assert_metrics_equal(compiled[step], metrics, rel=1e-4)
 
 
 @needs_compile_without_graph_breaks
@@ -175,9 +175,7 @@ def _fit_csv(tmp_path: Path, model: Any, **kwargs: Any) -> dict[int, dict[str, f
 def assert_same_figures(compiled: dict[int, dict[str, float]], eager: dict[int, Any]) -> None:
     assert sorted(compiled) == sorted(eager) == [0, 2]
     for step, metrics in eager.items():
-        assert sorted(compiled[step]) == sorted(metrics)  # the same keys
-        for key, value in metrics.items():
-            assert compiled[step][key] == pytest.approx(value, rel=1e-4, abs=1e-9), key
+        assert_metrics_equal(compiled[step], metrics, rel=1e-4)  # the same keys, close values
 
 
 def test_separately_compiled_blocks_log_the_eager_keys_and_values(tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from lightning_gradwatch import GradientFlowCallback
-from lightning_gradwatch.lightning.tensorboard import HEATMAP_TAG, FlowHistory
+from lightning_gradwatch.diagnosis.run_history import RunHistory
+from lightning_gradwatch.lightning.tensorboard import HEATMAP_TAG
 from lightning_gradwatch.report.pictures import heatmap_size_px, render_flow_heatmap
 
 pytestmark = WIRING_REPORT
@@ -104,12 +105,12 @@ def test_csv_only_logger_skips_pictures_with_one_message(
     assert (Path(logger.log_dir) / "metrics.csv").is_file()
 
 
-def test_flow_history_is_bounded_and_ordered() -> None:
-    history = FlowHistory(num_blocks=2, capacity=3)
+def test_heatmap_history_is_bounded_and_ordered() -> None:
+    history = RunHistory(["a", "b"], capacity=3)
     for step in range(5):
-        history.append(step * 10, [float(step), None])
-    steps, norms = history.arrays()
-    assert len(history) == 3
+        history.add(step * 10, [float(step), None])
+    steps, norms = history.norm_matrix()
+    assert len(history.steps) == 3 and history.measured == 5
     assert steps.tolist() == [20, 30, 40]
     assert norms[:, 0].tolist() == [2.0, 3.0, 4.0]
     assert np.isnan(norms[:, 1]).all()

@@ -337,6 +337,35 @@ def test_resume_continues_windows_counters_and_patience(tmp_path: Path) -> None:
     assert [(a.step, a.action) for a in second.alerts] == [(3, "warn"), (4, "warn")]
 
 
+def test_a_checkpoint_written_before_the_single_optimizer_path_still_resumes(
+    tmp_path: Path,
+) -> None:
+    """Version 1 of the callback's state (before one optimizer became a list of one) had no
+    ``version`` and held ``measured_step``: it loads, the governance state carries on, and the
+    measuring grid follows the restored global step."""
+    rules = [Rule("grad_norm/blocks.0", min=1e9, patience=4, name="tiny")]
+    torch.manual_seed(0)
+    first = GradientFlowCallback(log_every_n_steps=2, rules=rules)
+    trainer = make_trainer(tmp_path, [first], max_steps=3)
+    trainer.fit(FaultNet())
+    ckpt = tmp_path / "v1.ckpt"
+    trainer.save_checkpoint(ckpt)
+    checkpoint = torch.load(ckpt, weights_only=False)
+    (key,) = [k for k in checkpoint["callbacks"] if k.startswith("GradientFlowCallback")]
+    state = checkpoint["callbacks"][key]
+    assert state.pop("version") == 2
+    state["measured_step"] = 2  # the version-1 layout
+    torch.save(checkpoint, ckpt)
+
+    second = GradientFlowCallback(log_every_n_steps=2, rules=rules)
+    trainer = make_trainer(tmp_path / "b", [second], max_steps=6)
+    trainer.fit(FaultNet(), ckpt_path=str(ckpt))
+    # Measured steps 0 and 2 tripped before; the resumed run measures 4 (not 3): the 3rd trip.
+    assert [a.step for a in second.alerts] == [4]
+    assert second.state_dict()["governance"]["rules"]["tiny"]["count"] == 3
+    assert second.state_dict()["version"] == 2
+
+
 # -- diagnosis -----------------------------------------------------------------------------------
 
 

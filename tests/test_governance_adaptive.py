@@ -19,8 +19,9 @@ from faults import FaultNet, make_trainer, same_weights
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
-from reference import csv_metrics, ref_norm
+from reference import FLOAT32_SUM_REL, csv_metrics, ref_norm
 from torch import Tensor
+from torch_features import needs_exact_resume
 
 from lightning_gradwatch import GradientFlowCallback, Rule
 
@@ -109,7 +110,7 @@ def test_adaptive_clip_matches_a_hand_replayed_reference(kind: str, tmp_path: Pa
     make_trainer(tmp_path, [callback], max_steps=steps).fit(model)
     rows = logged(tmp_path)
 
-    clipped_steps, bars = [], {}
+    clipped_steps, bars, entered = [], {}, []
     for step in range(steps):
         pre = total_norm(model.grads_after_backward[step])
         seen = model.grads_at_step[step]
@@ -124,9 +125,11 @@ def test_adaptive_clip_matches_a_hand_replayed_reference(kind: str, tmp_path: Pa
             assert total_norm(seen) == pytest.approx(bar, rel=1e-5)
             assert rows[step]["grad_norm_total_clipped"] == pytest.approx(bar, rel=1e-5)
             reference.add(bar)  # the clipped value enters, not the spike
+            entered.append(bar)
         else:
             assert same_weights(seen, model.grads_after_backward[step])  # untouched
             reference.add(pre)
+            entered.append(pre)
     assert spike in clipped_steps
     assert [(a.step, a.action) for a in callback.alerts] == [(s, "clip") for s in clipped_steps]
     assert callback.alerts[clipped_steps.index(spike)].clip_to == pytest.approx(
@@ -139,9 +142,12 @@ def test_adaptive_clip_matches_a_hand_replayed_reference(kind: str, tmp_path: Pa
     else:
         state = saved["grad_norm_total"]
         assert state["count"] == steps
-        assert (state["mean"], state["var"]) == pytest.approx(
-            (reference.mean, reference.var), rel=1e-5
-        )
+        assert state["mean"] == pytest.approx(reference.mean, rel=FLOAT32_SUM_REL)
+        # Each norm x within r = FLOAT32_SUM_REL relatively moves the variance by at most
+        # 2 * std * r * max(x) (Cauchy-Schwarz on the centred sum): absolute, not relative to a
+        # variance that is small when the norms barely move.
+        bound = 2 * FLOAT32_SUM_REL * math.sqrt(reference.var) * max(entered)
+        assert state["var"] == pytest.approx(reference.var, rel=0.0, abs=bound)
 
 
 # -- the loss as a metric ----------------------------------------------------------------------
@@ -262,8 +268,10 @@ def test_interval_max_and_mean_show_what_happened_between_measured_steps(tmp_pat
     # Steps 11-13 wait for the next measured step, in the callback's state.
     interval = callback.state_dict()["governance"]["interval"]
     count, total, peak = interval["grad_norm_total"]
-    assert count == 3 and total == pytest.approx(sum(recorder.total[s] for s in (11, 12, 13)))
-    assert peak == pytest.approx(max(recorder.total[s] for s in (11, 12, 13)))
+    # The callback's float32-accumulated norms against the float64 reference.
+    want = [recorder.total[s] for s in (11, 12, 13)]
+    assert count == 3 and total == pytest.approx(sum(want), rel=FLOAT32_SUM_REL)
+    assert peak == pytest.approx(max(want), rel=FLOAT32_SUM_REL)
 
 
 # -- resume ----------------------------------------------------------------------------------------
@@ -297,6 +305,7 @@ def resume_fit(tmp_path: Path, ckpt_path: Optional[str] = None) -> tuple[Any, Fa
     return callback, model, trainer
 
 
+@needs_exact_resume
 def test_resume_from_a_mid_run_checkpoint_continues_every_piece_of_state(tmp_path: Path) -> None:
     # 4 batches an epoch: the checkpoint after 8 steps sits at an epoch boundary (the data order
     # is then the same after resuming), and mid-interval (measured: 0, 5, 10, 15).

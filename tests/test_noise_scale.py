@@ -6,6 +6,7 @@ whose per-sample gradient noise is known."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from parallel import global_batch_reference, run_worker
 from reference import RefNet, csv_metrics, trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
+from torch_features import needs_model_parallel_strategy
 
 from lightning_gradwatch import GradientFlowCallback
 from lightning_gradwatch.keys import (
@@ -137,7 +139,32 @@ def test_accumulation_matches_micro_batch_gradients_and_the_known_answer(tmp_pat
     assert finding.figures["ratio"] > 10 and "more steps" in finding.suggestions[0]
     report = build_report(read_run(tmp_path / "csv" / "version_0"))  # type: ignore[arg-type]
     assert report.diagnosis is not None
-    assert [f.to_dict() for f in report.diagnosis.findings] == [finding.to_dict()]
+    (read,) = report.diagnosis.findings
+    assert_same_finding(read.to_dict(), finding.to_dict())
+
+
+#: A number as the findings print it.
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[+-]?\d+)?")
+
+
+def assert_same_finding(read: dict[str, Any], live: dict[str, Any]) -> None:
+    """The same finding, with figures that took different paths. Both callbacks log
+    ``grad_noise/*`` at the same steps, so the logged row may hold the L1 callback's figures, from
+    its own norm pass over the gradients (other float32 sums, relative error ~1e-6 amplified a few
+    times by the estimator's differences): equal to ``rel=1e-4`` as in :func:`assert_noise_equal`,
+    and the text equal but for numbers printed to 3 significant digits (one unit in the last
+    printed digit is at most 1% relative)."""
+    for key in ("name", "title", "confidence", "blocks"):
+        assert read[key] == live[key], key
+    assert read["figures"].keys() == live["figures"].keys()
+    for key, value in live["figures"].items():
+        assert read["figures"][key] == pytest.approx(value, rel=1e-4), key
+    for key in ("evidence", "suggestions"):
+        assert len(read[key]) == len(live[key]), key
+        for text, want in zip(read[key], live[key]):
+            assert NUMBER.split(text) == NUMBER.split(want), (text, want)
+            numbers = [float(n) for n in NUMBER.findall(text)]
+            assert numbers == pytest.approx([float(n) for n in NUMBER.findall(want)], rel=1e-2)
 
 
 @pytest.mark.slow
@@ -176,6 +203,7 @@ def test_noise_scale_needs_two_batch_sizes(tmp_path: Path) -> None:
     assert not any(key.startswith("grad_noise/") for key in callback.last.metrics)
 
 
+@needs_model_parallel_strategy
 def test_sharded_strategies_say_not_measured() -> None:
     from lightning.pytorch.strategies import ModelParallelStrategy
 

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+import numpy as np
+
 from lightning_gradwatch.diagnosis.model_facts import ModelFacts
 from lightning_gradwatch.keys import DEFAULT_EPS
 
@@ -162,6 +164,16 @@ class RunHistory:
     def measured(self) -> int:
         """How many measured steps were added (kept or not)."""
         return self._seen
+
+    def norm_matrix(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(steps, norms)`` of the kept steps, oldest first: norms is steps x blocks, NaN where a
+        block had no norm (the heatmap's input)."""
+        steps = np.array([row.step for row in self.steps], dtype=np.int64)
+        norms = np.array(
+            [[np.nan if v is None else v for v in row.block_norms] for row in self.steps],
+            dtype=np.float64,
+        ).reshape(len(self.steps), len(self.block_names))
+        return steps, norms
 
     def facts_dict(self) -> dict[str, Any]:
         """Settings, model facts and wiring as JSON-ready data (the facts file's content)."""

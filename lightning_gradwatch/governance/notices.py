@@ -1,5 +1,5 @@
-"""What governance tells the user about the wiring rather than about a step: the first measured
-step's report, rules that can never trip, a missing ``zero_grad()`` in manual optimization."""
+"""What governance tells the user about the wiring rather than about a step: rules that can never
+trip, and a missing ``zero_grad()`` in manual optimization."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def holds_stale_gradients(grads: Sequence[Tensor]) -> bool:
     if not grads:
         return False
     norms = foreach_norm([local_tensor(g) for g in grads], math.inf)
-    return bool(torch.stack([n.float() for n in norms]).max() > 0)
+    # Compared in each norm's own dtype: a float64 1e-300 is non-zero, its float32 cast is not.
+    return bool(torch.stack([norm > 0 for norm in norms]).any())
 
 
 #: Manual optimization: how many first steps always get the missing-``zero_grad()`` check.

@@ -39,11 +39,11 @@ from torch import Tensor, nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_gradwatch._compat import loss_scale
+from lightning_gradwatch._compat import loss_scale, set_user_ddp_comm_hook, user_ddp_comm_hook
 from lightning_gradwatch.measure.record import GradientMeasurement
 from lightning_gradwatch.measure.reduction import ReductionPlan
 from lightning_gradwatch.numerics.noise_scale import NoiseScaleEstimator
-from lightning_gradwatch.numerics.norms import foreach_partial_norms
+from lightning_gradwatch.numerics.norms import accumulation_dtype, foreach_partial_norms
 
 __all__ = ["NoiseScaleMonitor"]
 
@@ -83,13 +83,13 @@ class NoiseScaleMonitor:
         """Wrap a user's ``ddp_comm_hook`` before the strategy registers it (Lightning does so on
         CUDA only, during strategy setup, which comes after ``Callback.setup``)."""
         strategy = trainer.strategy
-        user_hook = getattr(strategy, "_ddp_comm_hook", None)  # DDPStrategy's, private
+        user_hook = user_ddp_comm_hook(strategy)
         if not self.enabled or not isinstance(strategy, DDPStrategy) or user_hook is None:
             return
         if getattr(user_hook, "_gradwatch_composed", False):
             self._composed = True
             return
-        strategy._ddp_comm_hook = self._compose(user_hook)
+        set_user_ddp_comm_hook(strategy, self._compose(user_hook))
         self._composed = True
 
     def start(
@@ -206,7 +206,8 @@ class NoiseScaleMonitor:
         def measured_hook(state, bucket):  # type: ignore[no-untyped-def]
             if self._armed and self._local_sq is not None:
                 # This rank's gradient, before the all-reduce: one norm pass on measured steps.
-                norm = torch.linalg.vector_norm(bucket.buffer(), dtype=torch.float32)
+                values = bucket.buffer()  # one dtype per bucket: float64 under 64-true
+                norm = torch.linalg.vector_norm(values, dtype=accumulation_dtype(values.dtype))
                 self._local_sq += norm.double().square()
             return hook(state, bucket)
 
@@ -217,7 +218,8 @@ class NoiseScaleMonitor:
         def hook(grad: Tensor) -> None:
             if self._micro:
                 values = grad.coalesce().values() if grad.is_sparse else grad
-                norm = torch.linalg.vector_norm(values.detach(), dtype=torch.float32)
+                dtype = accumulation_dtype(values.dtype)  # never narrower than the gradient
+                norm = torch.linalg.vector_norm(values.detach(), dtype=dtype)
                 self._micro[-1] += norm.double().square()
 
         self.remove()  # a step armed but never measured (no gradient at all) left its hooks

@@ -8,12 +8,12 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Optional
 
-import numpy as np
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_gradwatch._compat import summary_file_writer, tensorboard_prefixed
+from lightning_gradwatch.diagnosis.run_history import RunHistory
 from lightning_gradwatch.keys import DEFAULT_EPS, HIST_BLOCK_PREFIX, HIST_PARAM_PREFIX
 from lightning_gradwatch.measure.record import GradientMeasurement, MeasurementSpec
 from lightning_gradwatch.measure.reduction import local_tensor
@@ -62,44 +62,6 @@ def _host(grad: Tensor) -> Any:
     return local_tensor(grad).detach().float().reshape(-1).cpu().numpy()
 
 
-class FlowHistory:
-    """A bounded on-host history of measured block norms (a ring buffer of numpy rows).
-
-    Args:
-        num_blocks: the number of watched blocks.
-        capacity: how many measured steps to keep (the oldest are dropped).
-
-    Example::
-
-        history = FlowHistory(num_blocks=4, capacity=200)
-        history.append(0, [1.0, 0.5, None, 0.1])
-        steps, norms = history.arrays()
-    """
-
-    def __init__(self, num_blocks: int, capacity: int = 200) -> None:
-        self.capacity = capacity
-        self._steps = np.zeros(capacity, dtype=np.int64)
-        self._norms = np.full((capacity, num_blocks), np.nan)
-        self._count = 0
-
-    def __len__(self) -> int:
-        return min(self._count, self.capacity)
-
-    def append(self, step: int, norms: Sequence[Optional[float]]) -> None:
-        row = self._count % self.capacity
-        self._steps[row] = step
-        self._norms[row] = [np.nan if norm is None else norm for norm in norms]
-        self._count += 1
-
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(steps, norms)`` oldest first."""
-        if self._count <= self.capacity:
-            return self._steps[: self._count].copy(), self._norms[: self._count].copy()
-        start = self._count % self.capacity
-        order = np.r_[start : self.capacity, 0:start]
-        return self._steps[order], self._norms[order]
-
-
 #: Tag of the heatmap image in TensorBoard.
 HEATMAP_TAG = "gradwatch/flow_heatmap"
 #: Tag of the run's measuring settings (JSON text; TensorBoard stores it as ``<tag>/text_summary``).
@@ -137,7 +99,7 @@ class TensorBoardWriter:
         self.figure_every_n_steps = figure_every_n_steps
         self.history_size = history
         self._writers: list[Any] = []
-        self._history: Optional[FlowHistory] = None
+        self._history: Optional[RunHistory] = None
         self._measured = 0
         self._eps = DEFAULT_EPS
         self._names: list[str] = []
@@ -157,7 +119,7 @@ class TensorBoardWriter:
         self._writers = tensorboard_writers(loggers)
         self._measured = 0
         self._eps = DEFAULT_EPS if spec is None else spec.eps
-        self._history = FlowHistory(len(block_names), self.history_size)
+        self._history = RunHistory(list(block_names), capacity=self.history_size)
         self._names = list(block_names)
         if not self._writers:
             if loggers:
@@ -184,11 +146,11 @@ class TensorBoardWriter:
             or self._history is None
         ):
             return
-        self._history.append(measurement.step, measurement.norms_of(self._names))
+        self._history.add(measurement.step, measurement.norms_of(self._names))
         self._measured += 1
         if self._measured % self.figure_every_n_steps:
             return
-        steps, norms = self._history.arrays()
+        steps, norms = self._history.norm_matrix()
         figure = render_flow_heatmap(steps, self._names, norms, eps=self._eps)
         image = figure_to_array(figure)
         for writer in self._writers:

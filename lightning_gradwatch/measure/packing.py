@@ -12,11 +12,11 @@ from torch import Tensor
 
 from lightning_gradwatch.numerics.grad_stats import N_STAT_PARTIALS
 
-__all__ = ["Layout"]
+__all__ = ["Packing"]
 
 
 @dataclass(frozen=True)
-class Layout:
+class Packing:
     """Where each figure sits in the packed vector of one step, the only place that knows.
 
     ``[block rows (n x 3) | parameter partials (m) | grad-stat partials (8, if stats) | scale (1,

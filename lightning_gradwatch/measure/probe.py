@@ -17,15 +17,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_gradwatch._compat import DTENSOR_TYPES, replicate_placement
 from lightning_gradwatch.measure.blocks import BlockList, ForwardOrderCheck, primary_tensor
-from lightning_gradwatch.numerics.norms import NormType, combines_by_max, partial_norm
-
-#: DTensor, where torch has distributed support (``isinstance`` against it: no graph break).
-_DTENSOR: tuple[type, ...] = ()
-if torch.distributed.is_available():
-    from torch.distributed.tensor import DTensor
-
-    _DTENSOR = (DTensor,)
+from lightning_gradwatch.numerics.norms import (
+    NormType,
+    accumulation_dtype,
+    combines_by_max,
+    partial_norm,
+)
 
 #: Columns of the probe buffer.
 PARTIAL, NUMEL, CALLS = 0, 1, 2
@@ -70,7 +69,7 @@ class GradientProbe:
         self.keep_grads = keep_grads
         self.armed = False
         self.buffer = torch.zeros(
-            len(blocks), 3, dtype=torch.float32, device=_device_of(self.modules, device)
+            len(blocks), 3, dtype=_dtype_of(self.modules), device=_device_of(self.modules, device)
         )
         self.grads: list[Optional[Tensor]] = [None] * len(blocks)
         #: Whether block i's input was block i-1's output tensor itself in the armed forward (eager
@@ -162,7 +161,7 @@ class GradientProbe:
                         "strict_single_backward=False (e.g. for gradient accumulation)."
                     )
                 self._fired[index] = True
-            if isinstance(grad, _DTENSOR):
+            if isinstance(grad, DTENSOR_TYPES):
                 grad = _local_values(grad)
             partial = partial_norm(grad, self.norm_type)
             if partial.device != row.device:
@@ -194,8 +193,6 @@ def _local_values(grad: Tensor) -> Tensor:
     A pending sum (``Partial``) has no local norm: it is redistributed to ``Replicate`` first, one
     collective per such block and backward, with a warning.
     """
-    from torch.distributed.tensor import Replicate
-
     placements = grad.placements  # type: ignore[attr-defined]
     if any(p.is_partial() for p in placements):
         warnings.warn(
@@ -204,9 +201,22 @@ def _local_values(grad: Tensor) -> Tensor:
             "exactly (one collective per such block and backward).",
             stacklevel=2,
         )
-        target = [Replicate() if p.is_partial() else p for p in placements]
+        target = [replicate_placement() if p.is_partial() else p for p in placements]
         grad = grad.redistribute(grad.device_mesh, target)  # type: ignore[attr-defined]
     return grad.to_local()  # type: ignore[attr-defined]
+
+
+def _dtype_of(modules: list[nn.Module]) -> torch.dtype:
+    """The buffer's dtype: :func:`~lightning_gradwatch.numerics.norms.accumulation_dtype` of every
+    floating parameter and buffer of the blocks (float64 where any is float64, e.g. under
+    ``precision="64-true"``: the block outputs' gradients are then float64 and their partials too)."""
+    dtypes = {
+        tensor.dtype
+        for module in modules
+        for tensor in (*module.parameters(), *module.buffers())
+        if tensor.is_floating_point()
+    }
+    return accumulation_dtype(*dtypes)
 
 
 def _device_of(modules: list[nn.Module], default: Optional[torch.device]) -> torch.device:

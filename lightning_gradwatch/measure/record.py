@@ -1,5 +1,5 @@
 """One measured step as data: :func:`measure` packs every device-side figure into one vector (its
-:class:`~lightning_gradwatch.measure.packing.Layout` is the only code that knows the offsets), has it reduced across ranks
+:class:`~lightning_gradwatch.measure.packing.Packing` is the only code that knows the offsets), has it reduced across ranks
 (:mod:`lightning_gradwatch.measure.reduction`), copies it to the host once and turns the floats into a
 :class:`GradientMeasurement` with the logged metric keys. :func:`measure_params` is the
 parameter-only variant for the every-step governance check.
@@ -27,7 +27,7 @@ from lightning_gradwatch.keys import (
     param_norm_key,
     stats_key,
 )
-from lightning_gradwatch.measure.packing import Layout
+from lightning_gradwatch.measure.packing import Packing
 from lightning_gradwatch.measure.probe import CALLS, NUMEL, PARTIAL
 from lightning_gradwatch.measure.reduction import ReductionPlan, param_partials, reduce_step
 from lightning_gradwatch.numerics.grad_stats import (
@@ -163,15 +163,15 @@ def measure(
     """
     grads = [grad for _, grad in named_grads]
     stats = spec.grad_stats and spec.measure_params
-    layout = Layout(
+    packing = Packing(
         len(block_names), len(grads), stats=stats, scaled=scale is not None, loss=loss is not None
     )
     # The cheap statistics pass: recounted below where it cannot be trusted.
     rows, partials, stat_row = reduce_step(
         block_rows, grads, spec.norm_type, plan, stats=stats, large_threshold=spec.large_threshold
     )
-    values = layout.pack(rows, partials, stat_row, scale, loss).tolist()  # the one host copy
-    if stats and not stat_partials_finite(values[layout.grad_stats]):
+    values = packing.pack(rows, partials, stat_row, scale, loss).tolist()  # the one host copy
+    if stats and not stat_partials_finite(values[packing.grad_stats]):
         # A NaN/Inf somewhere, which the cheap statistics pass cannot count: count exactly. Every
         # rank sees the same combined sum, so every rank takes this branch (and its collective).
         _, exact = param_partials(
@@ -181,10 +181,10 @@ def measure(
             large_threshold=spec.large_threshold,
             assume_finite=False,
         )
-        values[layout.grad_stats] = exact.tolist()  # type: ignore[union-attr]
+        values[packing.grad_stats] = exact.tolist()  # type: ignore[union-attr]
     measurement = build_measurement(
         values,
-        layout,
+        packing,
         step=step,
         block_names=block_names,
         param_names=[name for name, _ in named_grads],
@@ -208,16 +208,16 @@ def measure_params(
     and per-parameter norms in one batched pass and one host copy (no block rows, no statistics),
     with ``loss`` (a device scalar) in the same copy if given."""
     grads = [grad for _, grad in named_grads]
-    layout = Layout(0, len(grads), loss=loss is not None)
+    packing = Packing(0, len(grads), loss=loss is not None)
     partials, _ = param_partials(
         grads, spec.norm_type, stats=False, large_threshold=spec.large_threshold, assume_finite=True
     )
     if not grads and loss is not None:
         partials = partials.to(loss.device)  # nothing to measure: the copy is the loss's
-    values = layout.pack(partials.new_zeros(0, 3), partials, None, None, loss).tolist()
+    values = packing.pack(partials.new_zeros(0, 3), partials, None, None, loss).tolist()
     return build_measurement(
         values,
-        layout,
+        packing,
         step=step,
         block_names=[],
         param_names=[name for name, _ in named_grads],
@@ -228,7 +228,7 @@ def measure_params(
 
 def build_measurement(
     values: Sequence[float],
-    layout: Layout,
+    packing: Packing,
     *,
     step: int,
     block_names: Sequence[str],
@@ -237,18 +237,18 @@ def build_measurement(
     spec: MeasurementSpec,
     replicas: int = 1,
 ) -> GradientMeasurement:
-    """The :class:`GradientMeasurement` of the host copy of a :class:`Layout`'s vector.
+    """The :class:`GradientMeasurement` of the host copy of a :class:`Packing`'s vector.
 
     Block norms are divided by the packed loss scale and by ``replicas``, the number of
     data-parallel ranks whose gradients the strategy averages (see
     :mod:`lightning_gradwatch.lightning.strategies`).
     """
-    scale = layout.scale(values) * replicas
+    scale = packing.scale(values) * replicas
     block_norms: list[Optional[float]] = [
         finalize_norm(row[PARTIAL], row[NUMEL], spec.norm_type, scale) if row[CALLS] > 0 else None
-        for row in layout.rows(values)
+        for row in packing.rows(values)
     ]
-    partials = values[layout.params]
+    partials = values[packing.params]
     param_norms = {
         name: finalize_norm(partial, numel, spec.norm_type)
         for name, partial, numel in zip(param_names, partials, param_numels)
@@ -274,8 +274,8 @@ def build_measurement(
         # Of every parameter (a partial, sum of |g|^p or max, is 0 / non-finite as its norm is).
         nonfinite_params=[n for n, p in zip(param_names, partials) if not math.isfinite(p)],
         zero_grad_params=[n for n, p in zip(param_names, partials) if p == 0.0],
-        grad_stats=finalize_grad_stats(values[layout.grad_stats]) if layout.stats else {},
-        loss=layout.loss_value(values),
+        grad_stats=finalize_grad_stats(values[packing.grad_stats]) if packing.stats else {},
+        loss=packing.loss_value(values),
     )
     measurement.metrics = to_metrics(measurement, spec)
     return measurement

@@ -60,6 +60,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
+from lightning_gradwatch._compat import replicate_placement
 from lightning_gradwatch.measure.probe import PARTIAL
 from lightning_gradwatch.numerics.grad_stats import combine_stat_partials, grad_stat_partials
 from lightning_gradwatch.numerics.norms import NormType, combine_partials, foreach_partial_norms
@@ -292,8 +293,8 @@ def _all_gather(tensor: Tensor, group: Any) -> Tensor:
 
 
 @dataclass(frozen=True)
-class _Layout:
-    """One DTensor layout: the groups of the mesh dims its norm is partial on, the placements to
+class _Placement:
+    """One DTensor placement: the groups of the mesh dims its norm is partial on, the placements to
     redistribute to first (``None``: the local values do), and its mesh, kept alive (its ``id``
     keys the cache)."""
 
@@ -304,7 +305,7 @@ class _Layout:
 
 #: One entry per (mesh, placements) seen: a few per model. Keyed by the mesh's identity, not its
 #: equality: two meshes over the same ranks may hold different process groups.
-_LAYOUTS: dict[tuple[int, tuple[Any, ...]], _Layout] = {}
+_PLACEMENTS: dict[tuple[int, tuple[Any, ...]], _Placement] = {}
 
 
 def split_over(grad: Tensor) -> tuple[Tensor, Groups]:
@@ -312,36 +313,34 @@ def split_over(grad: Tensor) -> tuple[Tensor, Groups]:
     placements = getattr(grad, "placements", None)
     if placements is None:  # a plain tensor: the whole gradient (DDP already all-reduced it)
         return grad, ()
-    layout = _LAYOUTS.get((id(grad.device_mesh), placements))  # type: ignore[attr-defined]
-    if layout is None:
-        layout = _layout(grad)
-    if layout.redistribute is not None:
-        grad = grad.redistribute(layout.mesh, layout.redistribute)  # type: ignore[attr-defined]
-    return grad.to_local(), layout.groups  # type: ignore[attr-defined]
+    placement = _PLACEMENTS.get((id(grad.device_mesh), placements))  # type: ignore[attr-defined]
+    if placement is None:
+        placement = _placement(grad)
+    if placement.redistribute is not None:
+        grad = grad.redistribute(placement.mesh, placement.redistribute)  # type: ignore[attr-defined]
+    return grad.to_local(), placement.groups  # type: ignore[attr-defined]
 
 
-def _layout(grad: Any) -> _Layout:
-    """Ask torch, once per layout, where the norm of such a DTensor is partial: its sharding rules
+def _placement(grad: Any) -> _Placement:
+    """Ask torch, once per placement, where the norm of such a DTensor is partial: its sharding rules
     (``Shard``, ``_StridedShard``, ... -> ``_NormPartial``) rather than a copy of them here."""
-    from torch.distributed.tensor import Replicate
-
     mesh, placements = grad.device_mesh, tuple(grad.placements)
     # A pending sum has no local norm: make it a copy first (a collective, on every rank alike).
-    target = tuple(Replicate() if p.is_partial() else p for p in placements)
+    target = tuple(replicate_placement() if p.is_partial() else p for p in placements)
     probe = grad if target == placements else grad.redistribute(mesh, target)
     norm = torch.linalg.vector_norm(probe.detach())
     dims = [i for i, p in enumerate(norm.placements) if p.is_partial()]
     # Split, yet torch gathered it to take the norm: the local values alone are not enough either.
     target = tuple(
-        p if p.is_replicate() or i in dims else Replicate() for i, p in enumerate(target)
+        p if p.is_replicate() or i in dims else replicate_placement() for i, p in enumerate(target)
     )
     groups = tuple(mesh.get_group(dim) for dim in dims if mesh.size(dim) > 1)
-    layout = _Layout(mesh, groups, None if target == placements else target)
-    if layout.redistribute is not None:
+    placement = _Placement(mesh, groups, None if target == placements else target)
+    if placement.redistribute is not None:
         rank_zero_warn(
             f"GradientFlowCallback: a gradient with placements {placements} cannot be measured "
             f"from its local values; it is redistributed to {target} first (one collective per "
             "such gradient each time the figures are taken)."
         )
-    _LAYOUTS[(id(mesh), grad.placements)] = layout
-    return layout
+    _PLACEMENTS[(id(mesh), grad.placements)] = placement
+    return placement

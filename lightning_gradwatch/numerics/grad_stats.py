@@ -17,6 +17,7 @@ from torch import Tensor
 
 from lightning_gradwatch._compat import flatten_dense_tensors
 from lightning_gradwatch.keys import GRAD_STAT_KEYS
+from lightning_gradwatch.numerics.norms import accumulation_dtype
 
 __all__ = [
     "N_STAT_PARTIALS",
@@ -36,7 +37,7 @@ def grad_stat_partials(
 ) -> Tensor:
     """Combinable partial statistics over all elements of ``grads`` as a float64 vector.
 
-    Layout: ``[sum, sum_of_squares, min, max, zero_count, large_count, nonfinite_count, numel]``.
+    Order: ``[sum, sum_of_squares, min, max, zero_count, large_count, nonfinite_count, numel]``.
     One flattened copy per (device, dtype) group; the result lives on the first tensor's device.
 
     ``assume_finite=True`` takes about a third fewer passes over the gradients: it counts no
@@ -63,7 +64,7 @@ def grad_stat_partials(
     return combine_stat_partials(torch.stack(rows)) if len(rows) > 1 else rows[0]
 
 
-#: On CPU, gradients are copied into one reused buffer of this many float32 elements (1 MiB) and
+#: On CPU, gradients are copied into one reused buffer of this many elements (1 MiB of float32) and
 #: reduced chunk by chunk: each of the passes then reads cache instead of memory, and no
 #: gradient-sized buffer is allocated (the page faults of a fresh 25 MB copy cost more than a pass).
 #: 6.3 M parameters (one thread, finite gradients): about 13 ms, against 30 ms for one flat copy
@@ -79,13 +80,17 @@ def stat_partials_finite(partials: Sequence[float]) -> bool:
 
 
 def _stat_rows(tensors: list[Tensor], large_threshold: float, assume_finite: bool) -> list[Tensor]:
-    """:func:`_stat_row` rows of one (device, dtype) group: one row from one flat copy on an
-    accelerator (few kernel launches) or when small, one row per chunk on CPU."""
+    """:func:`_stat_row` rows of one (device, dtype) group, computed in
+    :func:`~lightning_gradwatch.numerics.norms.accumulation_dtype` of its dtype: one row from one
+    flat copy on an accelerator (few kernel launches) or when small, one row per chunk on CPU."""
     stat_row = _finite_stat_row if assume_finite else _stat_row
+    # float32 for float32 and half gradients, float64 for float64 ones: never narrower.
+    dtype = accumulation_dtype(tensors[0].dtype)
     if tensors[0].device.type != "cpu" or sum(t.numel() for t in tensors) <= CPU_STAT_CHUNK:
-        flat = _flat_copy(tensors).float()
+        flat = _flat_copy(tensors)
+        flat = flat if flat.dtype == dtype else flat.to(dtype)
         return [stat_row(flat, torch.empty_like(flat), large_threshold)]
-    buffer, scratch = torch.empty(2, CPU_STAT_CHUNK, dtype=torch.float32)
+    buffer, scratch = torch.empty(2, CPU_STAT_CHUNK, dtype=dtype)
     rows: list[Tensor] = []
     pending: list[Tensor] = []
     size = 0
@@ -142,8 +147,11 @@ def _finite_stat_row(flat: Tensor, scratch: Tensor, large_threshold: float) -> T
 
 
 def _count_dtype(flat: Tensor) -> torch.dtype:
-    # float32 counts exactly up to 2**24 (every CPU chunk); beyond, accumulate in float64.
-    return torch.float32 if flat.numel() < 1 << 24 else torch.float64
+    # float32 counts exactly up to 2**24 (every CPU chunk); beyond, accumulate in float64, as for
+    # float64 gradients (their 0/1 flags are float64: no cast of the flags to count them).
+    return (
+        torch.float32 if flat.dtype == torch.float32 and flat.numel() < 1 << 24 else torch.float64
+    )
 
 
 def _stat_head(flat: Tensor) -> Tensor:

@@ -56,22 +56,43 @@ def combines_by_max(norm_type: NormType) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
+def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype every figure of tensors of ``dtypes`` is accumulated in: float64 where any of them
+    is float64, float32 otherwise (float32 itself and the half types, whose squares overflow and
+    whose sums lose digits in their own dtype).
+
+    The one place that decides it: never narrower than a gradient (``vector_norm`` refuses a
+    narrowing ``dtype=``, and a float64 run's figures must keep float64 accuracy), never float64
+    without need (slow on most accelerators, absent on some).
+
+    Example::
+
+        accumulation_dtype(torch.bfloat16)                 # torch.float32
+        accumulation_dtype(torch.float32, torch.float64)   # torch.float64
+    """
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
 def partial_norm(grad: Tensor, norm_type: NormType) -> Tensor:
-    """The combinable partial of ``grad``'s norm as a 0-dim float32 tensor on ``grad``'s device.
+    """The combinable partial of ``grad``'s norm as a 0-dim tensor on ``grad``'s device, in
+    :func:`accumulation_dtype` of ``grad``'s dtype.
 
     L2 gives the sum of squares, L1 and mean the sum of absolute values, L-inf the maximum absolute value.
     """
-    value = torch.linalg.vector_norm(grad.detach(), _ORD[norm_type], dtype=torch.float32)
+    dtype = accumulation_dtype(grad.dtype)
+    value = torch.linalg.vector_norm(grad.detach(), _ORD[norm_type], dtype=dtype)
     return value * value if norm_type == "l2" else value
 
 
 def foreach_partial_norms(grads: Sequence[Tensor], norm_type: NormType) -> Tensor:
     """Partials (see :func:`partial_norm`) of many tensors in one batched pass per (device, dtype).
 
-    Returns a float32 vector on the first tensor's device, in the order of ``grads``.
+    Returns a vector on the first tensor's device in :func:`accumulation_dtype` of all their dtypes
+    (the widest: float64 where any gradient is float64), in the order of ``grads``.
     """
+    out_dtype = accumulation_dtype(*{grad.dtype for grad in grads})
     if not grads:
-        return torch.zeros(0, dtype=torch.float32)
+        return torch.zeros(0, dtype=out_dtype)
     target = grads[0].device
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
     for index, grad in enumerate(grads):
@@ -83,24 +104,25 @@ def foreach_partial_norms(grads: Sequence[Tensor], norm_type: NormType) -> Tenso
         ((_, dtype), indices), *_ = groups.items()
         if len(indices) == len(grads):  # the usual case: one stack, no per-tensor copies
             out = torch.stack(list(_foreach_norm(list(grads), _ORD[norm_type], dtype)))
-            out = out.to(device=target, dtype=torch.float32)
+            out = out.to(device=target, dtype=out_dtype)
             return out * out if norm_type == "l2" else out
-    zero = torch.zeros((), dtype=torch.float32, device=target)
+    zero = torch.zeros((), dtype=out_dtype, device=target)
     values = [zero] * len(grads)
     for (_, dtype), indices in groups.items():
         norms = _foreach_norm([grads[i] for i in indices], _ORD[norm_type], dtype)
         for index, norm in zip(indices, norms):
-            values[index] = norm.to(device=target, dtype=torch.float32)
+            values[index] = norm.to(device=target, dtype=out_dtype)
     # One stack in the caller's order (no index tensor: that would be a host-to-device copy).
     out = torch.stack(values)
     return out * out if norm_type == "l2" else out
 
 
 def _foreach_norm(tensors: list[Tensor], ord: float, dtype: torch.dtype) -> Sequence[Tensor]:
-    # Low-precision gradients overflow their own dtype when squared and summed: accumulate in fp32.
-    if dtype in (torch.float16, torch.bfloat16):
-        return foreach_norm(tensors, ord, dtype=torch.float32)
-    return foreach_norm(tensors, ord)
+    """Norms of same-dtype ``tensors`` in :func:`accumulation_dtype` of ``dtype``."""
+    accumulate = accumulation_dtype(dtype)
+    # Low-precision gradients overflow their own dtype when squared and summed: accumulate wider.
+    # In their own dtype otherwise (no ``dtype=``: no cast, the kernel torch's clipping uses).
+    return foreach_norm(tensors, ord, dtype=None if accumulate == dtype else accumulate)
 
 
 def combine_partials(partials: Tensor, norm_type: NormType, dim: int = 0) -> Tensor:

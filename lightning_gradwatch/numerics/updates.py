@@ -19,7 +19,11 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from lightning_gradwatch.numerics.norms import foreach_partial_norms
+from lightning_gradwatch.numerics.norms import (
+    accumulation_dtype,
+    foreach_partial_norms,
+    partial_norm,
+)
 
 __all__ = [
     "BELOW_EPS",
@@ -42,17 +46,10 @@ __all__ = [
 WEIGHT_SQ, UPDATE_SQ, DOT, GRAD_SQ, MOMENT_SQ, BELOW_EPS = range(6)
 COLUMNS = 6
 
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def _accumulation(dtype: torch.dtype) -> Optional[torch.dtype]:
-    """Half-precision values overflow their own dtype when squared and summed: use float32."""
-    return torch.float32 if dtype in _HALF else None
-
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
-    dtype = torch.promote_types(a.dtype, b.dtype)
-    dtype = torch.float32 if dtype in _HALF else dtype
+    """``<a, b>`` accumulated as the norms are (:func:`accumulation_dtype`)."""
+    dtype = accumulation_dtype(a.dtype, b.dtype)
     return torch.dot(a.reshape(-1).to(dtype), b.reshape(-1).to(dtype))
 
 
@@ -87,8 +84,7 @@ def update_rows(
     if after is not None:
         for i, (b, a) in enumerate(zip(before, after)):
             delta = torch.sub(b, a)  # one tensor's temporary, freed at the next iteration
-            norm = torch.linalg.vector_norm(delta, dtype=_accumulation(delta.dtype))
-            update_sq[i] = norm * norm
+            update_sq[i] = partial_norm(delta, "l2")
             grad = grads[i]
             if grad is not None and grad.shape == delta.shape:
                 dot[i] = _dot(delta, grad)
