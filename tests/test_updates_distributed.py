@@ -68,6 +68,7 @@ def test_ddp_and_fsdp2_update_figures_are_exact(tmp_path: Path, scenario: str) -
         assert {s: v for s, _, _, v in record["alerts"]} == pytest.approx(values, rel=1e-12)
 
 
+@needs_fsdp2_on_cpu
 @pytest.mark.parametrize("scenario", ["tp_updates", "hsdp_updates"])
 def test_tensor_parallel_and_hsdp_update_figures_are_exact(tmp_path: Path, scenario: str) -> None:
     records = run_worker(scenario, tmp_path, script=LAYOUT_WORKER, ranks=4)

@@ -109,6 +109,10 @@ def adam_state(optimizer: Optimizer, params: Sequence[Tensor]) -> Optional[AdamS
         group: Any = group_of.get(id(p), {})
         betas, eps = group.get("betas"), group.get("eps")
         found = "exp_avg" in entry and "exp_avg_sq" in entry and betas and eps is not None
+        # Shaped like the parameter (not a factored second moment, as some custom optimizers keep).
+        found = found and all(
+            getattr(entry[key], "shape", None) == p.shape for key in ("exp_avg", "exp_avg_sq")
+        )
         if not found:
             state.exp_avgs.append(None)
             state.exp_avg_sqs.append(None)
