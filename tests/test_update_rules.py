@@ -166,12 +166,33 @@ def test_the_diagnosis_and_the_report_name_blocks_whose_updates_are_too_large(
     logged = read_run(trainer.logger.log_dir)
     assert logged is not None
     assert set(logged.scalars) >= {f"update_ratio/{b}" for b in BLOCKS}
+    assert written_layout(trainer.logger.log_dir)[UPDATES_CHART] == [
+        *(f"update_ratio/{b}" for b in BLOCKS),
+        "update_ratio_total",
+    ]
     history = run_history(logged, 0.5, 2.0, 1e-30)
     kept = callback._diagnosis.history.steps
     assert [r.step for r in history.steps] == [r.step for r in kept] == list(range(6))
     for read, seen in zip(history.steps, kept):  # TensorBoard keeps float32
         assert read.update_ratios == pytest.approx(seen.update_ratios, rel=1e-6)
     assert "update_ratio_range" in [f.name for f in diagnose(history)]
+
+
+def written_layout(log_dir: str) -> dict[str, list[str]]:
+    """The custom-scalars layout in the run's event files: chart title -> its tags."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    charts: dict[str, list[str]] = {}
+    for path in Path(log_dir).glob("events.out.tfevents.*"):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.tag == "custom_scalars__config__":
+                    layout = layout_pb2.Layout.FromString(value.tensor.string_val[0])
+                    for category in layout.category:
+                        for chart in category.chart:
+                            charts[chart.title] = list(chart.multiline.tag)
+    return charts
 
 
 def test_tensorboard_layout_charts_the_ratios_per_block() -> None:
