@@ -105,12 +105,8 @@ class UpdateWatch:
                 "measured (see the warning above): the update figures are not logged."
             )
             return
-        self._trainer, self._fit, self._enforcer, self._diagnosis = (
-            trainer,
-            fit,
-            enforcer,
-            diagnosis,
-        )
+        self._trainer, self._fit = trainer, fit
+        self._enforcer, self._diagnosis = enforcer, diagnosis
         self._block_of = {}
         for index, (_, module) in enumerate(fit.blocks):
             for p in module.parameters():
