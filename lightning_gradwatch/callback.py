@@ -24,6 +24,7 @@ from lightning_gradwatch.lightning.noise_monitor import NoiseScaleMonitor
 from lightning_gradwatch.lightning.outcome import WatchOutcome
 from lightning_gradwatch.lightning.sinks import log_step
 from lightning_gradwatch.lightning.tensorboard import TensorBoardWriter
+from lightning_gradwatch.lightning.updates import UpdateWatch
 from lightning_gradwatch.measure.blocks import choose_blocks, eager_name, validate_blocks_spec
 from lightning_gradwatch.measure.probe import GradientProbe
 from lightning_gradwatch.measure.record import GradientMeasurement, MeasurementSpec
@@ -46,10 +47,8 @@ class GradientFlowCallback(WatchOutcome, Callback):
     every parameter gradient (after accumulation and AMP unscaling, before clipping), batched on
     the device with one host copy, and writes it in one ``log_metrics`` call per logger. On
     unmeasured steps the hooks return at once; only rules checked every step cost anything there.
-
-    Logged keys (``grad_norm/<block>``, ``grad_gain/<block>``, ``grad_log_gain/<block>``,
-    ``grad_norm_total``, ``grad_param_norm/<param>``, ``grad_flow/<stat>``, ``grad_stats/<stat>``,
-    ``grad_noise/<stat>``): the README's table, spelled once in :mod:`lightning_gradwatch.keys`.
+    Logged keys (``grad_norm/<block>``, ``grad_gain/<block>``, ``grad_log_gain/<block>``, ...,
+    ``update_ratio/<block>``): the README's table, spelled once in :mod:`lightning_gradwatch.keys`.
 
     With several optimizers (manual optimization) each ``optimizer.step()`` is measured over that
     optimizer's parameters and blocks, and its total is logged as ``grad_norm_total/<name>`` (the
@@ -87,6 +86,9 @@ class GradientFlowCallback(WatchOutcome, Callback):
             a local spool copied to the URL at checkpoints and at the end.
         noise_scale: estimate the gradient noise scale on measured steps (default ``False``: one
             more norm pass, and one tiny all-reduce under DDP; see docs/noise-scale.md).
+        log_updates: on measured steps, what ``optimizer.step()`` did: ``update_ratio/<block>``,
+            weight norms, Adam's state (default ``False``: one copy of the parameters then, nothing
+            on other steps; see docs/updates.md). Rules may then read them (warn or halt).
         skip_batches: skip the optimizer step of the batches a skip list names (matched by
             fingerprint, see docs/forensics.md): its path or URL, or ``"auto"``: when resuming,
             the ``gradwatch_skipped_batches.json`` that ``skip``/``halt`` decisions wrote beside
@@ -121,6 +123,7 @@ class GradientFlowCallback(WatchOutcome, Callback):
         check_every_n_steps: int = 1,
         alerts_path: Optional[Union[str, os.PathLike[str]]] = None,
         noise_scale: bool = False,
+        log_updates: bool = False,
         skip_batches: Optional[Union[str, os.PathLike[str]]] = None,
     ) -> None:
         super().__init__()
@@ -157,6 +160,8 @@ class GradientFlowCallback(WatchOutcome, Callback):
         self._diagnosis = RunDiagnosis()
         self.noise_scale = check_type(noise_scale, bool, "noise_scale")
         self._noise = NoiseScaleMonitor(self.noise_scale)
+        self.log_updates = check_type(log_updates, bool, "log_updates")
+        self._updates = UpdateWatch(self.log_updates, self.rules)
         self._forensics = StepForensics(skip_batches, self._enforcer)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -201,12 +206,15 @@ class GradientFlowCallback(WatchOutcome, Callback):
         self._forensics.start(trainer, pl_module, fit, self.rules)
         self._diagnosis.start(trainer, pl_module, fit.blocks, fit.spec, self.rules, fit.files)
         self._noise.start(trainer, pl_module, fit.plan)
+        self._updates.start(trainer, fit, self._enforcer, self._diagnosis)
         rank_zero_info(
             f"GradientFlowCallback: watching {choice.describe(self.block_names)} "
             f"every {self.log_every_n_steps} optimizer steps{choice.reason}."
         )
         if fit.is_global_zero:
-            self._tensorboard.start(fit.loggers, fit.block_names, fit.spec)
+            self._tensorboard.start(
+                fit.loggers, fit.block_names, fit.spec, self._updates.total_keys(fit)
+            )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._fit is not None:  # after a checkpoint restored the step: keep its grid
@@ -223,23 +231,13 @@ class GradientFlowCallback(WatchOutcome, Callback):
         self._remove_hooks()
         self._enforcer.upload_trail()
 
-    def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        self._enforcer.upload_trail()  # the trail as far as this checkpoint
-        self._forensics.save_to(checkpoint)  # where this run lists skipped batches ("auto")
-
-    def on_load_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        self._forensics.load_from(checkpoint)
-
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._diagnosis.finish(trainer)  # findings to TensorBoard's TEXT tab, facts file
 
     def _remove_hooks(self) -> None:
         self._diagnosis.remove()
         self._noise.remove()
+        self._updates.remove()
         if self._probe is not None:
             self._probe.remove()
             self._probe = None
@@ -293,6 +291,7 @@ class GradientFlowCallback(WatchOutcome, Callback):
         verdict = self._forensics.decide(trainer, pl_module, k, measurement, self._probe)
         extra = self._enforcer.act(trainer, optimizer, params, verdict)
         self._forensics.acted(trainer, optimizer, params, self._tensorboard)
+        self._updates.before_step(k, measurement)  # on measured steps: the weights before the step
         if measurement is not None and measurement.skipped_by_scaler:
             # The AMP scaler skips this step (inf/NaN gradients) and lowers its scale: its job, not
             # a measurement. Rules have seen it; nothing is logged unless they halted training.
@@ -302,8 +301,8 @@ class GradientFlowCallback(WatchOutcome, Callback):
         if trainer.is_global_zero:
             histograms = self._probe if self.log_histograms else None
             log_step(trainer, measurement, extra, self._tensorboard, histograms, params)
-        if measurement is not None:  # keep it, and feed the run's diagnosis
-            self.last = measurement
+        if measurement is not None:
+            self.last = measurement  # kept, and fed to the run's diagnosis
             self._diagnosis.observe(trainer, measurement, params)
 
     def on_train_batch_end(
@@ -315,6 +314,7 @@ class GradientFlowCallback(WatchOutcome, Callback):
         batch_idx: int,
     ) -> None:
         self._enforcer.end_step(trainer)
+        self._updates.end_batch()
         self._forensics.batch_end()
         if self._probe is not None:
             self._probe.disarm()
@@ -326,13 +326,9 @@ class GradientFlowCallback(WatchOutcome, Callback):
             return None
         self._forensics.keep_rows(trainer, fit.steps.rows(probe.buffer, k))  # before the reduction
         measurement = fit.measure(
-            probe,
-            k,
-            trainer.global_step,
-            self.log_every_n_steps,
-            scale=loss_scale(trainer),
+            probe, k, trainer.global_step, self.log_every_n_steps, scale=loss_scale(trainer),
             take_loss=lambda: self._enforcer.step_loss(trainer),
-        )
+        )  # fmt: skip
         if measurement is not None:
             update = self._noise.update(trainer, measurement, fit.steps.params[k])
             measurement.metrics.update(update)

@@ -122,6 +122,18 @@ def test_ex08_gan(tmp_path: Path) -> None:
     assert all(step % 2 == 0 for step in steps["grad_norm/disc.0"])
 
 
+def test_ex09_update_ratios(tmp_path: Path) -> None:
+    out = _run("ex09_update_ratios.py", tmp_path)
+    lines = {x.split(":")[0].split()[1]: x for x in out.splitlines() if x.startswith("[ex09] ")}
+    assert "findings: none" in lines["adam_1e-3"] and "alerts 0" in lines["adam_1e-3"]
+    assert "update_ratio_range" in lines["adam_3e-1"] and "alerts 0" not in lines["adam_3e-1"]
+    assert "update_ratio_range" in lines["sgd_1e-5"]
+    ratio = {run: float(line.split()[3].rstrip(",")) for run, line in lines.items()}
+    assert ratio["sgd_1e-5"] < 1e-4 < ratio["adam_1e-3"] < 1e-2 < ratio["adam_3e-1"]
+    report = tmp_path / "ex09_update_ratios" / "report"
+    assert len(list(report.glob("*/update_ratios.png"))) == 3
+
+
 def test_ex09_forensics(tmp_path: Path) -> None:
     out = _run("ex09_forensics.py", tmp_path)
     lines = [x for x in out.splitlines() if x.startswith("[ex09] step")]

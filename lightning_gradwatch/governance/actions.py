@@ -4,7 +4,7 @@ pausing Lightning's own value clipping for that step), save the halt checkpoint.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Callable, Optional, Union
+from typing import Callable, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -13,16 +13,14 @@ from torch.optim import Optimizer
 
 from lightning_gradwatch._compat import foreach_mul_
 from lightning_gradwatch.files import join
+from lightning_gradwatch.governance.engine import Decision
 from lightning_gradwatch.measure.record import MeasurementSpec, measure_params
-
-if TYPE_CHECKING:  # types only
-    from lightning_gradwatch.governance.engine import Decision
 
 __all__ = [
     "GradientActions",
     "NamedParams",
-    "clip_by_decisions",
     "clip_gradients",
+    "clip_to_decisions",
     "drop_gradients",
     "save_halt_checkpoint",
 ]
@@ -69,16 +67,16 @@ def clip_gradients(
     return total
 
 
-def clip_by_decisions(
+def clip_to_decisions(
     params: NamedParams, decisions: Sequence[Decision], total: float, spec: MeasurementSpec
 ) -> float:
-    """Clip by the tightest acting target per mode of ``decisions``; the total norm after it
-    (measured again, combined across ranks, only after a value clip)."""
+    """Clip by the tightest acting target of ``decisions`` per mode (``total``: the finite total
+    norm before clipping, measured with ``spec``); the total norm after it."""
     acting = [d for d in decisions if d.action == "clip" and d.clip_to is not None]
     by_norm = [d.clip_to for d in acting if d.rule.clip_mode == "norm"]
     by_value = [d.clip_to for d in acting if d.rule.clip_mode == "value"]
 
-    def measure_total() -> float:
+    def measure_total() -> float:  # the total norm of the gradients as they are now
         named_grads = [(name, p.grad) for name, p in params if p.grad is not None]
         return measure_params(named_grads, spec, step=-1).total_norm  # type: ignore[arg-type]
 

@@ -1,6 +1,5 @@
-"""The glue between :class:`~lightning_gradwatch.callback.GradientFlowCallback` and governance:
-when the rules are checked (cadence) and on what, agreement across ranks, then the actions, the
-alerts and the logged keys; and the state that goes through checkpoints."""
+"""Governance inside a run: when the rules are checked and on what, agreement across ranks, the
+actions, the alerts, the logged keys, and the state that goes through checkpoints."""
 
 from __future__ import annotations
 
@@ -18,26 +17,23 @@ from lightning_gradwatch._compat import scaler_enabled
 from lightning_gradwatch.governance.actions import (
     GradientActions,
     NamedParams,
-    clip_by_decisions,
+    clip_to_decisions,
     save_halt_checkpoint,
 )
+from lightning_gradwatch.governance.after_step import AfterStepRules
 from lightning_gradwatch.governance.agreement import agree
 from lightning_gradwatch.governance.alerts import Alert
 from lightning_gradwatch.governance.engine import Decision, RuleEngine, strongest
-from lightning_gradwatch.governance.evidence import EvidenceRound, LocalEvidence
+from lightning_gradwatch.governance.evidence import EvidenceRound, EvidenceSource
 from lightning_gradwatch.governance.incidents import IncidentRecorder
 from lightning_gradwatch.governance.intervals import IntervalAggregates, governance_keys
 from lightning_gradwatch.governance.notices import StaleGradientWatch, warn_unmatched
 from lightning_gradwatch.governance.readings import has_nonfinite, rule_values
 from lightning_gradwatch.governance.rules import NO_ACTION, Rule
-from lightning_gradwatch.governance.skip_list import StepMatch
 from lightning_gradwatch.governance.step_loss import StepLoss
 from lightning_gradwatch.governance.verdict import Verdict
 from lightning_gradwatch.keys import CLIPPED_KEY, for_optimizer, total_norm_key
 from lightning_gradwatch.measure.record import GradientMeasurement, MeasurementSpec, measure_params
-
-#: Called on every rank, only when a rule tripped on some rank: this rank's forensic evidence.
-EvidenceSource = Callable[[], LocalEvidence]
 
 __all__ = ["RuleEnforcer"]
 
@@ -57,6 +53,7 @@ class RuleEnforcer:
         self, rules: Sequence[Rule], check_every_n_steps: int, alerts_path: Optional[str]
     ) -> None:
         self.engine = RuleEngine(rules)
+        self.after_rules = AfterStepRules(self.engine)
         self.check_every_n_steps = check_every_n_steps
         self.alerts_path = alerts_path
         self.spec = MeasurementSpec()
@@ -65,7 +62,7 @@ class RuleEnforcer:
         self.block_names: list[str] = []
         self.incidents = IncidentRecorder()
         self._halt_dir = ""
-        self._actions = GradientActions()
+        self.actions = GradientActions()
         self._loss = StepLoss(combine=self.engine.reads_loss)
         self._interval = IntervalAggregates()
         self._stopping = False  # halted in this run: every later update is skipped too
@@ -97,14 +94,14 @@ class RuleEnforcer:
         self.spec = spec
         self._stopping = False
         self._checked_step = -1
-        self._matches_checked = False
+        self._matches_checked = self.after_rules.checked = False
         self._stale = StaleGradientWatch()
         self._halt_dir = halt_dir
         self.incidents.setup(trainer, alerts_path, skip_list_path, bool(self.engine.rules))
 
     def end_step(self, trainer: pl.Trainer) -> None:
         """After the optimizer step: undo what a skipped step paused."""
-        self._actions.end_step(trainer)
+        self.actions.end_step(trainer)
 
     def upload_trail(self) -> None:
         """Copy a spooled trail to its URL: at checkpoints and when the run ends (rank 0)."""
@@ -130,10 +127,6 @@ class RuleEnforcer:
         """This step's loss as a device scalar, to be copied to the host with the step's figures
         (``None`` without rules). Call it on every rank at the same steps (it may average)."""
         return self._loss.take(trainer) if self.engine.rules else None
-
-    def local_loss(self, trainer: pl.Trainer) -> Optional[Tensor]:
-        """This rank's own loss of the step (a device scalar, before any mean over ranks)."""
-        return self._loss.local(trainer)
 
     # -- optimizer step: decide, then act ----------------------------------------------------------
 
@@ -163,7 +156,8 @@ class RuleEnforcer:
         if self._stopping:
             return Verdict(stopping=True)
         measured = measurement is not None
-        if not self.engine.rules or step == self._checked_step or not (measured or self._due(step)):
+        before = self.engine.checks_before_step  # rules on update figures come after the step
+        if not before or step == self._checked_step or not (measured or self._due(step)):
             return Verdict()
         self._checked_step = step
         if measurement is None:
@@ -177,7 +171,7 @@ class RuleEnforcer:
         its alerts, and return the keys to log at this step."""
         measurement = verdict.measurement
         if verdict.stopping:
-            self._actions.skip(trainer, optimizer, params)
+            self.actions.skip(trainer, optimizer, params)
             return {}
         if measurement is None or verdict.agreement is None:
             return {}
@@ -199,10 +193,32 @@ class RuleEnforcer:
         )
         return {**extra, **keys}
 
+    def after_step(
+        self,
+        trainer: pl.Trainer,
+        values: dict[str, float],
+        measurement: GradientMeasurement,
+        restore: Callable[[], None],
+    ) -> dict[str, float]:
+        """The rules on the update figures ``values`` of ``measurement``'s step, once the optimizer
+        stepped: warn, or halt with the weights from before the update put back (``restore``)
+        before the halt checkpoint. Returns the alert counters to log when a rule tripped."""
+        decisions, agreement = self.after_rules.decide(
+            trainer, values, step=measurement.step, block_names=self.block_names
+        )
+        if not decisions:
+            return {}
+        action, checkpoint = strongest(d.action for d in decisions), None
+        if action == "halt":
+            restore()
+            checkpoint = save_halt_checkpoint(trainer, self._halt_dir, measurement.step)
+        verdict = Verdict(measurement, True, [], agreement, decisions)  # no batch evidence here
+        self._record(trainer, decisions, verdict, action, checkpoint)
+        return self.engine.counters()
+
     def _due(self, step: int) -> bool:
-        """Whether an unmeasured step is checked: rules that run every step exist, this is their
-        step, and what they read is there (parameter figures, where ``p.grad`` is the gradient, or
-        the loss; under FSDP1/DeepSpeed only measured block figures count otherwise)."""
+        """Whether an unmeasured step is checked by the every-step rules: their step, and what they
+        read is there (parameter figures where ``p.grad`` is the gradient, or the loss)."""
         return (
             self.engine.needs_every_step
             and step % self.check_every_n_steps == 0
@@ -272,27 +288,14 @@ class RuleEnforcer:
         extra: dict[str, float] = {}
         checkpoint = None
         if action == "clip":
-            extra[for_optimizer(CLIPPED_KEY, self._optimizer)] = clip_by_decisions(
-                params, decisions, total, self.spec
-            )
+            clipped = clip_to_decisions(params, decisions, total, self.spec)
+            extra[for_optimizer(CLIPPED_KEY, self._optimizer)] = clipped
         elif action in ("skip", "halt"):
             if action == "halt":
                 checkpoint = save_halt_checkpoint(trainer, self._halt_dir, measurement.step)
-            self._actions.skip(trainer, optimizer, params)
+            self.actions.skip(trainer, optimizer, params)
         self._record(trainer, decisions, verdict, action, checkpoint)
         return extra
-
-    def skip_from_list(
-        self,
-        trainer: pl.Trainer,
-        optimizer: Optimizer,
-        params: NamedParams,
-        replay: tuple[LocalEvidence, Sequence[Optional[str]], StepMatch, str],
-    ) -> Alert:
-        """Skip this step's update because the skip list names its batch (``replay``: this
-        rank's evidence, every rank's fingerprints, the match and the list's path); recorded."""
-        self._actions.skip(trainer, optimizer, params)
-        return self.incidents.record_replay(trainer, *replay)
 
     def _record(
         self,

@@ -25,6 +25,7 @@ from lightning_gradwatch.numerics.norms import NormType, combines_by_max, finali
 __all__ = [
     "BatchIndex",
     "EvidenceRound",
+    "EvidenceSource",
     "LocalEvidence",
     "RankEvidence",
     "block_figures",
@@ -32,6 +33,8 @@ __all__ = [
     "unpack_evidence",
 ]
 
+#: Called on every rank, only when a rule tripped on some rank: this rank's evidence.
+EvidenceSource = Callable[[], "LocalEvidence"]
 #: A step's batch index: an int, or the list of its micro-batch indices under accumulation.
 BatchIndex = Union[int, list[int]]
 #: Floats in front of the block rows in a packed evidence vector.

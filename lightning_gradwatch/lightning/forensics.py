@@ -162,8 +162,9 @@ class StepForensics:
         """After acting: skip the update if the skip list names this batch, and write the step's
         new alerts to TensorBoard's TEXT tab (rank 0)."""
         replay = self.replay.check(trainer, self.batches) if self.active else None
-        if replay is not None:
-            self.enforcer.skip_from_list(trainer, optimizer, params, replay)
+        if replay is not None:  # the skip list names this batch: skip its update, and record it
+            self.enforcer.actions.skip(trainer, optimizer, params)
+            self.enforcer.incidents.record_replay(trainer, *replay)
         alerts = self.enforcer.alerts
         if trainer.is_global_zero and len(alerts) > self._known:
             tensorboard.incidents(alerts[self._known :])

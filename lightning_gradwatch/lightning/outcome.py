@@ -1,17 +1,23 @@
 """What a watched run has produced so far and what it keeps across checkpoints: the alerts, the
-halt, the findings, the first step's report, and the callback's checkpointed state."""
+halt, the findings, the first step's report, and the callback's checkpointed state (and what it
+adds to a checkpoint beside it: the trail uploaded, the path of the run's skip list)."""
 
 from __future__ import annotations
 
 from typing import Any, Optional
+
+import lightning.pytorch as pl
 
 from lightning_gradwatch.diagnosis.findings import Finding
 from lightning_gradwatch.diagnosis.first_step import FirstStepReport
 from lightning_gradwatch.governance.alerts import Alert
 from lightning_gradwatch.governance.enforcer import RuleEnforcer
 from lightning_gradwatch.lightning.diagnosis import RunDiagnosis
+from lightning_gradwatch.lightning.forensics import StepForensics
 from lightning_gradwatch.lightning.noise_monitor import NoiseScaleMonitor
+from lightning_gradwatch.lightning.updates import UpdateWatch
 from lightning_gradwatch.measure.record import MeasurementSpec
+from lightning_gradwatch.measure.updates import UpdateMeasurement
 
 __all__ = ["STATE_VERSION", "WatchOutcome"]
 
@@ -30,6 +36,8 @@ class WatchOutcome:
     _enforcer: RuleEnforcer
     _diagnosis: RunDiagnosis
     _noise: NoiseScaleMonitor
+    _updates: UpdateWatch
+    _forensics: StepForensics
 
     @property
     def norm_type(self) -> str:
@@ -53,6 +61,12 @@ class WatchOutcome:
         """Diagnoses over the measured steps of this fit so far (the last 32 and the first 3)
         (:mod:`lightning_gradwatch.diagnosis.checks`); empty when nothing was found."""
         return self._diagnosis.findings
+
+    @property
+    def last_updates(self) -> Optional[UpdateMeasurement]:
+        """The latest measured step's update figures (``log_updates=True``; ``None`` before the
+        first): ``update_ratio``, ``update_ratios`` per block, ``cosine``, ..., and ``metrics``."""
+        return self._updates.last
 
     @property
     def first_step_report(self) -> Optional[FirstStepReport]:
@@ -81,3 +95,14 @@ class WatchOutcome:
         # measuring grid now follows the restored global step (`on_train_start`), so it is dropped.
         self._enforcer.load_state_dict(state_dict.get("governance", {}))
         self._noise.estimator.load_state_dict(state_dict.get("noise_scale", {}))
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._enforcer.upload_trail()  # the trail as far as this checkpoint
+        self._forensics.save_to(checkpoint)  # where this run lists skipped batches ("auto")
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._forensics.load_from(checkpoint)

@@ -130,8 +130,10 @@ class TensorBoardWriter:
         loggers: Iterable[Logger],
         block_names: Sequence[str],
         spec: Optional[MeasurementSpec] = None,
+        update_totals: Sequence[str] = (),
     ) -> None:
-        """Find the TensorBoard writers, write the layout and, given the callback's ``spec``, its
+        """Find the TensorBoard writers, write the layout (with the update ratios' chart given
+        ``update_totals``, the ``update_ratio_total`` keys) and, given the callback's ``spec``, its
         measuring settings as text (``gradwatch report`` reads them). Call on global rank zero."""
         loggers = list(loggers)
         self._writers = tensorboard_writers(loggers)
@@ -148,7 +150,7 @@ class TensorBoardWriter:
             return
         if self.figure_every_n_steps is not None:
             import_matplotlib()  # fail at fit start, not at the first picture
-        layout = custom_scalars_layout(block_names)
+        layout = custom_scalars_layout(block_names, update_totals)
         config = None if spec is None else json.dumps(run_config(spec, block_names))
         for writer in self._writers:
             writer.add_custom_scalars(layout)

@@ -21,6 +21,7 @@ from lightning_gradwatch.keys import (
     gain_key,
     log_gain_key,
     norm_key,
+    update_ratio_key,
 )
 
 PLOTS_EXTRA = "lightning-gradwatch[plots]"
@@ -41,6 +42,7 @@ GAINS_CHART = "backward gains"
 LOG_GAINS_CHART = "backward log-gains"
 TOTAL_CHART = "total gradient norm"
 CATEGORIES_CHART = "transition categories"
+UPDATES_CHART = "update-to-weight ratios"
 
 
 def import_matplotlib() -> tuple[Any, Any]:
@@ -194,16 +196,23 @@ def _label_rows(axes: Any, labels: Sequence[str]) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def custom_scalars_layout(block_names: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
+def custom_scalars_layout(
+    block_names: Sequence[str], update_totals: Sequence[str] = ()
+) -> dict[str, dict[str, list[Any]]]:
     """The layout for ``SummaryWriter.add_custom_scalars``: every block's norm in one multi-line
     chart, every gain in another, log-gains, the total norm and the category counts (the total
-    alone when there are no blocks).
+    alone when there are no blocks); given ``update_totals`` (``log_updates=True``: the
+    ``update_ratio_total`` keys), every block's update ratio and those totals in one more chart.
 
     Each tag is listed by its full name (TensorBoard reads them as regular expressions; a ``.`` in a
     name matches itself among others, and every match is one of our tags)."""
     names = list(block_names)
+    updates = {
+        UPDATES_CHART: ["Multiline", [update_ratio_key(n) for n in names] + list(update_totals)]
+    }
     if not names:
-        return {LAYOUT_CATEGORY: {TOTAL_CHART: ["Multiline", [TOTAL_NORM_KEY]]}}
+        charts = {TOTAL_CHART: ["Multiline", [TOTAL_NORM_KEY]]}
+        return {LAYOUT_CATEGORY: {**charts, **(updates if update_totals else {})}}
     return {
         LAYOUT_CATEGORY: {
             NORMS_CHART: ["Multiline", [norm_key(name) for name in names]],
@@ -217,6 +226,7 @@ def custom_scalars_layout(block_names: Sequence[str]) -> dict[str, dict[str, lis
                     for c in ("amplifying", "damping", "healthy", "vanishing", "missing")
                 ],
             ],
+            **(updates if update_totals else {}),
         }
     }
 

@@ -37,6 +37,7 @@ from lightning_gradwatch.keys import (
     NORM_PREFIX,
     PARAM_NORM_PREFIX,
     STATS_PREFIX,
+    UPDATE_KEY_PREFIXES,
 )
 from lightning_gradwatch.keys import TOTAL_NORM_KEY as TOTAL_NORM_TAG
 from lightning_gradwatch.report.events import ReportError, iter_events
@@ -55,6 +56,7 @@ GRADWATCH_PREFIXES = (
     STATS_PREFIX,
     PARAM_NORM_PREFIX,
     NOISE_PREFIX,
+    *UPDATE_KEY_PREFIXES,
 )
 #: Tags that make a run a gradwatch run: block norms, or the total (a run without blocks).
 MEASURED_PREFIXES = (NORM_PREFIX, TOTAL_NORM_TAG)
