@@ -22,7 +22,6 @@ from lightning_gradwatch.governance.actions import (
 )
 from lightning_gradwatch.governance.after_step import AfterStepRules
 from lightning_gradwatch.governance.agreement import agree
-from lightning_gradwatch.governance.alerts import Alert
 from lightning_gradwatch.governance.engine import Decision, RuleEngine, strongest
 from lightning_gradwatch.governance.evidence import EvidenceRound, EvidenceSource
 from lightning_gradwatch.governance.incidents import IncidentRecorder
@@ -71,10 +70,6 @@ class RuleEnforcer:
         self._optimizer: Optional[str] = None
         self._stale = StaleGradientWatch()
         self._matches_checked = False
-
-    @property
-    def alerts(self) -> list[Alert]:
-        return self.incidents.alerts
 
     # -- lifecycle -------------------------------------------------------------------------------
 

@@ -93,7 +93,7 @@ class StepForensics:
     ) -> Optional[Callable[[], LocalEvidence]]:
         """What the enforcer calls, on every rank and only when a rule tripped somewhere, for
         this rank's evidence (the loss is the enforcer's own)."""
-        self._known = len(self.enforcer.alerts)
+        self._known = len(self.enforcer.incidents.alerts)
         if not self.active:
             return None
 
@@ -165,7 +165,7 @@ class StepForensics:
         if replay is not None:  # the skip list names this batch: skip its update, and record it
             self.enforcer.actions.skip(trainer, optimizer, params)
             self.enforcer.incidents.record_replay(trainer, *replay)
-        alerts = self.enforcer.alerts
+        alerts = self.enforcer.incidents.alerts
         if trainer.is_global_zero and len(alerts) > self._known:
             tensorboard.incidents(alerts[self._known :])
 

@@ -46,7 +46,7 @@ class WatchOutcome:
 
     @property
     def alerts(self) -> list[Alert]:
-        return self._enforcer.alerts
+        return self._enforcer.incidents.alerts
 
     @property
     def halted(self) -> bool:
