@@ -17,6 +17,9 @@
   and rank 1's output is corrupted in the first execution of step ``CORRUPTED_STEP`` only. A skip
   rule on the loss with ``rerun=True`` and a warn rule on the total norm trip at both steps. Each
   rank saves ``rank<r>.pt``.
+* ``forensics_replay``: the same data without the corruption and without rules, replaying the skip
+  list ``forensics_ddp`` wrote under ``OUT_DIR`` (``skip_batches``); logs under ``OUT_DIR/replay``,
+  each rank saves ``replay<r>.pt``.
 """
 
 from __future__ import annotations
@@ -171,6 +174,23 @@ def forensics_ddp(out_dir: str) -> None:
     torch.save(record, Path(out_dir) / f"rank{trainer.global_rank}.pt")
 
 
+def forensics_replay(out_dir: str) -> None:
+    """Rank 1's poisoned batch again, skipped from the list the ``forensics_ddp`` run wrote."""
+    pl.seed_everything(0, verbose=False)
+    model = PoisonNet(poison=((0, POISONED_BATCH),), rank=1, n_samples=64, batch_size=8)
+    listed = Path(out_dir) / "csv" / "version_0" / "gradwatch_skipped_batches.json"
+    callback = GradientFlowCallback(log_every_n_steps=1, rules=[], skip_batches=listed)
+    folder = str(Path(out_dir) / "replay")
+    trainer = ddp_trainer(folder, [callback], max_steps=8, use_distributed_sampler=False)
+    trainer.fit(model)
+    keys = ("step", "epoch", "rule", "action", "condition", "batch_idx", "fingerprints")
+    record = {
+        "alerts": [{k: getattr(a, k) for k in keys} for a in callback.alerts],
+        "weights": model.weights,
+    }
+    torch.save(record, Path(out_dir) / f"replay{trainer.global_rank}.pt")
+
+
 def kill(out_dir: str) -> None:
     pl.seed_everything(0, verbose=False)
     callback = GradientFlowCallback(
@@ -198,5 +218,6 @@ if __name__ == "__main__":
         "kill": kill,
         "loss_ddp": loss_ddp,
         "forensics_ddp": forensics_ddp,
+        "forensics_replay": forensics_replay,
     }
     scenarios[sys.argv[1]](sys.argv[2])

@@ -204,3 +204,13 @@ def test_forensics_name_the_rank_and_rerun_tells_bad_data_from_a_transient_fault
         (s, "bad_batch", 1),
         (s, "spike", 1),
     ]
+    # A later run without rules replays the list: both ranks skip that step, and only that one.
+    run_ranks("forensics_replay", tmp_path)
+    replays = [torch.load(tmp_path / f"replay{r}.pt", weights_only=False) for r in (0, 1)]
+    for replay in replays:
+        (alert,) = replay["alerts"]
+        assert (alert["step"], alert["batch_idx"], alert["action"]) == (b, b, "skip")
+        assert alert["condition"] == "skipped from list" and alert["fingerprints"] == prints
+        weights = replay["weights"]
+        assert same_weights(weights[b + 1], weights[b])
+        assert all(not same_weights(weights[t + 1], weights[t]) for t in range(7) if t != b)
