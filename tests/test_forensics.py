@@ -7,9 +7,11 @@ shuffled resume, whose batch at that index holds other data, is warned about and
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
+import fsspec
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -259,3 +261,28 @@ def test_report_and_tensorboard_show_the_incident(
     assert event.step == STEP
     assert "| batch | epoch 1, batch 2 |" in markdown and "| rerun | reproducible |" in markdown
     assert alert.message in markdown
+
+
+def test_skip_list_on_a_url_is_written_and_replayed_through_fsspec(tmp_path: Path) -> None:
+    root = f"memory://gradwatch-forensics-{uuid.uuid4().hex[:10]}"
+    memory = fsspec.filesystem("memory")
+    try:
+        for name, rules, skip_batches in (
+            ("first", [bad_batch_rule()], None),
+            ("again", [], f"{root}/first/version_0/{SKIP_LIST_FILENAME}"),
+        ):
+            torch.manual_seed(0)
+            model = PoisonNet(poison=(POISON,), n_samples=SAMPLES, batch_size=BATCH)
+            callback = GradientFlowCallback(rules=rules, skip_batches=skip_batches)
+            logger = CSVLogger(root, name=name, version=0)
+            fit_csv(tmp_path, model, [callback], logger=logger, max_steps=8, default_root_dir=root)
+            (alert,) = callback.alerts
+            assert (alert.step, alert.batch_idx, alert.action) == (STEP, 2, "skip")
+            assert same_weights(model.weights[STEP + 1], model.weights[STEP])
+        assert alert.condition == "skipped from list" and alert.skip_list == skip_batches
+        (entry,) = json.loads(memory.cat_file(skip_batches.removeprefix("memory://")))
+        assert entry["step"] == STEP
+        assert not list(tmp_path.glob("memory:*")) and not Path("memory:").exists()
+    finally:
+        if memory.exists(root.removeprefix("memory://")):
+            memory.rm(root.removeprefix("memory://"), recursive=True)
