@@ -160,6 +160,11 @@ class PoisonNet(FaultNet):
         self.poison, self.poison_rank, self.shuffle = set(poison), rank, shuffle
         self.corrupt = set(corrupt)
         self.corrupted: set[int] = set()
+        self.seen: list[tuple[int, int, int]] = []  # (step, epoch, batch_idx) of every batch
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        self.seen.append((self.trainer.global_step, self.current_epoch, batch_idx))
 
     def train_dataloader(self) -> DataLoader:
         rank = self.global_rank
