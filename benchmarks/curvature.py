@@ -47,8 +47,8 @@ class StepClock(pl.Callback):
     def on_train_batch_start(self, *args: Any) -> None:
         self.starts.append(time.perf_counter())
         # power iterations of the previous step's curvature, if it had one
-        self.iterations.append(dict(self.watch._curvature.last_iterations))
-        self.watch._curvature.last_iterations.clear()
+        self.iterations.append(dict(self.watch._extras.curvature.last_iterations))
+        self.watch._extras.curvature.last_iterations.clear()
 
     def durations(self) -> list[float]:
         return [b - a for a, b in zip(self.starts, self.starts[1:])]

@@ -18,23 +18,18 @@ from lightning_gradwatch.governance import Rule, validate_rules
 from lightning_gradwatch.governance.enforcer import RuleEnforcer
 from lightning_gradwatch.keys import DEFAULT_EPS
 from lightning_gradwatch.lightning.context import FitContext, build_fit_context, require_a_logger
-from lightning_gradwatch.lightning.curvature import CurvatureMonitor
 from lightning_gradwatch.lightning.diagnosis import RunDiagnosis
-from lightning_gradwatch.lightning.noise_monitor import NoiseScaleMonitor
+from lightning_gradwatch.lightning.extras import StepExtras
 from lightning_gradwatch.lightning.outcome import WatchOutcome
 from lightning_gradwatch.lightning.sinks import log_step
 from lightning_gradwatch.lightning.tensorboard import TensorBoardWriter
 from lightning_gradwatch.measure.blocks import choose_blocks, eager_name, validate_blocks_spec
 from lightning_gradwatch.measure.probe import GradientProbe
 from lightning_gradwatch.measure.record import GradientMeasurement, MeasurementSpec
-from lightning_gradwatch.numerics.norms import validate_norm_type
 from lightning_gradwatch.validation import (
     check_optional_positive_int,
-    check_param_filter,
     check_path,
-    check_positive,
     check_positive_int,
-    check_thresholds,
     check_type,
 )
 
@@ -43,14 +38,12 @@ class GradientFlowCallback(WatchOutcome, Callback):
     r"""Measure and log gradient flow through a model's blocks while it trains.
 
     Every ``log_every_n_steps`` optimizer steps (``trainer.global_step`` 0, n, 2n, ...) it measures
-    the gradient at each block's output (tensor hooks, over the step's micro-batches) and every
-    parameter gradient (after accumulation and AMP unscaling, before clipping), with one host copy,
-    and writes it in one ``log_metrics`` call per logger. On unmeasured steps the hooks return at
-    once; only rules checked every step cost anything there.
-
-    Logged keys (``grad_norm/<block>``, ``grad_gain/<block>``, ``grad_log_gain/<block>``,
-    ``grad_norm_total``, ``grad_param_norm/<param>``, ``grad_flow/<stat>``, ``grad_stats/<stat>``,
-    ``grad_noise/<stat>``): the README's table, spelled once in :mod:`lightning_gradwatch.keys`.
+    the gradient at each block's output (tensor hooks, combined over the step's micro-batches) and
+    every parameter gradient (after accumulation and AMP unscaling, before clipping), batched on
+    the device with one host copy, and writes it in one ``log_metrics`` call per logger. On
+    unmeasured steps the hooks return at once; only rules checked every step cost anything there.
+    Logged keys (``grad_norm/<block>``, ``grad_gain/<block>``, ``grad_log_gain/<block>``, ...,
+    ``update_ratio/<block>``): the README's table, spelled once in :mod:`lightning_gradwatch.keys`.
 
     With several optimizers (manual optimization) each ``optimizer.step()`` is measured over what it
     owns; its total is logged as ``grad_norm_total/<name>`` (``LearningRateMonitor``'s name:
@@ -89,6 +82,13 @@ class GradientFlowCallback(WatchOutcome, Callback):
         noise_scale: estimate the gradient noise scale on measured steps (default ``False``: one
             more norm pass, and one tiny all-reduce under DDP; see docs/noise-scale.md).
         log_curvature, curvature_*: the Hessian and the edge of stability (docs/curvature.md).
+        log_updates: on measured steps, what ``optimizer.step()`` did: ``update_ratio/<block>``,
+            weight norms, Adam's state (default ``False``: one copy of the parameters then, nothing
+            on other steps; see docs/updates.md). Rules may then read them (warn or halt).
+        skip_batches: skip the optimizer step of the batches a skip list names (matched by
+            fingerprint, see docs/forensics.md): its path or URL, or ``"auto"``: when resuming,
+            the ``gradwatch_skipped_batches.json`` that ``skip``/``halt`` decisions wrote beside
+            the alert trail (default ``None``: none).
 
     Example::
 
@@ -123,20 +123,17 @@ class GradientFlowCallback(WatchOutcome, Callback):
         curvature_every_n_steps: int = 500,
         curvature_iterations: int = 30,
         curvature_probes: int = 2,
+        log_updates: bool = False,
+        skip_batches: Optional[Union[str, os.PathLike[str]]] = None,
     ) -> None:
         super().__init__()
         self.blocks = validate_blocks_spec(blocks)
         self.log_every_n_steps = check_positive_int(log_every_n_steps, "log_every_n_steps")
-        low, high = check_thresholds(damping_threshold, amplifying_threshold)
-        self.spec = MeasurementSpec(
-            norm_type=validate_norm_type(norm_type),
-            eps=check_positive(eps, "eps"),
-            damping_threshold=low,
-            amplifying_threshold=high,
-            large_threshold=check_positive(large_threshold, "large_threshold"),
-            grad_stats=check_type(log_grad_stats, bool, "log_grad_stats"),
-            log_param_norms=check_param_filter(log_param_norms),
-        )
+        self.spec = MeasurementSpec.from_arguments(
+            norm_type=norm_type, eps=eps, damping_threshold=damping_threshold,
+            amplifying_threshold=amplifying_threshold, large_threshold=large_threshold,
+            log_grad_stats=log_grad_stats, log_param_norms=log_param_norms,
+        )  # fmt: skip
         self.log_histograms = check_type(log_histograms, bool, "log_histograms")
         self.require_logger = check_type(require_logger, bool, "require_logger")
         self.rules = validate_rules(rules)
@@ -154,17 +151,20 @@ class GradientFlowCallback(WatchOutcome, Callback):
         self._fit: Optional[FitContext] = None  #: what fit start decided (``None`` outside a fit)
         self._armed_step = -1
         self._diagnosis = RunDiagnosis()
-        self.noise_scale = check_type(noise_scale, bool, "noise_scale")
-        self._noise = NoiseScaleMonitor(self.noise_scale)
-        self._curvature = CurvatureMonitor(
-            log_curvature, curvature_every_n_steps, curvature_iterations, curvature_probes
-        )
+        #: The optional per-step helpers: noise scale, update figures, curvature, forensics.
+        self._extras = StepExtras(
+            self.rules, self._enforcer, noise_scale=noise_scale, log_curvature=log_curvature,
+            curvature_every_n_steps=curvature_every_n_steps,
+            curvature_iterations=curvature_iterations, curvature_probes=curvature_probes,
+            log_updates=log_updates, skip_batches=skip_batches,
+        )  # fmt: skip
+        self.noise_scale, self.log_updates = self._extras.noise_scale, self._extras.log_updates
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":  # before the strategy registers a user's DDP hook: wrap it
-            self._noise.setup(trainer)
+            self._extras.setup(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.require_logger:
@@ -197,15 +197,22 @@ class GradientFlowCallback(WatchOutcome, Callback):
             fit.spec,
             alerts_path=fit.files.alerts_path,
             halt_dir=fit.files.halt_dir,
+            skip_list_path=fit.files.skip_list_path,
         )
         self._diagnosis.start(trainer, pl_module, fit.blocks, fit.spec, self.rules, fit.files)
-        self._noise.start(trainer, pl_module, fit.plan)
+        self._extras.start(trainer, pl_module, fit, self.rules, self._enforcer, self._diagnosis)
         rank_zero_info(
             f"GradientFlowCallback: watching {choice.describe(self.block_names)} "
             f"every {self.log_every_n_steps} optimizer steps{choice.reason}."
         )
         if fit.is_global_zero:
-            self._tensorboard.start(fit.loggers, fit.block_names, fit.spec, self._curvature.enabled)
+            self._tensorboard.start(
+                fit.loggers,
+                fit.block_names,
+                fit.spec,
+                self._extras.updates.total_keys(fit),
+                curvature=self._extras.curvature.enabled,
+            )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._fit is not None:  # after a checkpoint restored the step: keep its grid
@@ -222,17 +229,12 @@ class GradientFlowCallback(WatchOutcome, Callback):
         self._remove_hooks()
         self._enforcer.upload_trail()
 
-    def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        self._enforcer.upload_trail()  # the trail as far as this checkpoint
-
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._diagnosis.finish(trainer)  # findings to TensorBoard's TEXT tab, facts file
 
     def _remove_hooks(self) -> None:
         self._diagnosis.remove()
-        self._noise.remove()
+        self._extras.remove()
         if self._probe is not None:
             self._probe.remove()
             self._probe = None
@@ -246,8 +248,7 @@ class GradientFlowCallback(WatchOutcome, Callback):
         measured = fit is not None and fit.batch_starts(
             step, trainer.current_epoch, self.log_every_n_steps
         )
-        self._noise.on_batch_start(trainer, batch, measured)
-        self._curvature.on_batch_start(trainer, pl_module, batch, batch_idx)
+        self._extras.batch_start(trainer, pl_module, batch, batch_idx, measured)
         if fit is None or self._probe is None or not measured:
             return
         # First micro-batch of a measured step: start from zero. Later micro-batches of the same
@@ -280,11 +281,15 @@ class GradientFlowCallback(WatchOutcome, Callback):
         k = steps.index(optimizer)
         params = steps.params[k]
         measurement = self._measure(trainer, k)
-        curv = self._curvature.step(trainer, optimizer, steps.names[k], self._probe, measurement)
+        extras = self._extras
+        curv = extras.curvature.step(trainer, optimizer, steps.names[k], self._probe, measurement)
         steps.stepped(k, trainer.global_step)
-        # Rules see the pre-clip figures; they may clip, drop the gradients or stop training.
-        verdict = self._enforcer.decide(trainer, pl_module, k, steps.names[k], params, measurement)
+        # Rules see the pre-clip figures (a trip names its batch and rank, and may be rerun); they
+        # may clip, drop the gradients or stop training.
+        verdict = extras.forensics.decide(trainer, pl_module, k, measurement, self._probe)
         extra = {**self._enforcer.act(trainer, optimizer, params, verdict), **curv}
+        extras.forensics.acted(trainer, optimizer, params, self._tensorboard)
+        extras.updates.before_step(k, measurement)  # on measured steps: the weights before the step
         if measurement is not None and measurement.skipped_by_scaler:
             # The AMP scaler skips this step (inf/NaN gradients) and lowers its scale: its job, not
             # a measurement. Rules have seen it; nothing is logged unless they halted training.
@@ -294,8 +299,8 @@ class GradientFlowCallback(WatchOutcome, Callback):
         if trainer.is_global_zero:
             histograms = self._probe if self.log_histograms else None
             log_step(trainer, measurement, extra, self._tensorboard, histograms, params)
-        if measurement is not None:  # keep it and feed the run's diagnosis
-            self.last = measurement
+        if measurement is not None:
+            self.last = measurement  # kept, and fed to the run's diagnosis
             self._diagnosis.observe(trainer, measurement, params)
 
     def on_train_batch_end(
@@ -307,6 +312,7 @@ class GradientFlowCallback(WatchOutcome, Callback):
         batch_idx: int,
     ) -> None:
         self._enforcer.end_step(trainer)
+        self._extras.batch_end()
         if self._probe is not None:
             self._probe.disarm()
 
@@ -315,26 +321,14 @@ class GradientFlowCallback(WatchOutcome, Callback):
         fit, probe = self._fit, self._probe
         if fit is None or probe is None or not probe.armed:
             return None
+        self._extras.forensics.keep_rows(
+            trainer, fit.steps.rows(probe.buffer, k)
+        )  # before the reduction
         measurement = fit.measure(
-            probe,
-            k,
-            trainer.global_step,
-            self.log_every_n_steps,
-            scale=loss_scale(trainer),
+            probe, k, trainer.global_step, self.log_every_n_steps, scale=loss_scale(trainer),
             take_loss=lambda: self._enforcer.step_loss(trainer),
-        )
+        )  # fmt: skip
         if measurement is not None:
-            update = self._noise.update(trainer, measurement, fit.steps.params[k])
+            update = self._extras.noise.update(trainer, measurement, fit.steps.params[k])
             measurement.metrics.update(update)
         return measurement
-
-    # -- state -----------------------------------------------------------------------------------
-
-    @property
-    def state_key(self) -> str:
-        # Unique per configuration, so several instances (e.g. one per norm type) can share a
-        # Trainer and a checkpoint.
-        blocks = self.blocks if isinstance(self.blocks, (str, list)) else "callable"
-        return self._generate_state_key(
-            blocks=blocks, norm_type=self.spec.norm_type, log_every_n_steps=self.log_every_n_steps
-        )

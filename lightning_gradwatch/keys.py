@@ -8,6 +8,7 @@ Per-block keys are ``<prefix><block>`` (``grad_norm/blocks.3``), per-parameter k
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 __all__ = [
@@ -46,6 +47,18 @@ __all__ = [
     "STATS_PREFIX",
     "SUMMARY_KEYS",
     "TOTAL_NORM_KEY",
+    "UPDATE_FAMILIES",
+    "UPDATE_GRAD_COSINE_KEY",
+    "UPDATE_KEY_PREFIXES",
+    "UPDATE_NORM_TOTAL_KEY",
+    "UPDATE_RATIO_PREFIX",
+    "UPDATE_RATIO_TOTAL_KEY",
+    "UPDATE_TOTAL_KEYS",
+    "EPS_FRACTION_KEY",
+    "MOMENT_NORM_KEY",
+    "OPTIM_PREFIX",
+    "WEIGHT_NORM_PREFIX",
+    "WEIGHT_NORM_TOTAL_KEY",
     "alert_key",
     "clip_threshold_key",
     "flow_key",
@@ -59,6 +72,9 @@ __all__ = [
     "for_optimizer",
     "optimizer_of",
     "total_norm_key",
+    "is_update_metric",
+    "update_ratio_key",
+    "weight_norm_key",
 ]
 
 #: Norms at or below this count as zero (a gain into them is ``inf``: vanishing).
@@ -159,9 +175,45 @@ CURVATURE_KEYS: tuple[str, ...] = (
     SHARPNESS_RATIO_KEY,
 )
 
+#: What the optimizer step did (``log_updates=True``), measured around ``optimizer.step()``:
+#: ``update_ratio/<block>`` = ||theta_after - theta_before|| / ||theta_before|| over the block's
+#: parameters, ``weight_norm/<block>`` = ||theta_before||, and the same over all the stepping
+#: optimizer's parameters; ``update_norm_total`` = ||theta_after - theta_before|| (always L2).
+UPDATE_RATIO_PREFIX = "update_ratio/"
+WEIGHT_NORM_PREFIX = "weight_norm/"
+UPDATE_RATIO_TOTAL_KEY = "update_ratio_total"
+WEIGHT_NORM_TOTAL_KEY = "weight_norm_total"
+UPDATE_NORM_TOTAL_KEY = "update_norm_total"
+#: The optimizer's state: the share of elements whose bias-corrected sqrt(v_hat) is below the
+#: optimizer's eps and ||m|| (Adam-style state only), and the cosine between the applied update and
+#: the negative gradient (every optimizer).
+OPTIM_PREFIX = "optim/"
+EPS_FRACTION_KEY = OPTIM_PREFIX + "eps_fraction"
+MOMENT_NORM_KEY = OPTIM_PREFIX + "moment_norm"
+UPDATE_GRAD_COSINE_KEY = OPTIM_PREFIX + "update_grad_cosine"
+#: The update figures over all of a step's parameters: with several optimizers each is logged per
+#: optimizer, ``<key>/<optimizer>`` (:func:`for_optimizer`), as ``grad_norm_total`` is.
+UPDATE_TOTAL_KEYS: tuple[str, ...] = (
+    UPDATE_RATIO_TOTAL_KEY,
+    WEIGHT_NORM_TOTAL_KEY,
+    UPDATE_NORM_TOTAL_KEY,
+    EPS_FRACTION_KEY,
+    MOMENT_NORM_KEY,
+    UPDATE_GRAD_COSINE_KEY,
+)
+#: Every update key starts with one of these.
+UPDATE_KEY_PREFIXES: tuple[str, ...] = (UPDATE_RATIO_PREFIX, WEIGHT_NORM_PREFIX, *UPDATE_TOTAL_KEYS)
+#: The stems of every update key: a rule whose metric starts with one is checked after the step.
+UPDATE_FAMILIES: tuple[str, ...] = (
+    "update_ratio",
+    "weight_norm",
+    UPDATE_NORM_TOTAL_KEY,
+    OPTIM_PREFIX,
+)
+
 #: Every logged key a rule may name exactly.
 KNOWN_KEYS: frozenset[str] = frozenset(
-    [TOTAL_NORM_KEY, CLIPPED_KEY, *NOISE_KEYS, *CURVATURE_KEYS]
+    [TOTAL_NORM_KEY, CLIPPED_KEY, *NOISE_KEYS, *CURVATURE_KEYS, *UPDATE_TOTAL_KEYS]
     + [FLOW_PREFIX + key for key in (*SUMMARY_KEYS, END_TO_END_KEY)]
     + [STATS_PREFIX + key for key in GRAD_STAT_KEYS]
 )
@@ -172,6 +224,8 @@ KEY_PREFIXES: tuple[str, ...] = (
     LOG_GAIN_PREFIX,
     PARAM_NORM_PREFIX,
     ALERTS_PREFIX,
+    UPDATE_RATIO_PREFIX,
+    WEIGHT_NORM_PREFIX,
 )
 
 
@@ -198,6 +252,22 @@ def _with_suffix(key: str, suffix: str) -> str:
     ``grad_norm_total_max/Adam``)."""
     optimizer = optimizer_of(key)
     return for_optimizer(TOTAL_NORM_KEY + suffix, optimizer) if optimizer else key + suffix
+
+
+def is_update_metric(metric: str) -> bool:
+    """Whether ``metric`` (a key or a ``*`` pattern) names an update figure, known only once the
+    optimizer stepped: its literal head (before any ``*``, ``?`` or ``[``) and one of
+    :data:`UPDATE_FAMILIES` start alike (``update_ratio/*``, ``update_ratio_total/Adam``)."""
+    head = re.split(r"[*?\[]", metric, maxsplit=1)[0]
+    return bool(head) and any(f.startswith(head) or head.startswith(f) for f in UPDATE_FAMILIES)
+
+
+def update_ratio_key(block: str) -> str:
+    return UPDATE_RATIO_PREFIX + block
+
+
+def weight_norm_key(block: str) -> str:
+    return WEIGHT_NORM_PREFIX + block
 
 
 def norm_key(block: str) -> str:

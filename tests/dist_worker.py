@@ -19,6 +19,12 @@ Scenarios: ``ddp`` (``strategy="ddp"``, 2 CPU processes, ``accumulate_grad_batch
 ``fsdp2`` (``ModelParallelStrategy`` with ``fully_shard`` in ``configure_model``) and ``gns`` (like
 ``ddp``, one L2 callback with ``noise_scale=True``, and a user's ``ddp_comm_hook`` that counts its
 calls, registered on CPU as Lightning does on CUDA; ``user_hook_calls`` is saved too).
+
+``ddp_updates`` and ``fsdp2_updates``: like ``ddp`` / ``fsdp2`` with one L2 callback,
+``log_updates=True``, AdamW and a warn rule on ``update_ratio_total`` that trips at every measured
+step; each rank also saves ``after[step]`` (the full weights after the measured step),
+``state[step]`` (AdamW's full state then), ``updates[step]`` (``last_updates.metrics``) and
+``alerts``.
 """
 
 from __future__ import annotations
@@ -41,8 +47,9 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from models import BlockNet, fully_shard_blocks
+from update_reference import adam_state
 
-from lightning_gradwatch import GradientFlowCallback
+from lightning_gradwatch import GradientFlowCallback, Rule
 from lightning_gradwatch.measure.probe import CALLS
 
 NORM_TYPES = ("l2", "l1", "linf", "mean")
@@ -126,9 +133,10 @@ class RecordingLogger(Logger):
 
 
 class Recorder(BlockNet):
-    def __init__(self, fsdp: bool) -> None:
+    def __init__(self, fsdp: bool, updates: bool = False) -> None:
         super().__init__(depth=DEPTH, width=WIDTH, n_samples=128, batch_size=8, lr=0.1)
-        self.fsdp = fsdp
+        self.fsdp, self.updates = fsdp, updates
+        self._step = -1
         self.record: dict[str, Any] = {
             "weights": {},
             "batches": defaultdict(list),
@@ -136,7 +144,15 @@ class Recorder(BlockNet):
             "measured": defaultdict(dict),
             "calls": {},
             "shapes": {},
+            "after": {},
+            "state": {},
+            "updates": {},
         }
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.updates:  # eps 1e-3: some elements have sqrt(v_hat) below it
+            return torch.optim.AdamW(self.parameters(), lr=0.01, eps=1e-3)
+        return super().configure_optimizers()
 
     def configure_model(self) -> None:
         if self.fsdp:
@@ -146,13 +162,20 @@ class Recorder(BlockNet):
         return self.trainer.global_step % LOG_EVERY == 0
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        step = self.trainer.global_step
+        step = self._step = self.trainer.global_step
         _collectives["window"] = step
         if self._measured() and step not in self.record["weights"]:
             self.record["weights"][step] = {n: full(p) for n, p in self.named_parameters()}
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         _collectives["window"] = None
+        stepped = self.trainer.global_step > self._step  # the last micro-batch's end
+        if self.updates and stepped and self._step % LOG_EVERY == 0:
+            named = dict(self.named_parameters())
+            self.record["after"][self._step] = {n: full(p) for n, p in named.items()}
+            self.record["state"][self._step] = adam_state(self.optimizers(), named, full)
+            [watcher] = [c for c in self.trainer.callbacks if isinstance(c, GradientFlowCallback)]  # type: ignore[attr-defined]
+            self.record["updates"][self._step] = dict(watcher.last_updates.metrics)  # type: ignore[union-attr]
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         if self._measured():
@@ -192,6 +215,8 @@ class Recorder(BlockNet):
 def main(scenario: str, out_dir: str) -> None:
     install_collective_counters()
     pl.seed_everything(0, verbose=False)
+    updates = scenario.endswith("_updates")
+    scenario = scenario.replace("_updates", "")
     fsdp = scenario == "fsdp2"
     if fsdp:
         from lightning.pytorch.strategies import ModelParallelStrategy
@@ -199,8 +224,9 @@ def main(scenario: str, out_dir: str) -> None:
         strategy: Any = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     else:
         strategy = CpuHookDDP(ddp_comm_hook=user_hook) if scenario == "gns" else "ddp"
-    norm_types = ("l2",) if scenario == "gns" else NORM_TYPES
-    model = Recorder(fsdp=fsdp)
+    norm_types = ("l2",) if scenario == "gns" or updates else NORM_TYPES
+    model = Recorder(fsdp=fsdp, updates=updates)
+    every = Rule("update_ratio_total", max=0.0, action="warn", name="every")
     recording = RecordingLogger()
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -213,8 +239,9 @@ def main(scenario: str, out_dir: str) -> None:
                 log_every_n_steps=LOG_EVERY,
                 norm_type=norm_type,
                 log_param_norms=True,
-                rules=[],
+                rules=[every] if updates else [],
                 noise_scale=scenario == "gns",
+                log_updates=updates,
             )
             for norm_type in norm_types
         ],
@@ -230,6 +257,8 @@ def main(scenario: str, out_dir: str) -> None:
     record["logged"] = recording.calls
     record["world_size"] = trainer.world_size
     record["user_hook_calls"] = _user_hook_calls[0]
+    watchers = [c for c in trainer.callbacks if isinstance(c, GradientFlowCallback)]  # type: ignore[attr-defined]
+    record["alerts"] = [(a.step, a.metric, a.action, a.value) for a in watchers[0].alerts]
     torch.save(record, Path(out_dir) / f"rank{trainer.global_rank}.pt")
 
 

@@ -1,10 +1,11 @@
 """Fault injection for the governance tests: a backward that returns NaN in one block at one step, a
-loss spike, a per-rank gradient fault, and a module that records its weights and gradients."""
+loss spike, a per-rank gradient fault, a module that records its weights and gradients, and (for the
+forensics tests) poisoned batches at known indices and an output corrupted once."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -12,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from models import BlockNet
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
 if TYPE_CHECKING:
     from lightning_gradwatch import GradientFlowCallback
@@ -105,6 +107,84 @@ class FaultNet(BlockNet):
             self.grads_at_step[self.trainer.global_step] = grads_of(self)
 
 
+class EpochData(Dataset):
+    """Regression pairs whose targets are out of range (``+ POISON``) in the batches ``poison`` names
+    as ``(epoch, batch index)``, for the epoch ``epoch()`` says when a sample is read (a resumed
+    Lightning run may not call ``on_train_epoch_start``), so a poisoned batch is poisoned in one
+    epoch only. ``seed`` picks the data (one per rank for DDP)."""
+
+    POISON = 100.0
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        poison: set[tuple[int, int]],
+        seed: int = 0,
+        epoch: Callable[[], int] = lambda: 0,
+    ) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 4, generator=generator)
+        self.y = self.x.sum(dim=1, keepdim=True).sin()
+        self.batch_size = batch_size
+        self.poison = poison
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        poisoned = (self.epoch(), index // self.batch_size) in self.poison
+        return self.x[index], self.y[index] + (self.POISON if poisoned else 0.0)
+
+
+class PoisonNet(FaultNet):
+    """``FaultNet`` trained on :class:`EpochData` (``poison``: ``(epoch, batch)`` pairs, on ``rank``
+    only under DDP, where each rank has its own data: use ``use_distributed_sampler=False``).
+
+    ``corrupt`` holds ``(step, rank)`` pairs where the model's output is multiplied by
+    ``CORRUPTION`` in the first forward of that step only (a transient fault: a second execution of
+    the same batch is clean). ``shuffle`` shuffles the data with a fixed seed."""
+
+    CORRUPTION = 1000.0
+
+    def __init__(
+        self,
+        poison: tuple[tuple[int, int], ...] = (),
+        rank: Optional[int] = None,
+        corrupt: tuple[tuple[int, int], ...] = (),
+        shuffle: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.poison, self.poison_rank, self.shuffle = set(poison), rank, shuffle
+        self.corrupt = set(corrupt)
+        self.corrupted: set[int] = set()
+        self.seen: list[tuple[int, int, int]] = []  # (step, epoch, batch_idx) of every batch
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        self.seen.append((self.trainer.global_step, self.current_epoch, batch_idx))
+
+    def train_dataloader(self) -> DataLoader:
+        rank = self.global_rank
+        poison = self.poison if self.poison_rank in (None, rank) else set()
+        epoch = lambda: self.trainer.current_epoch  # noqa: E731
+        data = EpochData(self.n_samples, self.batch_size, poison, seed=rank, epoch=epoch)
+        generator = torch.Generator().manual_seed(1234) if self.shuffle else None
+        return DataLoader(
+            data, batch_size=self.batch_size, shuffle=self.shuffle, generator=generator
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = super().forward(x)
+        step = self.trainer.global_step
+        if (step, self.global_rank) in self.corrupt and step not in self.corrupted:
+            self.corrupted.add(step)
+            out = out * self.CORRUPTION
+        return out
+
+
 def snapshot(module: nn.Module) -> dict[str, Tensor]:
     return {name: p.detach().clone() for name, p in module.named_parameters()}
 
@@ -135,8 +215,11 @@ class RankFault(Callback):
             grad[0, 0] = float("inf")
 
 
-def ddp_trainer(out_dir: str, callbacks: list[Callback], max_steps: int) -> pl.Trainer:
-    """A 2-process CPU DDP Trainer (gloo) logging to CSV under ``out_dir``."""
+def ddp_trainer(
+    out_dir: str, callbacks: list[Callback], max_steps: int, **options: Any
+) -> pl.Trainer:
+    """A 2-process CPU DDP Trainer (gloo) logging to CSV under ``out_dir`` (``options``: more
+    Trainer arguments)."""
     from lightning.pytorch.loggers import CSVLogger
 
     return pl.Trainer(
@@ -150,6 +233,7 @@ def ddp_trainer(out_dir: str, callbacks: list[Callback], max_steps: int) -> pl.T
         enable_model_summary=False,
         enable_checkpointing=False,
         default_root_dir=out_dir,
+        **options,
     )
 
 

@@ -12,6 +12,14 @@
 * ``loss_ddp``: ``strategy="ddp"`` on 2 CPU processes with a ``loss`` rule; rank 1's loss alone is
   multiplied by ``LOSS_SPIKE`` at step ``LOSS_SPIKE_STEP``. The module also logs its loss with
   ``sync_dist=True`` (Lightning's own cross-rank mean) every step. Each rank saves ``rank<r>.pt``.
+* ``forensics_ddp``: ``strategy="ddp"`` on 2 CPU processes, each rank with its own data
+  (``use_distributed_sampler=False``): rank 1's batch ``POISONED_BATCH`` has out-of-range targets,
+  and rank 1's output is corrupted in the first execution of step ``CORRUPTED_STEP`` only. A skip
+  rule on the loss with ``rerun=True`` and a warn rule on the total norm trip at both steps. Each
+  rank saves ``rank<r>.pt``.
+* ``forensics_replay``: the same data without the corruption and without rules, replaying the skip
+  list ``forensics_ddp`` wrote under ``OUT_DIR`` (``skip_batches``); logs under ``OUT_DIR/replay``,
+  each rank saves ``replay<r>.pt``.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from faults import FaultNet, RankFault, ddp_trainer, snapshot
+from faults import FaultNet, PoisonNet, RankFault, ddp_trainer, snapshot
 
 from lightning_gradwatch import GradientFlowCallback, Rule
 
@@ -37,6 +45,8 @@ LOG_EVERY = 2
 KILL_STEP = 5
 LOSS_SPIKE_STEP = 9
 LOSS_SPIKE = 20.0
+POISONED_BATCH = 3
+CORRUPTED_STEP = 6
 
 
 class Killed(FaultNet):
@@ -135,6 +145,52 @@ def ddp_skip(out_dir: str) -> None:
     torch.save(record, Path(out_dir) / f"rank{trainer.global_rank}.pt")
 
 
+def forensics_ddp(out_dir: str) -> None:
+    """Rank 1's batch is poisoned at one step and its output corrupted once at another."""
+    pl.seed_everything(0, verbose=False)
+    model = PoisonNet(
+        poison=((0, POISONED_BATCH),),
+        rank=1,
+        corrupt=((CORRUPTED_STEP, 1),),
+        n_samples=64,
+        batch_size=8,
+    )
+    rules = [
+        Rule("loss", max=50.0, action="skip", rerun=True, name="bad_batch"),
+        Rule("grad_norm_total", max=100.0, action="warn", name="spike"),
+    ]
+    callback = GradientFlowCallback(log_every_n_steps=1, rules=rules)
+    trainer = ddp_trainer(out_dir, [callback], max_steps=8, use_distributed_sampler=False)
+    trainer.fit(model)
+    keys = ("step", "epoch", "rule", "action", "batch_idx", "fingerprints", "origin_rank")
+    record = {
+        "alerts": [
+            {k: getattr(a, k) for k in (*keys, "local", "rerun", "message")}
+            for a in callback.alerts
+        ],
+        "weights": model.weights,
+        "final": snapshot(model),
+    }
+    torch.save(record, Path(out_dir) / f"rank{trainer.global_rank}.pt")
+
+
+def forensics_replay(out_dir: str) -> None:
+    """Rank 1's poisoned batch again, skipped from the list the ``forensics_ddp`` run wrote."""
+    pl.seed_everything(0, verbose=False)
+    model = PoisonNet(poison=((0, POISONED_BATCH),), rank=1, n_samples=64, batch_size=8)
+    listed = Path(out_dir) / "csv" / "version_0" / "gradwatch_skipped_batches.json"
+    callback = GradientFlowCallback(log_every_n_steps=1, rules=[], skip_batches=listed)
+    folder = str(Path(out_dir) / "replay")
+    trainer = ddp_trainer(folder, [callback], max_steps=8, use_distributed_sampler=False)
+    trainer.fit(model)
+    keys = ("step", "epoch", "rule", "action", "condition", "batch_idx", "fingerprints")
+    record = {
+        "alerts": [{k: getattr(a, k) for k in keys} for a in callback.alerts],
+        "weights": model.weights,
+    }
+    torch.save(record, Path(out_dir) / f"replay{trainer.global_rank}.pt")
+
+
 def kill(out_dir: str) -> None:
     pl.seed_everything(0, verbose=False)
     callback = GradientFlowCallback(
@@ -156,4 +212,12 @@ def kill(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    {"ddp": ddp, "ddp_skip": ddp_skip, "kill": kill, "loss_ddp": loss_ddp}[sys.argv[1]](sys.argv[2])
+    scenarios = {
+        "ddp": ddp,
+        "ddp_skip": ddp_skip,
+        "kill": kill,
+        "loss_ddp": loss_ddp,
+        "forensics_ddp": forensics_ddp,
+        "forensics_replay": forensics_replay,
+    }
+    scenarios[sys.argv[1]](sys.argv[2])

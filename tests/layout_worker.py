@@ -11,6 +11,10 @@ Scenarios (``BlockNet(block="mlp")``: blocks ``norm(x + down(tanh(up(x))))``):
 * ``nodes``: one of two simulated nodes (``NODE_RANK``, ``MASTER_ADDR``/``MASTER_PORT`` from the
   environment), ``Trainer(num_nodes=2, devices=1, strategy="ddp")``; its logger writes under
   ``OUT_DIR/node<NODE_RANK>``.
+* ``tp_updates``, ``hsdp_updates``: the layouts of ``tp`` and ``hsdp`` with AdamW and one L2
+  callback with ``log_updates=True`` and a warn rule on ``update_ratio/blocks.0`` that trips at every
+  measured step; each rank also saves ``after[step]`` and ``state[step]`` (the full weights and
+  AdamW's full state after a measured step), ``updates[step]`` (``last_updates.metrics``).
 
 Every scenario uses the same global batch of ``GLOBAL_BATCH`` samples per step, four callbacks (one
 per norm type, ``log_param_norms=True``) and, on the L2 one, a warn rule that trips every step (its
@@ -43,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from dist_worker import NORM_TYPES, full, local_shape
 from models import BlockNet
+from update_reference import adam_state
 
 import lightning_gradwatch.measure.reduction as distributed
 from lightning_gradwatch import GradientFlowCallback, Rule
@@ -89,14 +94,19 @@ class FullGradients(Callback):
 
 
 class LayoutNet(BlockNet):
-    def __init__(self, scenario: str) -> None:
+    def __init__(self, scenario: str, updates: bool = False) -> None:
         batch = GLOBAL_BATCH // DATA_PARALLEL[scenario]
         super().__init__(depth=DEPTH, width=WIDTH, n_samples=128, batch_size=batch, block="mlp")
-        self.scenario = scenario
+        self.scenario, self.updates = scenario, updates
         self.record: dict[str, Any] = {
             key: defaultdict(dict) if key == "measured" else {}
-            for key in ("weights", "batches", "clipped", "measured")
+            for key in ("weights", "batches", "clipped", "measured", "after", "state", "updates")
         }
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.updates:  # eps 1e-3: some elements have sqrt(v_hat) below it
+            return torch.optim.AdamW(self.parameters(), lr=0.01, eps=1e-3)
+        return super().configure_optimizers()
 
     def configure_model(self) -> None:
         if self.scenario not in ("tp", "hsdp"):  # "nodes": plain DDP, which any torch has
@@ -127,7 +137,13 @@ class LayoutNet(BlockNet):
             self.record["batches"][step] = [(batch[0].clone(), batch[1].clone())]
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        _window["step"] = None
+        step, _window["step"] = _window["step"], None
+        if self.updates and step % LOG_EVERY == 0:
+            named = dict(self.named_parameters())
+            self.record["after"][step] = {n: full(p) for n, p in named.items()}
+            self.record["state"][step] = adam_state(self.optimizers(), named, full)
+            [watcher] = [c for c in self.trainer.callbacks if isinstance(c, GradientFlowCallback)]  # type: ignore[attr-defined]
+            self.record["updates"][step] = dict(watcher.last_updates.metrics)  # type: ignore[union-attr]
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # After every callback's hook: their measurement and actions of this step are done.
@@ -136,7 +152,11 @@ class LayoutNet(BlockNet):
             n: full(p.grad) for n, p in self.named_parameters() if p.grad is not None
         }
         for callback in self.trainer.callbacks:  # type: ignore[attr-defined]
-            if isinstance(callback, GradientFlowCallback) and step % LOG_EVERY == 0:
+            if (
+                isinstance(callback, GradientFlowCallback)
+                and step % LOG_EVERY == 0
+                and callback.last
+            ):
                 metrics = dict(callback.last.metrics)  # type: ignore[union-attr]
                 self.record["measured"][callback.norm_type][step] = metrics
 
@@ -172,7 +192,13 @@ def placement_cases(mesh: Any) -> dict[str, Any]:
     return record
 
 
-def callbacks(scenario: str) -> list[Callback]:
+def callbacks(scenario: str, updates: bool = False) -> list[Callback]:
+    if updates:
+        ratio = Rule("update_ratio/blocks.0", max=0.0, action="warn", name="ratio")
+        return [
+            FullGradients(),
+            GradientFlowCallback(log_every_n_steps=LOG_EVERY, log_updates=True, rules=[ratio]),
+        ]
     every_step = Rule("grad_norm_total", max=0.0, action="warn", name="every_step")
     rules = [every_step]
     if scenario == "tp":
@@ -198,6 +224,8 @@ def main(scenario: str, out_dir: str) -> None:
 
     count_package_gathers()
     pl.seed_everything(0, verbose=False)
+    updates = scenario.endswith("_updates")
+    scenario = scenario.replace("_updates", "")
     strategy: Any = "ddp"
     if scenario != "nodes":
         strategy = ModelParallelStrategy(
@@ -211,20 +239,21 @@ def main(scenario: str, out_dir: str) -> None:
         num_nodes=2 if scenario == "nodes" else 1,
         strategy=strategy,
         max_steps=MAX_STEPS,
-        callbacks=callbacks(scenario),
+        callbacks=callbacks(scenario, updates),
         logger=CSVLogger(log_dir, name="csv", version=0),
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
         default_root_dir=log_dir,
     )
-    model = LayoutNet(scenario)
+    model = LayoutNet(scenario, updates)
     trainer.fit(model)
     watchers = [c for c in trainer.callbacks if isinstance(c, GradientFlowCallback)]  # type: ignore[attr-defined]
     record = {key: dict(value) for key, value in model.record.items()}
     record["grads"] = trainer.callbacks[0].grads  # type: ignore[attr-defined]
     record["shapes"] = trainer.callbacks[0].shapes  # type: ignore[attr-defined]
     record["alerts"] = [(a.step, a.rule, a.action, a.value) for c in watchers for a in c.alerts]
+    record["alert_keys"] = [a.metric for c in watchers for a in c.alerts]
     record["halted"] = [(c.norm_type, c.halted) for c in watchers]
     record["global_step"] = trainer.global_step
     record["dp_rank"] = trainer.strategy.distributed_sampler_kwargs["rank"]  # type: ignore[attr-defined]

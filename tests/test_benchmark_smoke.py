@@ -68,6 +68,29 @@ def test_quick_benchmark_writes_table_and_json(tmp_path: Any) -> None:
     assert "quick mode" in table
 
 
+def test_quick_updates_benchmark_writes_the_ratio_of_a_measured_step_with_and_without(
+    tmp_path: Any,
+) -> None:
+    out = tmp_path / "results"
+    script = os.path.join(ROOT, "benchmarks", "updates.py")
+    command = [sys.executable, script, "--quick", "--rounds", "2", "--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "updates.json").read_text())
+    assert [model["name"] for model in result["models"]] == ["mlp", "gpt"]
+    for model in result["models"]:
+        stats, headline = model["stats"], model["headline"]
+        names = {"baseline", "measured", "measured_updates", "unmeasured", "unmeasured_updates"}
+        assert set(stats) >= names
+        # The update figures' work is the callback's own: its hooks, the step post-hook included.
+        assert (
+            stats["measured_updates"]["own_median_ms"]
+            > stats["unmeasured_updates"]["own_median_ms"]
+        )
+        assert headline["ratio"] > 0 and len(headline["ratio_ci"]) == 2
+    assert "| model | step ratio" in (out / "updates.md").read_text()
+
+
 # -- the goals' verdicts: met, not met, or not measurable at this noise ------------------------
 
 

@@ -129,3 +129,31 @@ def test_ex10_edge_of_stability(tmp_path: Path) -> None:
     assert (tmp_path / "ex10_edge_of_stability" / "report" / "report.html").is_file()
     events = list((tmp_path / "ex10_edge_of_stability" / "full_batch_gd").glob("events.*"))
     assert events
+
+
+def test_ex11_update_ratios(tmp_path: Path) -> None:
+    out = _run("ex11_update_ratios.py", tmp_path)
+    lines = {x.split(":")[0].split()[1]: x for x in out.splitlines() if x.startswith("[ex11] ")}
+    assert "findings: none" in lines["adam_1e-3"] and "alerts 0" in lines["adam_1e-3"]
+    assert "update_ratio_range" in lines["adam_3e-1"] and "alerts 0" not in lines["adam_3e-1"]
+    assert "update_ratio_range" in lines["sgd_1e-5"]
+    ratio = {run: float(line.split()[3].rstrip(",")) for run, line in lines.items()}
+    assert ratio["sgd_1e-5"] < 1e-4 < ratio["adam_1e-3"] < 1e-2 < ratio["adam_3e-1"]
+    report = tmp_path / "ex11_update_ratios" / "report"
+    assert len(list(report.glob("*/update_ratios.png"))) == 3
+
+
+def test_ex09_forensics(tmp_path: Path) -> None:
+    out = _run("ex09_forensics.py", tmp_path)
+    lines = [x for x in out.splitlines() if x.startswith("[ex09] step")]
+    assert len(lines) == 3, out
+    assert "batch 2," in lines[0] and lines[0].endswith("rerun transient")  # the flaky device
+    assert "epoch 0, batch 5," in lines[1] and lines[1].endswith("rerun reproducible")
+    assert "epoch 1, batch 5," in lines[2] and lines[2].endswith("rerun reproducible")
+    # The bad batch has one fingerprint in both epochs.
+    assert lines[1].split("fingerprint ")[1][:16] == lines[2].split("fingerprint ")[1][:16]
+    assert "skipped from list" in out
+    if "[ex09] resumed at (epoch, batch) (1, 0)" in out:  # Lightning 2.6 (2.4 resumes elsewhere)
+        assert "[ex09] the resumed run ends with the first run's weights: True" in out
+    assert "Incidents (skip list:" in out
+    assert (tmp_path / "ex09_forensics" / "report" / "report.html").is_file()

@@ -2,10 +2,14 @@
 both ranks at the same step (no hang), the alert names the ranks that tripped (``rank``: the lowest
 of them), rank 0 alone writes the audit trail, and the halt checkpoint holds the weights before the
 bad update. A ``loss`` rule reads the loss averaged over the ranks as Lightning averages a value
-logged with ``sync_dist=True``, so both ranks keep the same window and take the same decision."""
+logged with ``sync_dist=True``, so both ranks keep the same window and take the same decision.
+Forensics: with a poisoned batch on rank 1 only, every alert names the epoch, the batch, each rank's
+fingerprint and rank 1 as the origin; the rerun calls the poisoned batch reproducible and an output
+corrupted once on rank 1 transient on rank 1."""
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
@@ -14,10 +18,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from faults import same_weights
-from governance_worker import FAULT_STEP, LOG_EVERY, LOSS_SPIKE_STEP
+from faults import EpochData, same_weights
+from governance_worker import (
+    CORRUPTED_STEP,
+    FAULT_STEP,
+    LOG_EVERY,
+    LOSS_SPIKE_STEP,
+    POISONED_BATCH,
+)
 from reference import csv_metrics
 
+from lightning_gradwatch.governance.fingerprints import fingerprint
+from lightning_gradwatch.governance.skip_list import SKIP_LIST_FILENAME
 from lightning_gradwatch.governance.trail import read_alerts
 
 WORKER = Path(__file__).with_name("governance_worker.py")
@@ -124,3 +136,81 @@ def test_ddp_skip_when_one_rank_trips_skips_every_rank_and_training_goes_on(
     assert same_weights(ranks[0]["final"], ranks[1]["final"])
     [line] = read_alerts(str(tmp_path / "csv" / "version_0" / "gradwatch_alerts.jsonl"))
     assert (line["step"], line["action"], line["rank"], line["ranks"]) == (s, "skip", 1, [1])
+
+
+def rank_batch(rank: int, batch: int) -> list[torch.Tensor]:
+    """Rank ``rank``'s batch ``batch`` of epoch 0 in the ``forensics_ddp`` scenario, rebuilt."""
+    poison = {(0, POISONED_BATCH)} if rank == 1 else set()
+    data = EpochData(64, 8, poison, seed=rank)
+    items = [data[i] for i in range(batch * 8, (batch + 1) * 8)]
+    return [torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])]
+
+
+@pytest.mark.slow
+def test_forensics_name_the_rank_and_rerun_tells_bad_data_from_a_transient_fault(
+    tmp_path: Path,
+) -> None:
+    ranks = run_ranks("forensics_ddp", tmp_path)
+    assert ranks[0]["alerts"] == ranks[1]["alerts"]  # every rank records the same
+    alerts = {(a["step"], a["rule"]): a for a in ranks[0]["alerts"]}
+    b, s = POISONED_BATCH, CORRUPTED_STEP
+    assert sorted(alerts) == [(b, "bad_batch"), (b, "spike"), (s, "bad_batch"), (s, "spike")]
+    prints = [fingerprint(rank_batch(rank, b))[0] for rank in (0, 1)]
+    assert prints[0] != prints[1]
+    for rule in ("bad_batch", "spike"):
+        poisoned, corrupted = alerts[(b, rule)], alerts[(s, rule)]
+        assert (poisoned["epoch"], poisoned["batch_idx"], poisoned["fingerprints"]) == (
+            0,
+            b,
+            prints,
+        )
+        assert corrupted["fingerprints"] == [fingerprint(rank_batch(r, s))[0] for r in (0, 1)]
+        assert poisoned["origin_rank"] == corrupted["origin_rank"] == 1
+    # The rank's own figures behind it: rank 1's loss and local gradient norm dwarf rank 0's.
+    local = alerts[(b, "spike")]["local"]
+    assert local["loss"][1] > 1000 * local["loss"][0]
+    assert local["grad_norm"][1] > 100 * local["grad_norm"][0]
+    ratio = local["grad_norm"][1] / local["grad_norm"][0]
+    assert (
+        f"rank 1's batch (epoch 0, batch {b}) has a local gradient norm {ratio:.3g}×"  # noqa: RUF001
+        in (alerts[(b, "spike")]["message"])
+    )
+    assert (
+        f"rank 1's batch (epoch 0, batch {b}) has a local loss"
+        in alerts[(b, "bad_batch")]["message"]
+    )
+    # Rerun: the poisoned data trips again on every rank; the corruption does not on rank 1.
+    assert alerts[(b, "bad_batch")]["rerun"]["verdict"] == "reproducible"
+    transient = alerts[(s, "bad_batch")]["rerun"]
+    assert transient["verdict"] == "transient" and transient["ranks"] == [1]
+    assert transient["first"]["loss"][0] == pytest.approx(transient["rerun"]["loss"][0], rel=1e-6)
+    assert transient["first"]["loss"][1] > 100 * transient["rerun"]["loss"][1]
+    assert "rerun: transient on rank 1" in alerts[(s, "bad_batch")]["message"]
+    assert alerts[(b, "spike")]["rerun"] is None  # that rule did not ask for one
+    for record in ranks:  # both steps skipped on both ranks, the others trained
+        weights = record["weights"]
+        assert same_weights(weights[b + 1], weights[b]) and same_weights(weights[s + 1], weights[s])
+        assert not same_weights(weights[b + 2], weights[b + 1])
+    assert same_weights(ranks[0]["final"], ranks[1]["final"])
+    folder = tmp_path / "csv" / "version_0"
+    listed = json.loads((folder / SKIP_LIST_FILENAME).read_text())
+    # The transient trip's batch is not listed: a replay would skip good data.
+    assert [(e["step"], e["batch_idx"], e["rule"]) for e in listed] == [(b, b, "bad_batch")]
+    assert listed[0]["fingerprints"] == prints
+    trail = read_alerts(str(folder / "gradwatch_alerts.jsonl"))
+    assert [(r["step"], r["rule"], r["origin_rank"]) for r in trail] == [
+        (b, "bad_batch", 1),
+        (b, "spike", 1),
+        (s, "bad_batch", 1),
+        (s, "spike", 1),
+    ]
+    # A later run without rules replays the list: both ranks skip that step, and only that one.
+    run_ranks("forensics_replay", tmp_path)
+    replays = [torch.load(tmp_path / f"replay{r}.pt", weights_only=False) for r in (0, 1)]
+    for replay in replays:
+        (alert,) = replay["alerts"]
+        assert (alert["step"], alert["batch_idx"], alert["action"]) == (b, b, "skip")
+        assert alert["condition"] == "skipped from list" and alert["fingerprints"] == prints
+        weights = replay["weights"]
+        assert same_weights(weights[b + 1], weights[b])
+        assert all(not same_weights(weights[t + 1], weights[t]) for t in range(7) if t != b)

@@ -140,3 +140,28 @@ def test_no_host_sync_on_unmeasured_steps(tmp_path: Path) -> None:
     extra = {step: with_callback[step] - without[step] for step in without}
     # Steps 0 and 3 are measured: one host copy each. The others: nothing at all.
     assert extra == {0: 1, 1: 0, 2: 0, 3: 1, 4: 0, 5: 0}
+
+
+def test_rerun_on_gpu_is_reproducible_and_changes_nothing(tmp_path: Path) -> None:
+    # Not run on the development machine (no CUDA there): the CUDA RNG state is saved at each
+    # batch start and put back around the rerun; Dropout and BatchNorm under 16-mixed with a real
+    # scaler must come back the same, and the run must end as it does without reruns.
+    from faults import fit_csv
+    from test_rerun import NoisyNet
+
+    from lightning_gradwatch import Rule
+
+    states = {}
+    for rerun in (False, True):
+        torch.manual_seed(0)
+        model = NoisyNet(n_samples=64, batch_size=8)
+        rule = Rule("grad_norm_total", max=0.0, action="warn", rerun=rerun)  # trips every step
+        callback = GradientFlowCallback(log_every_n_steps=2, rules=[rule])
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10)
+        plugins = [MixedPrecision("16-mixed", "cuda", scaler)]
+        fit_csv(tmp_path / str(rerun), model, [callback], max_steps=4, plugins=plugins, **GPU)
+        states[rerun] = {key: value.cpu() for key, value in model.state_dict().items()}
+        if rerun:
+            assert len(callback.alerts) == 4
+            assert all(a.rerun and a.rerun["verdict"] == "reproducible" for a in callback.alerts)
+    assert all(torch.equal(states[False][key], states[True][key]) for key in states[False])

@@ -126,7 +126,7 @@ def test_accumulation_matches_micro_batch_gradients_and_the_known_answer(tmp_pat
     # A resumed run goes on from the same averages.
     resumed = GradientFlowCallback(noise_scale=True)
     resumed.load_state_dict(callbacks[0].state_dict())
-    assert resumed._noise.estimator.b_simple == callbacks[0]._noise.estimator.b_simple
+    assert resumed._extras.noise.estimator.b_simple == callbacks[0]._extras.noise.estimator.b_simple
     # The known answer, within the estimator's noise (std about 7% here, simulated).
     assert expected[-1][NOISE_B_SIMPLE_KEY] == pytest.approx(B_SIMPLE, rel=0.2)
     assert expected[-1][NOISE_GRAD_SQ_KEY] == pytest.approx(GRAD_SQ, rel=0.2)

@@ -137,10 +137,20 @@ def trainer_for(root: str, steps: int, callbacks: list[Callback], flush: int = 1
     )
 
 
-def run_model(spec: ModelSpec, warmup: int, seed: int, root: str) -> dict[str, Any]:
+def run_model(
+    spec: ModelSpec,
+    warmup: int,
+    seed: int,
+    root: str,
+    variants: Optional[Sequence[Variant]] = None,
+    optimizer: str = "sgd",
+) -> dict[str, Any]:
+    """One fit of ``spec``'s model stepping every variant (default: :func:`make_variants`) in
+    shuffled rounds, with ``optimizer`` (``"sgd"`` or ``"adamw"``)."""
     torch.manual_seed(seed)
     module = spec.build()
-    variants = make_variants()
+    module.optimizer = optimizer
+    variants = list(variants) if variants is not None else make_variants()
     schedule = make_schedule([v.name for v in variants], spec.rounds, warmup, seed)
     board = Switchboard(variants, schedule)
     n_params = sum(1 for _ in module.parameters())

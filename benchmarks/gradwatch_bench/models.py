@@ -89,6 +89,7 @@ class BenchModule(pl.LightningModule):
         self.batch = batch
         self.loss = loss
         self.builtin = False
+        self.optimizer = "sgd"  # or "adamw" (benchmarks/updates.py: Adam's state is read too)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch
@@ -104,6 +105,8 @@ class BenchModule(pl.LightningModule):
             OWN.total += time.perf_counter() - start
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=1e-4)
         return torch.optim.SGD(self.parameters(), lr=1e-4)
 
     def train_dataloader(self) -> DataLoader:

@@ -54,6 +54,9 @@ class GradwatchVariant(Variant):
 
     def attach(self, trainer: pl.Trainer, module: BenchModule) -> None:
         self.callback.on_fit_start(trainer, module)
+        # As Lightning does after on_fit_start: the measuring grid starts at this step (else the
+        # first step after attaching counts as the first of a fit, and is measured).
+        self.callback.on_train_start(trainer, module)
 
     def detach(self, trainer: pl.Trainer, module: BenchModule) -> None:
         self.callback.teardown(trainer, module, "fit")

@@ -1,6 +1,7 @@
 """The diagnosis checks: :func:`diagnose` turns a run's history and model facts into findings.
 
-The flow checks (vanishing, exploding, Post-LN) live in :mod:`lightning_gradwatch.diagnosis.flow_checks`;
+The flow checks (vanishing, exploding, Post-LN) live in :mod:`lightning_gradwatch.diagnosis.flow_checks`,
+the update-ratio check in :mod:`lightning_gradwatch.diagnosis.update_checks`;
 here are the checks on parameters (dead units, disconnected and dead parameters), on clipping and on
 the batch size, and :data:`CHECKS`, the list of every check. Each is a :data:`FindingCheck`: it
 returns a :class:`~lightning_gradwatch.diagnosis.findings.Finding` or ``None``; thresholds are module
@@ -32,6 +33,7 @@ from lightning_gradwatch.diagnosis.flow_checks import (
 )
 from lightning_gradwatch.diagnosis.remedies import GENERIC
 from lightning_gradwatch.diagnosis.run_history import RunHistory
+from lightning_gradwatch.diagnosis.update_checks import update_ratio_range
 
 __all__ = ["CHECKS", "FindingCheck", "diagnose"]
 
@@ -247,6 +249,7 @@ CHECKS: tuple[FindingCheck, ...] = (
     clipping_always,
     batch_vs_noise_scale,
     edge_of_stability,
+    update_ratio_range,
 )
 
 

@@ -87,8 +87,9 @@ class Wiring:
 class StepRecord:
     """One measured step in a :class:`RunHistory`: block-output norms (``None``: no gradient, or non-finite as logged as
     NaN), the total parameter-gradient norm, ``grad_stats/zero_fraction``, the gradient noise
-    scale ``grad_noise/b_simple`` and the batch it was measured at, and the sharpness ratio
-    ``curvature/sharpness_ratio`` (``None``: not measured)."""
+    scale ``grad_noise/b_simple`` and the batch it was measured at, the sharpness ratio
+    ``curvature/sharpness_ratio`` (``None``: not measured), and each block's
+    ``update_ratio/<block>`` (``log_updates=True``; empty: not measured)."""
 
     step: int
     block_norms: list[Optional[float]]
@@ -97,6 +98,7 @@ class StepRecord:
     noise_scale: Optional[float] = None
     batch_size: Optional[float] = None
     sharpness_ratio: Optional[float] = None
+    update_ratios: list[Optional[float]] = field(default_factory=list)
 
 
 @dataclass
@@ -145,12 +147,20 @@ class RunHistory:
         """Record one measured step (non-finite NaN norms count as missing, as in the logs)."""
         norms = [None if v is None or math.isnan(v) else float(v) for v in block_norms]
         figures = (total_norm, zero_fraction, noise_scale, batch_size, sharpness_ratio)
-        scalars = [_number(v) for v in figures]
-        row = StepRecord(step, norms, *scalars)
+        total, zeros, noise, batch, sharpness = (_number(v) for v in figures)
+        row = StepRecord(step, norms, total, zeros, noise, batch, sharpness)
         if self._seen < FIRST_KEPT:
             self.first.append(row)
         self.steps.append(row)
         self._seen += 1
+
+    def add_update_ratios(self, step: int, ratios: Sequence[Optional[float]]) -> None:
+        """The update ratios of the kept row of ``step`` (aligned with ``block_names``; ``None``:
+        a block this step did not update), known once the optimizer stepped."""
+        for row in reversed(self.steps):
+            if row.step == step:
+                row.update_ratios = [_number(v) for v in ratios]
+                return
 
     @property
     def measured(self) -> int:

@@ -6,7 +6,8 @@ decisions), :mod:`.intervals` (max/mean between measured steps), :mod:`.readings
 from a measurement). The part that touches a run: :mod:`.step_loss` (the loss the rules read),
 :mod:`.agreement` (what tripped on any rank), :mod:`.actions` (clip, skip, halt), :mod:`.notices`
 (wiring warnings) and :mod:`.enforcer` (the glue the callback calls). Alert records live in
-:mod:`lightning_gradwatch.governance.alerts`.
+:mod:`lightning_gradwatch.governance.alerts`; where an incident came from in :mod:`.fingerprints`,
+:mod:`.evidence`, :mod:`.forensics`, :mod:`.skip_list` and :mod:`.incidents`.
 """
 
 from lightning_gradwatch.governance.engine import Check, Decision, RuleEngine, Violation, strongest

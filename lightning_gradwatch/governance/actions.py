@@ -13,11 +13,14 @@ from torch.optim import Optimizer
 
 from lightning_gradwatch._compat import foreach_mul_
 from lightning_gradwatch.files import join
+from lightning_gradwatch.governance.engine import Decision
+from lightning_gradwatch.measure.record import MeasurementSpec, measure_params
 
 __all__ = [
     "GradientActions",
     "NamedParams",
     "clip_gradients",
+    "clip_to_decisions",
     "drop_gradients",
     "save_halt_checkpoint",
 ]
@@ -62,6 +65,28 @@ def clip_gradients(
             foreach_mul_([p.grad for p in with_grad], coef)  # type: ignore[misc]
             return total * coef
     return total
+
+
+def clip_to_decisions(
+    params: NamedParams, decisions: Sequence[Decision], total: float, spec: MeasurementSpec
+) -> float:
+    """Clip by the tightest acting target of ``decisions`` per mode (``total``: the finite total
+    norm before clipping, measured with ``spec``); the total norm after it."""
+    acting = [d for d in decisions if d.action == "clip" and d.clip_to is not None]
+    by_norm = [d.clip_to for d in acting if d.rule.clip_mode == "norm"]
+    by_value = [d.clip_to for d in acting if d.rule.clip_mode == "value"]
+
+    def measure_total() -> float:  # the total norm of the gradients as they are now
+        named_grads = [(name, p.grad) for name, p in params if p.grad is not None]
+        return measure_params(named_grads, spec, step=-1).total_norm  # type: ignore[arg-type]
+
+    return clip_gradients(
+        params,
+        by_norm=min(by_norm, default=None),  # type: ignore[type-var]
+        by_value=min(by_value, default=None),  # type: ignore[type-var]
+        total=total,
+        measure_total=measure_total,
+    )
 
 
 def save_halt_checkpoint(trainer: pl.Trainer, directory: str, step: int) -> str:

@@ -8,7 +8,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 
@@ -57,6 +57,23 @@ class Alert:
             ``checkpoint_path`` in :meth:`to_dict` and the JSONL line).
         clip_to: what a ``clip`` action clipped to: the total norm (an adaptive clip: the rule's
             threshold at that step), or the absolute value with ``clip_mode="value"``.
+        batch_idx: the batch the step came from (Lightning's ``batch_idx`` in the epoch), or the
+            list of the step's micro-batch indices under gradient accumulation.
+        dataloader_idx: the dataloader it came from, where that is known (``None`` otherwise:
+            Lightning's fit loop combines several training dataloaders into one batch).
+        fingerprints: one hex digest per rank (rank order) of that rank's batch content
+            (:mod:`lightning_gradwatch.governance.fingerprints`; ``None`` for a rank whose batch
+            was not kept).
+        origin_rank: the rank whose own contribution drove the trip
+            (:func:`~lightning_gradwatch.governance.forensics.find_origin`).
+        local: the per-rank figures behind ``origin_rank`` (``loss``: each rank's own loss;
+            ``grad_norm``: each rank's norm over every watched block's output gradient, before
+            the reduction; the tripped block's own norms for a ``grad_norm/<block>`` rule).
+        rerun: for a rule with ``rerun=True``: ``verdict`` (``"reproducible"``, ``"transient"``
+            or ``"unavailable"``), ``ranks`` (where transient), ``first`` and ``rerun`` (both
+            executions' figures per rank), ``tolerance`` and, when unavailable, ``reason``.
+        skip_list: the skip list this step went into (a ``skip`` or ``halt``) or came from (a
+            step skipped from the list).
         message: a one-line human summary.
     """
 
@@ -82,6 +99,13 @@ class Alert:
     loss_nonfinite: Optional[bool] = None
     checkpoint: Optional[str] = None
     clip_to: Optional[float] = None
+    batch_idx: Optional[Union[int, list[int]]] = None
+    dataloader_idx: Optional[int] = None
+    fingerprints: list[Optional[str]] = field(default_factory=list)
+    origin_rank: Optional[int] = None
+    local: dict[str, Any] = field(default_factory=dict)
+    rerun: Optional[dict[str, Any]] = None
+    skip_list: Optional[str] = None
     message: str = ""
     time: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
 
@@ -114,6 +138,8 @@ def build_alert(
     step_action: Optional[str] = None,
     checkpoint: Optional[str] = None,
     peer_value: float = math.nan,
+    forensics: Optional[dict[str, Any]] = None,
+    notes: Sequence[str] = (),
 ) -> Alert:
     """The complete :class:`Alert` of one decision.
 
@@ -128,6 +154,10 @@ def build_alert(
         step_action: the strongest action taken at this step, by any rule.
         checkpoint: the halt checkpoint written at this step, if any.
         peer_value: the value a tripping rank saw (when this rank's own check did not trip).
+        forensics: the incident's fields (``batch_idx``, ``dataloader_idx``, ``fingerprints``,
+            ``origin_rank``, ``local``, ``rerun``, ``skip_list``), where known.
+        notes: sentences for the message, between the figures and the outcome (the batch and
+            rank it came from, the rerun's verdict).
     """
     what = _what(decision, peer_value)
     nonfinite = report if what["condition"] == NONFINITE else None
@@ -136,6 +166,7 @@ def build_alert(
     summary = nonfinite.message() if nonfinite else _describe(what)
     done = _outcome(decision, what["condition"], scaler, step_action, halt_checkpoint)
     on = f" on rank(s) {ranks}" if ranks else ""
+    said = "".join(f"; {note}" for note in notes if note)
     return Alert(
         step=decision.step,
         epoch=epoch,
@@ -149,9 +180,10 @@ def build_alert(
         checkpoint=halt_checkpoint,
         clip_to=decision.clip_to if decision.action == "clip" else None,
         message=f"GradientFlowCallback: rule {label!r} tripped at step {decision.step}{on}: "
-        f"{summary}; {done}.",
+        f"{summary}{said}; {done}.",
         **what,
         **_where(decision.check, block_names, nonfinite),
+        **(forensics or {}),
     )
 
 

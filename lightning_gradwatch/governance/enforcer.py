@@ -1,16 +1,15 @@
-"""The glue between :class:`~lightning_gradwatch.callback.GradientFlowCallback` and governance:
-when the rules are checked (cadence) and on what, agreement across ranks, then the actions, the
-alerts and the logged keys; and the state that goes through checkpoints."""
+"""Governance inside a run: when the rules are checked and on what, agreement across ranks, the
+actions, the alerts, the logged keys, and the state that goes through checkpoints."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -18,18 +17,19 @@ from lightning_gradwatch._compat import scaler_enabled
 from lightning_gradwatch.governance.actions import (
     GradientActions,
     NamedParams,
-    clip_gradients,
+    clip_to_decisions,
     save_halt_checkpoint,
 )
-from lightning_gradwatch.governance.agreement import Agreement, agree
-from lightning_gradwatch.governance.alerts import Alert, build_alert
-from lightning_gradwatch.governance.engine import Check, Decision, RuleEngine, strongest
+from lightning_gradwatch.governance.after_step import AfterStepRules
+from lightning_gradwatch.governance.agreement import agree
+from lightning_gradwatch.governance.engine import Decision, RuleEngine, strongest
+from lightning_gradwatch.governance.evidence import EvidenceRound, EvidenceSource
+from lightning_gradwatch.governance.incidents import IncidentRecorder
 from lightning_gradwatch.governance.intervals import IntervalAggregates, governance_keys
 from lightning_gradwatch.governance.notices import StaleGradientWatch, warn_unmatched
-from lightning_gradwatch.governance.readings import has_nonfinite, nonfinite_report, rule_values
+from lightning_gradwatch.governance.readings import has_nonfinite, rule_values
 from lightning_gradwatch.governance.rules import NO_ACTION, Rule
 from lightning_gradwatch.governance.step_loss import StepLoss
-from lightning_gradwatch.governance.trail import JsonlAlertSink
 from lightning_gradwatch.governance.verdict import Verdict
 from lightning_gradwatch.keys import CLIPPED_KEY, for_optimizer, total_norm_key
 from lightning_gradwatch.measure.record import GradientMeasurement, MeasurementSpec, measure_params
@@ -52,16 +52,16 @@ class RuleEnforcer:
         self, rules: Sequence[Rule], check_every_n_steps: int, alerts_path: Optional[str]
     ) -> None:
         self.engine = RuleEngine(rules)
+        self.after_rules = AfterStepRules(self.engine)
         self.check_every_n_steps = check_every_n_steps
         self.alerts_path = alerts_path
         self.spec = MeasurementSpec()
-        self.alerts: list[Alert] = []
         self.halted = False
         self.halt_reason: Optional[str] = None
         self.block_names: list[str] = []
-        self._sink: Optional[JsonlAlertSink] = None
+        self.incidents = IncidentRecorder()
         self._halt_dir = ""
-        self._actions = GradientActions()
+        self.actions = GradientActions()
         self._loss = StepLoss(combine=self.engine.reads_loss)
         self._interval = IntervalAggregates()
         self._stopping = False  # halted in this run: every later update is skipped too
@@ -81,28 +81,26 @@ class RuleEnforcer:
         *,
         alerts_path: str,
         halt_dir: str,
+        skip_list_path: Optional[str] = None,
     ) -> None:
         """Start a fit: the watched blocks, what is measured, the audit trail (a local path or a
-        URL) and the folder of halt checkpoints, both resolved once for the fit."""
+        URL), the folder of halt checkpoints and the skip list, resolved once for the fit."""
         self.block_names = list(block_names)
         self.spec = spec
         self._stopping = False
         self._checked_step = -1
-        self._matches_checked = False
+        self._matches_checked = self.after_rules.checked = False
         self._stale = StaleGradientWatch()
         self._halt_dir = halt_dir
-        self._sink = JsonlAlertSink(alerts_path) if trainer.is_global_zero else None
-        if self._sink is not None and self._sink.spool_notice and self.engine.rules:
-            rank_zero_info(self._sink.spool_notice)
+        self.incidents.setup(trainer, alerts_path, skip_list_path, bool(self.engine.rules))
 
     def end_step(self, trainer: pl.Trainer) -> None:
         """After the optimizer step: undo what a skipped step paused."""
-        self._actions.end_step(trainer)
+        self.actions.end_step(trainer)
 
     def upload_trail(self) -> None:
         """Copy a spooled trail to its URL: at checkpoints and when the run ends (rank 0)."""
-        if self._sink is not None:
-            self._sink.upload()
+        self.incidents.upload()
 
     # -- backward --------------------------------------------------------------------------------
 
@@ -135,12 +133,14 @@ class RuleEnforcer:
         optimizer_name: Optional[str],
         params: NamedParams,
         measurement: Optional[GradientMeasurement],
+        evidence: Optional[EvidenceSource] = None,
     ) -> Verdict:
         """Check the rules at this step: the same decisions on every rank.
 
         ``params`` are the stepping optimizer's (rules act on them only); ``optimizer_name`` is
         ``None`` with a single optimizer, else its keys end in the name. Without a measurement, the
-        rules that run every step are checked on a parameter-only one (when due).
+        rules that run every step are checked on a parameter-only one (when due). ``evidence``
+        is taken only when a rule tripped on some rank; it rides in the agreement's gather.
         """
         step = trainer.global_step
         self._optimizer = optimizer_name
@@ -151,13 +151,13 @@ class RuleEnforcer:
         if self._stopping:
             return Verdict(stopping=True)
         measured = measurement is not None
-        if not self.engine.rules or step == self._checked_step or not (measured or self._due(step)):
+        before = self.engine.checks_before_step  # rules on update figures come after the step
+        if not before or step == self._checked_step or not (measured or self._due(step)):
             return Verdict()
         self._checked_step = step
         if measurement is None:
             measurement = self._measure_params(trainer, params, step)
-        checks, agreement, decisions = self._decide(trainer, measurement, measured)
-        return Verdict(measurement, measured, checks, agreement, decisions)
+        return self._decide(trainer, measurement, measured, evidence)
 
     def act(
         self, trainer: pl.Trainer, optimizer: Optimizer, params: NamedParams, verdict: Verdict
@@ -166,13 +166,11 @@ class RuleEnforcer:
         its alerts, and return the keys to log at this step."""
         measurement = verdict.measurement
         if verdict.stopping:
-            self._actions.skip(trainer, optimizer, params)
+            self.actions.skip(trainer, optimizer, params)
             return {}
         if measurement is None or verdict.agreement is None:
             return {}
-        extra = self._act(
-            trainer, optimizer, params, verdict.decisions, measurement, verdict.agreement
-        )
+        extra = self._act(trainer, optimizer, params, verdict)
         if not verdict.measured and for_optimizer(CLIPPED_KEY, self._optimizer) in extra:
             # Log the pre-clip total next to the clipped one (measured steps log it anyway).
             extra[total_norm_key(self._optimizer)] = measurement.total_norm
@@ -190,10 +188,32 @@ class RuleEnforcer:
         )
         return {**extra, **keys}
 
+    def after_step(
+        self,
+        trainer: pl.Trainer,
+        values: dict[str, float],
+        measurement: GradientMeasurement,
+        restore: Callable[[], None],
+    ) -> dict[str, float]:
+        """The rules on the update figures ``values`` of ``measurement``'s step, once the optimizer
+        stepped: warn, or halt with the weights from before the update put back (``restore``)
+        before the halt checkpoint. Returns the alert counters to log when a rule tripped."""
+        decisions, agreement = self.after_rules.decide(
+            trainer, values, step=measurement.step, block_names=self.block_names
+        )
+        if not decisions:
+            return {}
+        action, checkpoint = strongest(d.action for d in decisions), None
+        if action == "halt":
+            restore()
+            checkpoint = save_halt_checkpoint(trainer, self._halt_dir, measurement.step)
+        verdict = Verdict(measurement, True, [], agreement, decisions)  # no batch evidence here
+        self._record(trainer, decisions, verdict, action, checkpoint)
+        return self.engine.counters()
+
     def _due(self, step: int) -> bool:
-        """Whether an unmeasured step is checked: rules that run every step exist, this is their
-        step, and what they read is there (parameter figures, where ``p.grad`` is the gradient, or
-        the loss; under FSDP1/DeepSpeed only measured block figures count otherwise)."""
+        """Whether an unmeasured step is checked by the every-step rules: their step, and what they
+        read is there (parameter figures where ``p.grad`` is the gradient, or the loss)."""
         return (
             self.engine.needs_every_step
             and step % self.check_every_n_steps == 0
@@ -208,16 +228,26 @@ class RuleEnforcer:
         return measure_params(named_grads, self.spec, step=step, loss=loss)  # type: ignore[arg-type]
 
     def _decide(
-        self, trainer: pl.Trainer, measurement: GradientMeasurement, measured: bool
-    ) -> tuple[list[Check], Agreement, list[Decision]]:
-        """Evaluate, agree across ranks, commit: the same decisions on every rank."""
+        self,
+        trainer: pl.Trainer,
+        measurement: GradientMeasurement,
+        measured: bool,
+        evidence: Optional[EvidenceSource],
+    ) -> Verdict:
+        """Evaluate, agree across ranks (with each rank's evidence when something tripped),
+        commit: the same decisions on every rank."""
         values = rule_values(measurement, measured, total_norm_key(self._optimizer))
         nonfinite = has_nonfinite(measurement, measured, self.spec.measure_params)
         checks = self.engine.evaluate(values, nonfinite=nonfinite, measured=measured)
         if measured and not self._matches_checked:
             self._matches_checked = True
             warn_unmatched(self.engine, checks, self.block_names, measurement.step)
-        agreement = agree(trainer, checks, len(self.engine))
+        round_ = (
+            EvidenceRound(evidence, lambda: self._loss.local(trainer), trainer)
+            if evidence
+            else None
+        )
+        agreement = agree(trainer, checks, len(self.engine), round_.payload if round_ else None)
         decisions = self.engine.commit(
             checks,
             agreement.tripped,
@@ -225,21 +255,21 @@ class RuleEnforcer:
             scaler_active=scaler_enabled(trainer),
             ranks=agreement.ranks,
         )
-        return checks, agreement, decisions
+        verdict = Verdict(measurement, measured, checks, agreement, decisions)
+        if round_ is not None and any(agreement.tripped):
+            verdict.evidence, verdict.ranks_evidence = round_.settle(
+                agreement.extras, measurement, measured, self.spec.norm_type
+            )
+        return verdict
 
     # -- acting ----------------------------------------------------------------------------------
 
     def _act(
-        self,
-        trainer: pl.Trainer,
-        optimizer: Optimizer,
-        params: NamedParams,
-        decisions: list[Decision],
-        measurement: GradientMeasurement,
-        agreement: Agreement,
+        self, trainer: pl.Trainer, optimizer: Optimizer, params: NamedParams, verdict: Verdict
     ) -> dict[str, float]:
         """Apply the strongest action of this step's decisions and record every decision."""
-        if not decisions:
+        measurement = verdict.measurement
+        if not verdict.decisions or measurement is None:
             return {}
         total = measurement.total_norm
         # clip_grad_norm_ with an Inf total turns every gradient into NaN: never clip then.
@@ -247,68 +277,40 @@ class RuleEnforcer:
             dataclasses.replace(d, action=NO_ACTION)
             if d.action == "clip" and not math.isfinite(total)
             else d
-            for d in decisions
+            for d in verdict.decisions
         ]
         action = strongest(d.action for d in decisions)
         extra: dict[str, float] = {}
         checkpoint = None
         if action == "clip":
-            extra[for_optimizer(CLIPPED_KEY, self._optimizer)] = self._clip(
-                params, decisions, total
-            )
+            clipped = clip_to_decisions(params, decisions, total, self.spec)
+            extra[for_optimizer(CLIPPED_KEY, self._optimizer)] = clipped
         elif action in ("skip", "halt"):
             if action == "halt":
                 checkpoint = save_halt_checkpoint(trainer, self._halt_dir, measurement.step)
-            self._actions.skip(trainer, optimizer, params)
-        self._record(trainer, decisions, measurement, agreement, action, checkpoint)
+            self.actions.skip(trainer, optimizer, params)
+        self._record(trainer, decisions, verdict, action, checkpoint)
         return extra
-
-    def _clip(self, params: NamedParams, decisions: list[Decision], total: float) -> float:
-        """Clip by the tightest acting target per mode; the total norm after it."""
-        acting = [d for d in decisions if d.action == "clip" and d.clip_to is not None]
-        by_norm = [d.clip_to for d in acting if d.rule.clip_mode == "norm"]
-        by_value = [d.clip_to for d in acting if d.rule.clip_mode == "value"]
-        return clip_gradients(
-            params,
-            by_norm=min(by_norm, default=None),  # type: ignore[type-var]
-            by_value=min(by_value, default=None),  # type: ignore[type-var]
-            total=total,
-            measure_total=lambda: self._total_norm(params),
-        )
-
-    def _total_norm(self, params: NamedParams) -> float:
-        """The total norm of the gradients as they are now (combined across ranks)."""
-        named_grads = [(name, p.grad) for name, p in params if p.grad is not None]
-        return measure_params(named_grads, self.spec, step=-1).total_norm  # type: ignore[arg-type]
 
     def _record(
         self,
         trainer: pl.Trainer,
         decisions: list[Decision],
-        measurement: GradientMeasurement,
-        agreement: Agreement,
+        verdict: Verdict,
         action: Optional[str],
         checkpoint: Optional[str],
     ) -> None:
         """One alert per decision: kept, written to the audit trail, warned about (rate-limited)."""
-        report = nonfinite_report(self.block_names, measurement)
-        scaler = scaler_enabled(trainer)
-        for decision in decisions:
-            alert = build_alert(
-                decision,
-                label=self.engine.labels[decision.check.index],
-                epoch=trainer.current_epoch,
-                rank=trainer.global_rank,
-                block_names=self.block_names,
-                report=report,
-                scaler=scaler,
-                step_action=action,
-                checkpoint=checkpoint,
-                peer_value=agreement.peer_values.get(decision.check.index, math.nan),
-            )
-            self.alerts.append(alert)
-            if self._sink is not None:
-                self._sink.write(alert)
+        alerts = self.incidents.record(
+            trainer,
+            decisions,
+            verdict,
+            action=action,
+            checkpoint=checkpoint,
+            labels=self.engine.labels,
+            block_names=self.block_names,
+        )
+        for decision, alert in zip(decisions, alerts):
             if decision.action == "halt":
                 rank_zero_warn(alert.message)
                 trainer.should_stop = True

@@ -106,6 +106,11 @@ class RuleEngine:
         return len(self.rules)
 
     @property
+    def checks_before_step(self) -> bool:
+        """Whether any rule reads figures known before the update (not only update figures)."""
+        return any(not rule.after_step for rule in self.rules)
+
+    @property
     def needs_every_step(self) -> bool:
         """Whether any rule runs on every check step (not only on measured steps)."""
         return any(rule.checks_every_step for rule in self.rules)
@@ -116,16 +121,24 @@ class RuleEngine:
         return any(rule.metric == LOSS for rule in self.rules)
 
     def evaluate(
-        self, values: Mapping[str, float], *, nonfinite: Optional[bool], measured: bool = True
+        self,
+        values: Mapping[str, float],
+        *,
+        nonfinite: Optional[bool],
+        measured: bool = True,
+        after_step: bool = False,
     ) -> list[Check]:
         """Check every applicable rule against ``values`` (key -> value); no state changes.
 
         ``nonfinite`` is whether any gradient (or the loss) held a NaN/Inf (``None``: unknown,
         ``nonfinite`` rules are not checked). On an unmeasured step (``measured=False``) only rules
-        that run on every step are checked, whatever keys ``values`` holds.
+        that run on every step are checked, whatever keys ``values`` holds. ``after_step``: the
+        update figures, after the optimizer step (only the rules on them; else only the others).
         """
         checks = []
         for index, rule in enumerate(self.rules):
+            if rule.after_step != after_step:
+                continue
             if measured or rule.checks_every_step:
                 check = self._check(index, rule, values, nonfinite)
                 if check is not None:

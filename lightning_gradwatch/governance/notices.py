@@ -42,16 +42,26 @@ ZERO_GRAD_CHECK_STEPS = 3
 
 
 def warn_unmatched(
-    engine: RuleEngine, checks: Sequence[Check], block_names: Sequence[str], step: int
+    engine: RuleEngine,
+    checks: Sequence[Check],
+    block_names: Sequence[str],
+    step: int,
+    after_step: bool = False,
 ) -> None:
     """A rule whose metric names no key of the first measured step can never trip: say so once
-    (a misspelt key or block name would otherwise guard nothing, silently)."""
+    (a misspelt key or block name would otherwise guard nothing, silently). ``after_step``: the
+    rules on the update figures, checked on the first step's update figures."""
     matched = {check.index for check in checks}
     blocks = ", ".join(block_names[:3]) + (", ..." if len(block_names) > 3 else "")
     for index, rule in enumerate(engine.rules):
-        if rule.is_nonfinite or index in matched:
+        if rule.is_nonfinite or index in matched or rule.after_step != after_step:
             continue
-        if rule.metric == LOSS:
+        if after_step:
+            hint = (
+                f"Update keys look like 'update_ratio/<block>' with blocks {blocks}, and "
+                "'update_ratio_total' ('update_ratio_total/<optimizer>' with several optimizers)."
+            )
+        elif rule.metric == LOSS:
             hint = "The loss is read in on_before_backward: no loss tensor was seen this step."
         elif rule.metric.startswith(PARAM_NORM_PREFIX):
             hint = (

@@ -18,9 +18,11 @@ from lightning_gradwatch.keys import (
     LOSS_KEY,
     NONFINITE,
     TOTAL_NORM_KEY,
+    UPDATE_TOTAL_KEYS,
     clip_threshold_key,
     interval_max_key,
     interval_mean_key,
+    is_update_metric,
     optimizer_of,
 )
 from lightning_gradwatch.validation import (
@@ -28,6 +30,7 @@ from lightning_gradwatch.validation import (
     check_int_at_least,
     check_open_unit,
     check_optional_number,
+    check_type,
 )
 
 __all__ = [
@@ -108,6 +111,11 @@ class Rule:
             ``metric``, then ``<metric>#2``, ... for further unnamed rules on the same metric).
         ema: weight of the old mean in exponential moving averages, in (0, 1), used instead of a
             window (default ``None``: a window; ZClip uses 0.97).
+        rerun: on a trip, re-execute the step's forward and backward on every rank from the RNG
+            state of the batch's start, into temporary buffers, before acting, and record whether
+            the figures came back the same (``"reproducible"``: the data or the model state) or
+            not (``"transient"``: hardware or non-determinism) in the alert's ``rerun`` (default
+            ``False``; see docs/forensics.md for what it costs and where it is unavailable).
 
     Example::
 
@@ -133,12 +141,14 @@ class Rule:
     clip_mode: str = "norm"
     name: Optional[str] = None
     ema: Optional[float] = None
+    rerun: bool = False
 
     def __post_init__(self) -> None:
         _check_metric(self.metric)
         with _about(self.metric):
             self._check_arguments()
             self._check_conditions()
+            self._check_after_step()
             self._check_clip()
         if self.name is not None and (not isinstance(self.name, str) or not self.name):
             raise TypeError(f"Rule `name` must be a non-empty string or None, got {self.name!r}.")
@@ -150,6 +160,7 @@ class Rule:
         self.max = check_optional_number(self.max, "max")
         self.zscore = check_optional_number(self.zscore, "zscore")
         self.clip_to = check_optional_number(self.clip_to, "clip_to")
+        self.rerun = check_type(self.rerun, bool, "rerun")
         if self.ema is not None:
             self.ema = check_open_unit(self.ema, "ema")
             if self.window is not None:
@@ -190,6 +201,14 @@ class Rule:
         elif not self.has_bound:
             raise ValueError("a rule needs a condition: set `min`, `max` or `zscore` (got none).")
 
+    def _check_after_step(self) -> None:
+        if self.after_step and self.action in ("clip", "skip"):
+            raise ValueError(
+                f"`action` {self.action!r} cannot act on {self.metric!r}: update figures are known "
+                "only after the optimizer step, when there is nothing left to clip or skip. Use "
+                "'warn' or 'halt' (a halt puts the weights from before that update back)."
+            )
+
     def _check_clip(self) -> None:
         if self.action != "clip":
             return
@@ -226,6 +245,12 @@ class Rule:
         return self.metric == NONFINITE
 
     @property
+    def after_step(self) -> bool:
+        """Whether the rule reads update figures (``log_updates=True``), known only once the
+        optimizer stepped: it is checked then, and may ``warn`` or ``halt`` only."""
+        return is_update_metric(self.metric)
+
+    @property
     def is_pattern(self) -> bool:
         """Whether ``metric`` is a glob pattern (``*``, ``?``, ``[...]``) rather than one key."""
         return not _GLOB_CHARS.isdisjoint(self.metric)
@@ -253,6 +278,8 @@ class Rule:
             return key == self.metric == LOSS
         if self.metric == TOTAL_NORM_KEY and optimizer_of(key) is not None:
             return True  # several optimizers: a rule on the total watches each one's
+        if self.metric in UPDATE_TOTAL_KEYS and key.startswith(self.metric + "/"):
+            return True  # the same for the update totals
         return fnmatch.fnmatchcase(key, self.metric)
 
     @property
@@ -295,11 +322,18 @@ def _check_metric(metric: Any) -> None:
         )
     known = metric in (NONFINITE, LOSS) or metric in KNOWN_KEYS
     prefixed = any(metric.startswith(p) and len(metric) > len(p) for p in KEY_PREFIXES)
-    prefixed = prefixed or optimizer_of(metric) is not None
+    prefixed = prefixed or optimizer_of(metric) is not None or _per_optimizer_update(metric)
     if not (known or prefixed or not _GLOB_CHARS.isdisjoint(metric)):
         raise ValueError(
             f"Rule `metric` {metric!r} is not a key the callback logs: use 'nonfinite', 'loss', "
             f"one of {sorted(KNOWN_KEYS)}, a key starting with one of {list(KEY_PREFIXES)} "
-            "followed by a block or parameter name, 'grad_norm_total/<optimizer>' with several "
-            "optimizers, or a '*' pattern over them."
+            "followed by a block or parameter name, 'grad_norm_total/<optimizer>' (or an update "
+            "total, 'update_ratio_total/<optimizer>') with several optimizers, or a '*' pattern."
         )
+
+
+def _per_optimizer_update(metric: str) -> bool:
+    """``update_ratio_total/<optimizer>`` and the other update totals of one optimizer."""
+    return any(
+        metric.startswith(key + "/") and len(metric) > len(key) + 1 for key in UPDATE_TOTAL_KEYS
+    )

@@ -45,6 +45,10 @@ class StepLoss:
         else:
             self._sum = self._sum + value
 
+    def local(self, trainer: pl.Trainer) -> Optional[Tensor]:
+        """This rank's own loss of the current step (a device scalar; never averaged), if any."""
+        return self._sum if self._sum_step == trainer.global_step else None
+
     def take(self, trainer: pl.Trainer) -> Optional[Tensor]:
         """This step's loss as a device scalar (``None`` if no backward passed a loss tensor).
 

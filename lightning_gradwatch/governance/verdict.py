@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 from lightning_gradwatch.governance.agreement import Agreement
 from lightning_gradwatch.governance.engine import Check, Decision
+from lightning_gradwatch.governance.evidence import LocalEvidence, RankEvidence
 from lightning_gradwatch.measure.record import GradientMeasurement
 
 __all__ = ["Verdict"]
@@ -24,6 +25,10 @@ class Verdict:
         agreement: what the ranks agreed on.
         decisions: the rules that tripped, with their actions.
         stopping: a halt came earlier in this run: the update is skipped.
+        evidence: this rank's forensic evidence, taken because a rule tripped on some rank.
+        ranks_evidence: every rank's, in rank order, as gathered with the agreement.
+        rerun: the rerun's record (``verdict`` and both executions' figures), when a tripped
+            rule asked for one (filled in by the Lightning adapter before acting).
     """
 
     measurement: Optional[GradientMeasurement] = None
@@ -32,3 +37,11 @@ class Verdict:
     agreement: Optional[Agreement] = None
     decisions: list[Decision] = dataclasses.field(default_factory=list)
     stopping: bool = False
+    evidence: Optional[LocalEvidence] = None
+    ranks_evidence: list[RankEvidence] = dataclasses.field(default_factory=list)
+    rerun: Optional[dict[str, Any]] = None
+
+    @property
+    def wants_rerun(self) -> bool:
+        """Whether a rule that tripped at this step asked for a rerun."""
+        return any(decision.rule.rerun for decision in self.decisions)

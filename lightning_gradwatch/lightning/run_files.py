@@ -1,5 +1,5 @@
-"""Where a fit's own files go, resolved once at fit start: the alert trail, the halt checkpoints and
-the model-facts files. Every path may be a URL (``s3://``, ``gs://``, ``memory://``): it is joined
+"""Where a fit's own files go, resolved once at fit start: the alert trail, the halt checkpoints, the
+skip list and the model-facts files. Every path may be a URL (``s3://``, ``gs://``, ``memory://``): it is joined
 and written through fsspec (:mod:`lightning_gradwatch.files`), as Lightning writes its logs and
 checkpoints.
 
@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning_gradwatch.diagnosis.run_history import FACTS_FILENAME
 from lightning_gradwatch.files import dirname, join
 from lightning_gradwatch.governance.alerts import ALERTS_FILENAME
+from lightning_gradwatch.governance.skip_list import SKIP_LIST_FILENAME
 
 __all__ = ["RunFiles", "log_dir_of", "resolve_run_files"]
 
@@ -39,12 +40,14 @@ class RunFiles:
             bare file name).
         facts_paths: ``gradwatch_model_facts.json`` in the ``log_dir`` of each logger that has a
             path there (none without one: the report reads logs, and the facts go beside them).
+        skip_list_path: ``gradwatch_skipped_batches.json`` beside the trail (in ``halt_dir``).
     """
 
     run_dir: str
     alerts_path: str
     halt_dir: str
     facts_paths: tuple[str, ...] = ()
+    skip_list_path: str = ""
 
 
 def resolve_run_files(trainer: pl.Trainer, alerts_path: Optional[str] = None) -> RunFiles:
@@ -62,11 +65,13 @@ def resolve_run_files(trainer: pl.Trainer, alerts_path: Optional[str] = None) ->
             f"to {trail}, halt checkpoints beside it."
         )
     facts = tuple(dict.fromkeys(join(d, FACTS_FILENAME) for d in log_dirs if d is not None))
+    halt_dir = dirname(trail) or trainer.default_root_dir
     return RunFiles(
         run_dir=run_dir,
         alerts_path=trail,
-        halt_dir=dirname(trail) or trainer.default_root_dir,
+        halt_dir=halt_dir,
         facts_paths=facts,
+        skip_list_path=join(halt_dir, SKIP_LIST_FILENAME),
     )
 
 

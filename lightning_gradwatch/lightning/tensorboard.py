@@ -1,6 +1,6 @@
 """The one module that writes to TensorBoard: every scalar of a step in one event, histograms, the
 custom-scalars layout and the run's settings at fit start, the heatmap image on its interval and
-text (the diagnosis). Other loggers get the generic ``log_metrics`` (:mod:`.sinks`)."""
+text (the diagnosis, and each incident at its step). Other loggers get the generic ``log_metrics`` (:mod:`.sinks`)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from torch import Tensor
 
 from lightning_gradwatch._compat import summary_file_writer, tensorboard_prefixed
 from lightning_gradwatch.diagnosis.run_history import RunHistory
+from lightning_gradwatch.governance.alerts import Alert
+from lightning_gradwatch.governance.forensics import batch_text
 from lightning_gradwatch.keys import DEFAULT_EPS, HIST_BLOCK_PREFIX, HIST_PARAM_PREFIX
 from lightning_gradwatch.measure.record import GradientMeasurement, MeasurementSpec
 from lightning_gradwatch.measure.reduction import local_tensor
@@ -66,6 +68,24 @@ def _host(grad: Tensor) -> Any:
 HEATMAP_TAG = "gradwatch/flow_heatmap"
 #: Tag of the run's measuring settings (JSON text; TensorBoard stores it as ``<tag>/text_summary``).
 CONFIG_TAG = "gradwatch/config"
+#: Tag of the incidents (one TEXT entry per alert, at its step).
+INCIDENT_TAG = "gradwatch/incidents"
+
+
+def incident_markdown(alert: Alert) -> str:
+    """One alert as TensorBoard TEXT (markdown): what happened, the batch, the rank, the rerun."""
+    rerun = alert.rerun or {}
+    rows = [
+        ("rule", alert.rule),
+        ("action", alert.action),
+        ("batch", batch_text(alert.epoch, alert.batch_idx)),
+        ("rank", alert.rank if alert.origin_rank is None else alert.origin_rank),
+        ("fingerprints", ", ".join(str(f) for f in alert.fingerprints) or "n/a"),
+        ("rerun", rerun.get("verdict", "not asked")),
+        ("skip list", alert.skip_list or "n/a"),
+    ]
+    table = "\n".join(f"| {key} | {value} |" for key, value in rows)
+    return f"**step {alert.step}**\n\n| | |\n|---|---|\n{table}\n\n{alert.message}"
 
 
 def run_config(spec: MeasurementSpec, block_names: Sequence[str]) -> dict[str, Any]:
@@ -110,9 +130,11 @@ class TensorBoardWriter:
         loggers: Iterable[Logger],
         block_names: Sequence[str],
         spec: Optional[MeasurementSpec] = None,
+        update_totals: Sequence[str] = (),
         curvature: bool = False,
     ) -> None:
-        """Find the TensorBoard writers, write the layout (with the curvature charts when
+        """Find the TensorBoard writers, write the layout (with the update ratios' chart given
+        ``update_totals``, the ``update_ratio_total`` keys, and the curvature charts when
         ``curvature``) and, given the callback's ``spec``, its measuring settings as text
         (``gradwatch report`` reads them). Call on global rank zero."""
         loggers = list(loggers)
@@ -130,12 +152,18 @@ class TensorBoardWriter:
             return
         if self.figure_every_n_steps is not None:
             import_matplotlib()  # fail at fit start, not at the first picture
-        layout = custom_scalars_layout(block_names, curvature=curvature)
+        layout = custom_scalars_layout(block_names, update_totals, curvature=curvature)
         config = None if spec is None else json.dumps(run_config(spec, block_names))
         for writer in self._writers:
             writer.add_custom_scalars(layout)
             if config is not None:
                 writer.add_text(CONFIG_TAG, config, 0)
+
+    def incidents(self, alerts: Sequence[Alert]) -> None:
+        """Each alert as TEXT at its step (:data:`INCIDENT_TAG`); flushed with the rest."""
+        for writer in self._writers:
+            for alert in alerts:
+                writer.add_text(INCIDENT_TAG, incident_markdown(alert), alert.step)
 
     def update(self, measurement: GradientMeasurement) -> None:
         """Record one measured step; log the heatmap when it is due (never without blocks)."""

@@ -40,6 +40,13 @@ from lightning_gradwatch.numerics.norms import (
     classify_gain,
     finalize_norm,
     step_flow,
+    validate_norm_type,
+)
+from lightning_gradwatch.validation import (
+    check_param_filter,
+    check_positive,
+    check_thresholds,
+    check_type,
 )
 
 ParamFilter = Union[bool, str, Sequence[str]]
@@ -124,6 +131,30 @@ class MeasurementSpec:
     log_param_norms: ParamFilter = False
     #: False where ``p.grad`` is not the gradient (FSDP1, DeepSpeed): parameter figures are left out.
     measure_params: bool = True
+
+    @classmethod
+    def from_arguments(
+        cls,
+        norm_type: object,
+        eps: object,
+        damping_threshold: object,
+        amplifying_threshold: object,
+        large_threshold: object,
+        log_grad_stats: object,
+        log_param_norms: object,
+    ) -> MeasurementSpec:
+        """The callback's measuring arguments of these names, validated (``TypeError`` or
+        ``ValueError`` naming the argument and what it allows)."""
+        low, high = check_thresholds(damping_threshold, amplifying_threshold)
+        return cls(
+            norm_type=validate_norm_type(norm_type),
+            eps=check_positive(eps, "eps"),
+            damping_threshold=low,
+            amplifying_threshold=high,
+            large_threshold=check_positive(large_threshold, "large_threshold"),
+            grad_stats=check_type(log_grad_stats, bool, "log_grad_stats"),
+            log_param_norms=check_param_filter(log_param_norms),
+        )
 
     def logs_param(self, name: str) -> bool:
         if isinstance(self.log_param_norms, bool):

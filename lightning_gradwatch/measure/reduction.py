@@ -44,7 +44,8 @@ gathers once (the exact ``grad_stats`` recount).
 
 Why not ``.full_tensor()`` norms or ``get_total_norm`` per mesh: a collective per parameter or mesh,
 and nothing for the ``grad_stats`` mix of sums, minima and maxima. So torch decides *where* (the
-placements of its norm, asked once per layout), and this module batches *how*.
+placements of its norm, asked once per layout), and this module batches *how* (for the update
+figures too: :func:`split_over`, then :func:`sum_over_groups`).
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ __all__ = [
     "plan_reduction",
     "reduce_block_rows",
     "reduce_step",
+    "split_over",
+    "sum_over_groups",
 ]
 
 #: ``_Part.kind`` prefix of block rows riding in a parameter gather (the norm type follows).
@@ -156,13 +159,9 @@ def reduce_step(
         return rows, partials, stat_row
     rider = _Part(block_rows.double().reshape(-1), _ROWS + norm_type, (plan.group,))
     partials, stat_row = param_partials(
-        grads,
-        norm_type,
-        stats=stats,
-        large_threshold=large_threshold,
-        assume_finite=True,
+        grads, norm_type, stats=stats, large_threshold=large_threshold, assume_finite=True,
         riders=[rider],
-    )
+    )  # fmt: skip
     return rider.value.reshape(block_rows.shape), partials, stat_row
 
 
@@ -202,16 +201,14 @@ def param_partials(
 ) -> tuple[Tensor, Optional[Tensor]]:
     """The partials of the *full* gradients, combined over exactly the dims they are split on.
 
-    Returns the per-gradient partial norms (see
-    :func:`~lightning_gradwatch.numerics.norms.foreach_partial_norms`; float64, in the order of ``grads``) and,
-    when ``stats``, the :func:`~lightning_gradwatch.numerics.grad_stats.grad_stat_partials` row over every element
-    of every full gradient. Plain tensors are taken as they are (complete on every rank). One
+    Returns the per-gradient partial norms (``foreach_partial_norms``; float64, in the order of
+    ``grads``) and, when ``stats``, the ``grad_stat_partials`` row over every full gradient. Plain tensors are taken as they are (complete on every rank). One
     ``all_gather`` per process group some gradient is split over; no host sync. ``grads`` must list
     the same parameters on every rank, as FSDP2 gives every rank a shard (possibly empty) of each
     gradient: the collectives follow from their placements. ``riders`` are combined in the same
     gathers (see :func:`reduce_step`).
     """
-    split = [_split_over(grad) for grad in grads]
+    split = [split_over(grad) for grad in grads]
     by_groups: dict[Groups, list[int]] = {}
     for index, (_, groups) in enumerate(split):
         by_groups.setdefault(groups, []).append(index)
@@ -259,12 +256,8 @@ def _combiner(kind: str) -> Callable[[Tensor], Tensor]:
     if kind == "stats":  # torch has no reduction for this mix of sums, minima and maxima
         return combine_stat_partials
     if kind.startswith(_ROWS):  # block rows, flattened: (ranks, n * 3)
-        norm_type = kind[len(_ROWS) :]
-        return lambda stacked: _combine_rows(
-            stacked.reshape(len(stacked), -1, 3),
-            norm_type,  # type: ignore[arg-type]
-            0,
-        ).reshape(-1)
+        norm_type: Any = kind[len(_ROWS) :]
+        return lambda s: _combine_rows(s.reshape(len(s), -1, 3), norm_type, 0).reshape(-1)
     return lambda stacked: combine_partials(stacked, kind, dim=0)  # type: ignore[arg-type]
 
 
@@ -285,6 +278,13 @@ def _reduce_parts(parts: Sequence[_Part]) -> None:
             start += width
 
 
+def sum_over_groups(vectors: Sequence[tuple[Tensor, Groups]]) -> list[Tensor]:
+    """Each float64 vector summed over its groups (:func:`split_over`'s), one gather per group."""
+    parts = [_Part(vector, "l1", groups) for vector, groups in vectors]  # "l1" partials: sums
+    _reduce_parts(parts)
+    return [part.value for part in parts]
+
+
 def _all_gather(tensor: Tensor, group: Any) -> Tensor:
     """Every rank's ``tensor`` in ``group``, stacked along a new first dim (group rank order)."""
     gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
@@ -294,9 +294,9 @@ def _all_gather(tensor: Tensor, group: Any) -> Tensor:
 
 @dataclass(frozen=True)
 class _Placement:
-    """What one DTensor placement needs: the process groups of the mesh dims its norm is partial on,
-    and the placements to redistribute to first when the local values alone cannot give exact
-    figures. Keeps its mesh alive, so the mesh's ``id`` in the cache key stays its own."""
+    """One DTensor placement: the groups of the mesh dims its norm is partial on, the placements to
+    redistribute to first (``None``: the local values do), and its mesh, kept alive (its ``id``
+    keys the cache)."""
 
     mesh: Any
     groups: Groups
@@ -308,8 +308,8 @@ class _Placement:
 _PLACEMENTS: dict[tuple[int, tuple[Any, ...]], _Placement] = {}
 
 
-def _split_over(grad: Tensor) -> tuple[Tensor, Groups]:
-    """The local values of ``grad`` and the process groups to combine its partials over."""
+def split_over(grad: Tensor) -> tuple[Tensor, Groups]:
+    """The local values of ``grad`` (or of a parameter) and the groups to combine its partials over."""
     placements = getattr(grad, "placements", None)
     if placements is None:  # a plain tensor: the whole gradient (DDP already all-reduced it)
         return grad, ()

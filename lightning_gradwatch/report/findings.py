@@ -1,8 +1,8 @@
 """The report's Diagnosis section: the same checks as the callback, fed from a finished run's logs.
 
 :func:`run_history` rebuilds a :class:`~lightning_gradwatch.diagnosis.run_history.RunHistory` from
-the logged ``grad_norm/<block>``, ``grad_norm_total``, ``grad_stats/zero_fraction`` and
-``grad_noise/`` keys (the same rows as the callback keeps: the first measured steps and the last
+the logged ``grad_norm/<block>``, ``grad_norm_total``, ``grad_stats/zero_fraction``,
+``grad_noise/`` and ``update_ratio/<block>`` keys (the same rows as the callback keeps: the first measured steps and the last
 ones) plus ``gradwatch_model_facts.json`` (model facts, clip bounds, first-step wiring). Without the
 facts file the checks that need model facts say less, and their suggestions say that they are
 generic: a finding never claims more than its evidence.
@@ -27,6 +27,7 @@ from lightning_gradwatch.keys import (
     NOISE_B_SIMPLE_KEY,
     NOISE_BATCH_KEY,
     SHARPNESS_RATIO_KEY,
+    UPDATE_RATIO_PREFIX,
     stats_key,
 )
 from lightning_gradwatch.report.reader import NORM_PREFIX, TOTAL_NORM_TAG, RunLog, Series
@@ -92,11 +93,15 @@ def run_history(
         SHARPNESS_RATIO_KEY,
     )
     columns = [_aligned(run.scalars.get(key), steps) for key in keys]
+    ratios = [_aligned(run.scalars.get(UPDATE_RATIO_PREFIX + name), steps) for name in names]
+    logged = any(column is not None for column in ratios)
     for row, step in enumerate(steps.tolist()):
         if not history.needs(row, len(steps)):
             history.skip()  # counted, not kept (the callback drops it too)
             continue
         history.add(step, norms[row].tolist(), *(_value(column, row) for column in columns))
+        if logged:  # log_updates=True: each block's update ratio at that step
+            history.add_update_ratios(step, [_value(column, row) for column in ratios])
     return history
 
 

@@ -25,6 +25,7 @@ from lightning_gradwatch.keys import (
     gain_key,
     log_gain_key,
     norm_key,
+    update_ratio_key,
 )
 
 PLOTS_EXTRA = "lightning-gradwatch[plots]"
@@ -45,6 +46,7 @@ GAINS_CHART = "backward gains"
 LOG_GAINS_CHART = "backward log-gains"
 TOTAL_CHART = "total gradient norm"
 CATEGORIES_CHART = "transition categories"
+UPDATES_CHART = "update-to-weight ratios"
 #: The curvature charts (category ``gradwatch curvature``, with ``log_curvature=True``).
 CURVATURE_CATEGORY = "gradwatch curvature"
 SHARPNESS_CHART = "sharpness against its stability threshold"
@@ -203,19 +205,25 @@ def _label_rows(axes: Any, labels: Sequence[str]) -> None:
 
 
 def custom_scalars_layout(
-    block_names: Sequence[str], curvature: bool = False
+    block_names: Sequence[str], update_totals: Sequence[str] = (), curvature: bool = False
 ) -> dict[str, dict[str, list[Any]]]:
     """The layout for ``SummaryWriter.add_custom_scalars``: every block's norm in one multi-line
     chart, every gain in another, log-gains, the total norm and the category counts (the total
-    alone when there are no blocks); with ``curvature``, a second category: the sharpness (the top
-    Hessian eigenvalue, Adam's preconditioned one) with its threshold, and their ratio.
+    alone when there are no blocks); given ``update_totals`` (``log_updates=True``: the
+    ``update_ratio_total`` keys), every block's update ratio and those totals in one more chart;
+    with ``curvature``, a second category: the sharpness (the top Hessian eigenvalue, Adam's
+    preconditioned one) with its threshold, and their ratio.
 
     Each tag is listed by its full name (TensorBoard reads them as regular expressions; a ``.`` in a
     name matches itself among others, and every match is one of our tags)."""
     names = list(block_names)
     extra = {CURVATURE_CATEGORY: _curvature_charts()} if curvature else {}
+    updates = {
+        UPDATES_CHART: ["Multiline", [update_ratio_key(n) for n in names] + list(update_totals)]
+    }
     if not names:
-        return {LAYOUT_CATEGORY: {TOTAL_CHART: ["Multiline", [TOTAL_NORM_KEY]]}, **extra}
+        charts = {TOTAL_CHART: ["Multiline", [TOTAL_NORM_KEY]]}
+        return {LAYOUT_CATEGORY: {**charts, **(updates if update_totals else {})}, **extra}
     return {
         **extra,
         LAYOUT_CATEGORY: {
@@ -230,6 +238,7 @@ def custom_scalars_layout(
                     for c in ("amplifying", "damping", "healthy", "vanishing", "missing")
                 ],
             ],
+            **(updates if update_totals else {}),
         },
     }
 

@@ -3,7 +3,8 @@
 Per run: ``norms.png`` (each block's output-gradient norm over the steps, log scale),
 ``gains.png`` (the blocks x steps heatmap of :func:`lightning_gradwatch.report.pictures.render_flow_heatmap`)
 and ``total_norm.png`` (the total parameter-gradient norm with the alerts marked: clip, skip, halt,
-warn). Long runs are thinned to at most ``max_points`` evenly spaced steps before drawing.
+warn); with ``log_updates=True``, ``update_ratios.png`` (each block's update-to-weight ratio over the
+steps, the usual range shaded). Long runs are thinned to at most ``max_points`` evenly spaced steps before drawing.
 """
 
 from __future__ import annotations
@@ -16,12 +17,16 @@ from typing import Any
 
 import numpy as np
 
+from lightning_gradwatch.diagnosis.update_checks import UPDATE_RATIO_HIGH, UPDATE_RATIO_LOW
+from lightning_gradwatch.keys import UPDATE_RATIO_PREFIX
+from lightning_gradwatch.report.incidents import incidents_html
 from lightning_gradwatch.report.pictures import import_matplotlib, render_flow_heatmap
 from lightning_gradwatch.report.reader import NORM_PREFIX, TOTAL_NORM_TAG, RunLog
 from lightning_gradwatch.report.summary import RunReport
 from lightning_gradwatch.report.text import format_text
 
 PICTURES = ("norms.png", "gains.png", "total_norm.png")
+UPDATES_PICTURE = "update_ratios.png"
 _ALERT_STYLE = {
     "halt": {"color": "red", "marker": "X"},
     "skip": {"color": "purple", "marker": "x"},
@@ -40,8 +45,8 @@ def thin(steps: np.ndarray, max_points: int) -> np.ndarray:
 def write_run_pictures(
     run: RunLog, report: RunReport, out: Path, max_points: int = 1000
 ) -> list[Path]:
-    """Write the three PNGs of one run into ``out`` (created) and return their paths (only
-    ``total_norm.png`` for a run without blocks)."""
+    """Write the PNGs of one run into ``out`` (created) and return their paths (only
+    ``total_norm.png`` for a run without blocks; ``update_ratios.png`` when they were logged)."""
     out.mkdir(parents=True, exist_ok=True)
     names = report.block_names
     if not names:
@@ -57,6 +62,11 @@ def write_run_pictures(
     _save(_norms_figure(steps, names, norms, run.name), paths[0])
     _save(render_flow_heatmap(steps, names, norms, title=run.name, eps=report.eps), paths[1])
     _save(_total_figure(run, report, max_points), paths[2])
+    steps, ratios = run.matrix(UPDATE_RATIO_PREFIX, names)
+    if len(steps):
+        rows = thin(steps, max_points)
+        paths.append(out / UPDATES_PICTURE)
+        _save(_ratios_figure(steps[rows], names, ratios[rows], run.name), paths[-1])
     return paths
 
 
@@ -78,9 +88,10 @@ def write_html(
             if report.diagnosis is not None
             else ""
         )
+        incidents = incidents_html(report.incidents, report.skip_list)
         columns.append(
-            f'<section class="run"><h2>{html.escape(report.name)}</h2>\n{diagnosis}{images}\n'
-            f"<pre>{html.escape(format_text(report, diagnosis=False))}</pre></section>"
+            f'<section class="run"><h2>{html.escape(report.name)}</h2>\n{diagnosis}{incidents}'
+            f"{images}\n<pre>{html.escape(format_text(report, diagnosis=False))}</pre></section>"
         )
     compare = f"<pre>{html.escape(comparison)}</pre>" if comparison else ""
     page = f"""<!DOCTYPE html>
@@ -92,6 +103,8 @@ body {{ font-family: sans-serif; margin: 1em; }}
 img {{ max-width: 100%; }}
 pre {{ font-size: 11px; background: #f6f6f6; padding: 0.5em; overflow-x: auto; }}
 .diagnosis pre {{ background: #fff6e0; white-space: pre-wrap; }}
+.incidents table {{ border-collapse: collapse; font-size: 11px; }}
+.incidents td, .incidents th {{ border: 1px solid #ccc; padding: 2px 6px; }}
 </style></head>
 <body><h1>gradwatch report</h1>
 {compare}
@@ -108,7 +121,21 @@ def _save(figure: Any, path: Path) -> None:
     figure.savefig(path, format="png")
 
 
-def _norms_figure(steps: np.ndarray, names: Sequence[str], norms: np.ndarray, title: str) -> Any:
+def _ratios_figure(steps: np.ndarray, names: Sequence[str], ratios: np.ndarray, title: str) -> Any:
+    figure = _norms_figure(steps, names, ratios, title, "||update|| / ||weights|| (block)")
+    axes = figure.axes[0]
+    axes.axhspan(UPDATE_RATIO_LOW, UPDATE_RATIO_HIGH, color="green", alpha=0.08, zorder=0)
+    axes.set_title(f"{title}: update-to-weight ratio per block (shaded: 1e-4 .. 1e-2)")
+    return figure
+
+
+def _norms_figure(
+    steps: np.ndarray,
+    names: Sequence[str],
+    norms: np.ndarray,
+    title: str,
+    ylabel: str = "||dL/dh|| (block output)",
+) -> Any:
     Figure, FigureCanvasAgg = import_matplotlib()
     from matplotlib import colormaps
 
@@ -121,7 +148,7 @@ def _norms_figure(steps: np.ndarray, names: Sequence[str], norms: np.ndarray, ti
         axes.plot(steps, positive[:, j], color=colours[j], label=name, linewidth=1)
     axes.set_yscale("log")
     axes.set_xlabel("step")
-    axes.set_ylabel("||dL/dh|| (block output)")
+    axes.set_ylabel(ylabel)
     axes.set_title(f"{title}: gradient norm per block (dark: first block, yellow: last)")
     if len(names) <= 12:
         axes.legend(fontsize=7, ncols=2)

@@ -38,6 +38,7 @@ from lightning_gradwatch.keys import (
     NORM_PREFIX,
     PARAM_NORM_PREFIX,
     STATS_PREFIX,
+    UPDATE_KEY_PREFIXES,
 )
 from lightning_gradwatch.keys import TOTAL_NORM_KEY as TOTAL_NORM_TAG
 from lightning_gradwatch.report.events import ReportError, iter_events
@@ -57,6 +58,7 @@ GRADWATCH_PREFIXES = (
     PARAM_NORM_PREFIX,
     NOISE_PREFIX,
     CURVATURE_PREFIX,
+    *UPDATE_KEY_PREFIXES,
 )
 #: Tags that make a run a gradwatch run: block norms, or the total (a run without blocks).
 MEASURED_PREFIXES = (NORM_PREFIX, TOTAL_NORM_TAG)

@@ -16,6 +16,7 @@ from lightning_gradwatch.diagnosis.flow_arrays import category_masks, gains_arra
 from lightning_gradwatch.keys import DEFAULT_EPS
 from lightning_gradwatch.numerics.norms import step_flow
 from lightning_gradwatch.report.findings import RunDiagnosisReport, block_norms, diagnose_run
+from lightning_gradwatch.report.incidents import find_skip_list, incident_rows
 from lightning_gradwatch.report.reader import NORM_PREFIX, TOTAL_NORM_TAG, ReportError, RunLog
 
 
@@ -45,7 +46,9 @@ class RunReport:
     """Everything ``gradwatch report`` shows for one run.
 
     ``step_*`` figures are those of the reported step (the last measured one, or ``--step``); the
-    other figures cover every reported step.
+    other figures cover every reported step. ``incidents`` are the reported alerts that name their
+    batch (:func:`~lightning_gradwatch.report.incidents.incident_rows`); ``skip_list`` is the run's
+    ``gradwatch_skipped_batches.json``, if it has one.
     """
 
     name: str
@@ -69,6 +72,8 @@ class RunReport:
     eps: float = DEFAULT_EPS
     norm_type: str = "as logged"
     diagnosis: Optional[RunDiagnosisReport] = None
+    incidents: list[dict[str, Any]] = field(default_factory=list)
+    skip_list: Optional[str] = None
 
 
 def _transitions(
@@ -131,6 +136,8 @@ def build_report(
         end_to_end={"last": _last(e2e), "median": _nanmedian(e2e)},
         category_totals={key: int(column.sum()) for key, column in counts.items()},
         alerts=alerts,
+        incidents=incident_rows(alerts),
+        skip_list=find_skip_list(run.path),
         damping_threshold=damping_threshold,
         amplifying_threshold=amplifying_threshold,
         eps=eps,

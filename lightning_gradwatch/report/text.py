@@ -1,7 +1,7 @@
 """A :class:`~lightning_gradwatch.report.summary.RunReport` as words: the text report (the Diagnosis
 first, then the GradientGainMonitor report of one step through
-:func:`lightning_gradwatch.monitor.format_report`, the run summary and the alert timeline), the
-side-by-side comparison, and the JSON-ready dict."""
+:func:`lightning_gradwatch.monitor.format_report`, the run summary, the alert timeline and the
+incidents), the side-by-side comparison, and the JSON-ready dict."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any, Optional
 from lightning_gradwatch.governance.alerts import json_safe
 from lightning_gradwatch.monitor import format_report
 from lightning_gradwatch.numerics.norms import Category, classify_gain
+from lightning_gradwatch.report.incidents import format_incidents
 from lightning_gradwatch.report.summary import RunReport
 
 #: Alerts listed in the text timeline (JSON lists all of them).
@@ -23,7 +24,7 @@ NO_BLOCKS = "No blocks were watched: parameter figures only (no block norms or g
 def format_text(report: RunReport, diagnosis: bool = True) -> str:
     """The text report: header, the Diagnosis (first, unless ``diagnosis=False``), the GradientGainMonitor
     report of the reported step (each line annotated with the figures over the run), the run
-    summary and the alert timeline."""
+    summary, the alert timeline and the incidents (with the skip list's path)."""
     steps = report.steps
     span = f"{len(steps)} measured step{'s' if len(steps) != 1 else ''} ({steps[0]} .. {steps[-1]})"
     header = [
@@ -58,6 +59,7 @@ def format_text(report: RunReport, diagnosis: bool = True) -> str:
             f"  ... and {len(report.alerts) - len(shown)} more (all of them: --format json, or "
             "gradwatch_alerts.jsonl)"
         )
+    footer += ["", *format_incidents(report.incidents, report.skip_list)]
     return "\n".join([*header, body, *footer])
 
 
@@ -180,6 +182,8 @@ def to_dict(report: RunReport) -> dict[str, Any]:
             "categories": report.category_totals,
         },
         "alerts": report.alerts,
+        "incidents": report.incidents,
+        "skip_list": report.skip_list,
     }
     return json_safe(data, nan=None)
 
